@@ -1,0 +1,42 @@
+"""`carcert` command line. Each command group lives in its own module exposing
+`register(subparsers)`; each registered parser sets `func(args) -> int` (the exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = ("carcert.cli_prune", "carcert.cli_certify", "carcert.cli_service")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carcert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.errors import InvalidInput
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InvalidInput as exc:
+        print(f"carcert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carcert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Job specification: the one contract shared by the CLI, core.pipeline and the REST API.
+
+Every default here is the METHOD.md default unless the comment says why it differs.
+The API uses these models directly as request bodies, so validation errors here become
+422 problem+json there; keep every bound (ge/gt/le/lt) explicit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Arch = Literal["small_cnn", "resnet18", "mobilenet_v2", "googlenet"]
+Method = Literal["vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car"]
+Scope = Literal["layer", "global"]
+BoundOrder = Literal["conservative", "reference"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    arch: Arch = "small_cnn"
+    num_classes: int | None = Field(default=None, ge=2, le=100_000, description="default: the dataset's")
+    in_channels: int | None = Field(default=None, ge=1, le=16, description="default: the dataset's")
+    weights: str | None = Field(
+        default=None,
+        description="path (CLI) or 'artifact:ID' (API) of safetensors / weights_only torch checkpoint; "
+        "None = train from scratch",
+    )
+
+
+class TransformSpec(_Strict):
+    """T(x, delta). kind=parametric: name in core.transforms.PARAMETRIC ('brightness', 'gamma',
+    'illumination', ... or 'a+b' for a composition). kind=latent: PCA generator fitted on the
+    training set, direction = principal component `component`, or user encoder/decoder
+    artifacts. kind=precomputed: the dataset ships variants."""
+
+    kind: Literal["parametric", "latent", "precomputed"] = "parametric"
+    name: str = Field(default="illumination", max_length=200)
+    component: int = Field(default=0, ge=0, le=1000)
+    strength: float = Field(default=1.0, gt=0, le=100, description="scales the documented range")
+    encoder: str | None = None
+    decoder: str | None = None
+
+
+class CarSpec(_Strict):
+    """Eq. 9 weights and mask-search hyper-parameters (METHOD.md, CAR)."""
+
+    tau: float = Field(default=0.30, ge=0.0, le=1.0)
+    init: Literal["partial_scaled", "random"] = "partial_scaled"
+    noise: float = Field(default=0.5, ge=0.0, le=1.0, description="delta_n")
+    eta: float = Field(default=1.0, ge=0.0)
+    lambda_stab: float = Field(default=1.0, ge=0.0)
+    lambda_ratio: float = Field(default=1.0, ge=0.0)
+    lambda_consis: float = Field(default=1.0, ge=0.0)
+    lambda_l1: float = Field(default=1.0, ge=0.0)
+    mask_lr: float = Field(default=0.01, gt=0.0, le=10.0)
+
+
+class PruningSpec(_Strict):
+    method: Method = "car"
+    prune_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
+    scope: Scope = "layer"
+    pretrain_epochs: int = Field(default=2, ge=0, le=1000, description="paper 50; skipped with weights")
+    search_epochs: int = Field(default=2, ge=0, le=1000, description="CAR/HYDRA mask search; paper 100")
+    finetune_epochs: int = Field(default=1, ge=0, le=1000, description="paper 50")
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    finetune_lr: float = Field(default=0.001, gt=0.0, le=10.0)
+    batch_size: int = Field(default=128, ge=1, le=8192)
+    augment_q: int = Field(default=1000, ge=0, le=10_000_000, description="transformed samples added")
+    adv_eps: float = Field(default=0.5, ge=0.0, le=100.0)
+    adv_steps: int = Field(default=10, ge=1, le=1000)
+    car: CarSpec = CarSpec()
+
+    @model_validator(mode="after")
+    def _ratio_needs_pruning(self) -> PruningSpec:
+        pruning = self.method not in ("vanilla", "advtrain")
+        if pruning and not 0.0 < self.prune_ratio < 1.0:
+            raise ValueError(f"prune_ratio must be in (0, 1) for method {self.method!r}")
+        return self
+
+
+class CertifySpec(_Strict):
+    """CC-Cert parameters (METHOD.md, Appendix A.4)."""
+
+    n: int = Field(default=100, ge=1, le=1_000_000)
+    l: int = Field(default=10, ge=1, le=10_000)  # noqa: E741 - the paper's name
+    alpha: float = Field(default=0.9, gt=0.0, lt=1.0)
+    epsilon: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    samples: int = Field(default=100, ge=1, le=1_000_000)
+    t_min: float = Field(default=1e-4, gt=0.0)
+    t_max: float = Field(default=1e4, gt=0.0)
+    t_steps: int = Field(default=500, ge=1, le=100_000)
+    bound_order: BoundOrder = "conservative"
+    batch_size: int = Field(default=500, ge=1, le=100_000, description="forward-pass batch")
+
+    @model_validator(mode="after")
+    def _grid(self) -> CertifySpec:
+        if self.t_max < self.t_min:
+            raise ValueError("t_max must be >= t_min")
+        return self
+
+
+class JobSpec(_Strict):
+    """One job. kind=prune: prune (each method x prune ratio of a sweep) then certify each
+    result. kind=certify: certify the given weights (+ optional mask) only."""
+
+    kind: Literal["prune", "certify"] = "prune"
+    model: ModelSpec = ModelSpec()
+    dataset: str = Field(default="digits", max_length=1000)
+    transform: TransformSpec = TransformSpec()
+    pruning: PruningSpec = PruningSpec()
+    certification: CertifySpec = CertifySpec()
+    mask: str | None = Field(default=None, description="certify jobs: mask safetensors")
+    sweep_methods: list[Method] | None = Field(default=None, max_length=10)
+    sweep_prune_ratios: list[float] | None = Field(default=None, max_length=20)
+    train_subset: int | None = Field(default=None, ge=1, description="cap on training samples")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _sweep(self) -> JobSpec:
+        for r in self.sweep_prune_ratios or []:
+            if not 0.0 < r < 1.0:
+                raise ValueError("every sweep prune ratio must be in (0, 1)")
+        if self.kind == "certify" and self.model.weights is None:
+            raise ValueError("certify jobs need model.weights")
+        return self
+
+    def variants(self) -> list[PruningSpec]:
+        """The (method, prune_ratio) runs of this job, in a fixed order."""
+        methods = self.sweep_methods or [self.pruning.method]
+        ratios = self.sweep_prune_ratios or [self.pruning.prune_ratio]
+        out = []
+        for m in methods:
+            for r in ratios if m not in ("vanilla", "advtrain") else [0.0]:
+                out.append(self.pruning.model_copy(update={"method": m, "prune_ratio": r}))
+        return out
