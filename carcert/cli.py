@@ -7,7 +7,12 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("carcert.cli_prune", "carcert.cli_certify", "carcert.cli_service")
+COMMAND_MODULES = (
+    "carcert.cli_prune",
+    "carcert.cli_certify",
+    "carcert.cli_service",
+    "carcert.cli_client",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
