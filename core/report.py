@@ -1,0 +1,456 @@
+"""Job report: matplotlib figures (Agg, no pyplot state) rendered to HTML / PNG / PDF.
+
+Pure: takes plain data, returns strings / bytes; no HTTP, SQL or Celery.
+
+Input `results` is a list of dicts, one per variant (a method x prune ratio of a job):
+    {"name", "method", "prune_ratio", "accuracy", "pca", "certificate" (DESIGN.md JSON or None),
+     "metrics" (the variant's metrics.json or None)}
+and `examples` (optional) the images x (N, C, H, W) in [0, 1] with their transformed versions
+T(x, delta) for a few deltas (ExampleImages).
+
+Figures (FIGURES, keyed by name):
+    accuracy_pca  accuracy and PCA (Eq. 10: certified / samples) vs prune ratio, one line per method
+    sparsity      per-layer sparsity bars, one group per layer, one bar per variant
+    epsilon       histogram of log10 of the per-sample bounds eps_hat (METHOD.md, CC-Cert), with the
+                  certification threshold epsilon as a vertical line, one panel per variant
+    margins       per-sample margin d = (p1 - p2) / 2 vs max_i Z_i, with the line Z = d (label
+                  invariance holds below it, Appendix A.2), one panel per variant
+    examples      x and T(x, delta) for each delta
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+FIGURES = ("accuracy_pca", "sparsity", "epsilon", "margins", "examples")
+TITLES = {
+    "accuracy_pca": "Accuracy and PCA vs prune ratio",
+    "sparsity": "Per-layer sparsity",
+    "epsilon": "Per-sample bounds eps_hat",
+    "margins": "Margin d vs max Z",
+    "examples": "Examples x and T(x, delta)",
+}
+EPS_FLOOR = 1e-16  # bounds below this are drawn at log10(EPS_FLOOR) (a bound of exactly 0 is possible)
+MAX_PANEL_COLS = 3
+
+
+@dataclass(frozen=True)
+class ExampleImages:
+    """x: (N, C, H, W) in [0, 1]; transformed[k] = T(x, deltas[k]) with the same shape."""
+
+    x: np.ndarray
+    deltas: Sequence[float]
+    transformed: Sequence[np.ndarray]
+
+    def __post_init__(self) -> None:
+        if len(self.deltas) != len(self.transformed):
+            raise ValueError("one transformed array per delta")
+        for t in self.transformed:
+            if np.shape(t) != np.shape(self.x):
+                raise ValueError(f"transformed shape {np.shape(t)} != x shape {np.shape(self.x)}")
+        if np.ndim(self.x) != 4:
+            raise ValueError("x must be (N, C, H, W)")
+
+
+# ----------------------------------------------------------------------------- data extraction
+
+
+def _samples(result: Mapping[str, Any]) -> list[dict]:
+    cert = result.get("certificate") or {}
+    return list(cert.get("samples") or [])
+
+
+def layer_sparsity(result: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(layer name, sparsity) from the certificate's model.layers, else from metrics.layers."""
+    cert = result.get("certificate") or {}
+    layers = (cert.get("model") or {}).get("layers") or (result.get("metrics") or {}).get("layers") or []
+    return [(str(entry["name"]), float(entry["sparsity"])) for entry in layers]
+
+
+def epsilon_log_bounds(result: Mapping[str, Any]) -> np.ndarray:
+    """log10(max(eps_hat, EPS_FLOOR)) of every sample of the result's certificate."""
+    eps = np.array([float(s["epsilon_bound"]) for s in _samples(result)], dtype=np.float64)
+    return np.log10(np.maximum(eps, EPS_FLOOR))
+
+
+def _threshold(result: Mapping[str, Any]) -> float | None:
+    params = (result.get("certificate") or {}).get("params") or {}
+    eps = params.get("epsilon")
+    return float(eps) if eps is not None else None
+
+
+def _float_or_nan(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _methods(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for r in results:
+        if str(r["method"]) not in out:
+            out.append(str(r["method"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = max(1, min(MAX_PANEL_COLS, n))
+    return math.ceil(n / cols), cols
+
+
+def figure_accuracy_pca(results: Sequence[Mapping[str, Any]]) -> Figure:
+    """Two panels (titles 'Accuracy', 'PCA'); one line per method (label = method), points sorted
+    by prune ratio."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_acc, ax_pca = fig.subplots(1, 2)
+    for method in _methods(results):
+        rows = sorted((r for r in results if str(r["method"]) == method), key=lambda r: r["prune_ratio"])
+        ratios = [float(r["prune_ratio"]) for r in rows]
+        ax_acc.plot(ratios, [_float_or_nan(r.get("accuracy")) for r in rows], marker="o", label=method)
+        ax_pca.plot(ratios, [_float_or_nan(r.get("pca")) for r in rows], marker="o", label=method)
+    for ax, title in ((ax_acc, "Accuracy"), (ax_pca, "PCA")):
+        ax.set_title(title)
+        ax.set_xlabel("prune ratio")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def figure_sparsity(results: Sequence[Mapping[str, Any]]) -> Figure:
+    """Grouped bars: x = layers (union, in first-seen order), one bar container per result
+    (label = result name) of height = that layer's sparsity (NaN-free: missing layers are 0 height
+    and not drawn)."""
+    layers: list[str] = []
+    per_result = []
+    for r in results:
+        table = dict(layer_sparsity(r))
+        per_result.append((str(r["name"]), table))
+        for name in table:
+            if name not in layers:
+                layers.append(name)
+    width_in = max(6.0, 0.5 * len(layers) * max(1, len(results)) ** 0.5 + 3)
+    fig = Figure(figsize=(width_in, 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(per_result))
+    for k, (name, table) in enumerate(per_result):
+        idx = [i for i, layer in enumerate(layers) if layer in table]
+        ax.bar(
+            [i + (k - (len(per_result) - 1) / 2) * width for i in idx],
+            [table[layers[i]] for i in idx],
+            width=width,
+            label=name,
+        )
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize="x-small")
+    ax.set_ylabel("sparsity (fraction of zero weights)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Per-layer sparsity")
+    if per_result:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def figure_epsilon(results: Sequence[Mapping[str, Any]], bins: int = 30) -> Figure:
+    """One panel per result (title = name): histogram of epsilon_log_bounds with `bins` equal bins
+    spanning the min..max over all results (shared edges), plus a vertical line at log10(epsilon)."""
+    with_samples = [r for r in results if _samples(r)]
+    all_logs = [epsilon_log_bounds(r) for r in with_samples]
+    rows, cols = _grid(len(with_samples) or 1)
+    fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    if with_samples:
+        lo = min(float(v.min()) for v in all_logs)
+        hi = max(float(v.max()) for v in all_logs)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
+    for i, ax in enumerate(axes):
+        if i >= len(with_samples):
+            ax.set_axis_off()
+            if not with_samples:
+                ax.text(0.5, 0.5, "no certified samples", ha="center", va="center")
+            continue
+        r = with_samples[i]
+        ax.hist(all_logs[i], bins=edges, color="tab:blue", alpha=0.8)
+        threshold = _threshold(r)
+        if threshold is not None:
+            ax.axvline(math.log10(threshold), color="tab:red", linestyle="--", label="log10 epsilon")
+            ax.legend(fontsize="x-small")
+        ax.set_title(str(r["name"]))
+        ax.set_xlabel("log10 eps_hat")
+        ax.set_ylabel("samples")
+    return fig
+
+
+def figure_margins(results: Sequence[Mapping[str, Any]]) -> Figure:
+    """One panel per result (title = name): scatter of (d, max_z) per sample, certified samples
+    (collection label 'certified') and the others ('not certified') separately, plus the line Z = d
+    (label 'Z = d')."""
+    with_samples = [r for r in results if _samples(r)]
+    rows, cols = _grid(len(with_samples) or 1)
+    fig = Figure(figsize=(4 * cols, 3.6 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        if i >= len(with_samples):
+            ax.set_axis_off()
+            if not with_samples:
+                ax.text(0.5, 0.5, "no certified samples", ha="center", va="center")
+            continue
+        r = with_samples[i]
+        samples = _samples(r)
+        d = np.array([float(s["d"]) for s in samples])
+        z = np.array([float(s["max_z"]) for s in samples])
+        ok = np.array([bool(s["certified"]) for s in samples])
+        ax.scatter(d[ok], z[ok], s=12, color="tab:green", label="certified")
+        ax.scatter(d[~ok], z[~ok], s=12, color="tab:red", marker="x", label="not certified")
+        top = max(float(d.max()), float(z.max()), 1e-3) * 1.05
+        ax.plot([0.0, top], [0.0, top], color="black", linewidth=1, linestyle="--", label="Z = d")
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_title(str(r["name"]))
+        ax.set_xlabel("margin d")
+        ax.set_ylabel("max Z")
+        ax.legend(fontsize="x-small")
+    return fig
+
+
+def _to_image(chw: np.ndarray) -> tuple[np.ndarray, dict]:
+    arr = np.clip(np.asarray(chw, dtype=np.float32), 0.0, 1.0)
+    if arr.shape[0] == 1:
+        return arr[0], {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
+    if arr.shape[0] == 3:
+        return np.transpose(arr, (1, 2, 0)), {}
+    return arr.mean(axis=0), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}  # other channel counts: mean
+
+
+def figure_examples(examples: ExampleImages, max_rows: int = 4) -> Figure:
+    """Grid: row i = sample i (at most max_rows); column 0 = x (title 'x'), column k + 1 =
+    T(x, deltas[k]) (title 'delta=<value>'). 1-channel images in gray with vmin 0 / vmax 1,
+    3-channel as RGB (H, W, 3)."""
+    n = min(max_rows, int(np.shape(examples.x)[0]))
+    cols = 1 + len(examples.deltas)
+    fig = Figure(figsize=(1.6 * cols, 1.7 * max(n, 1)), layout="constrained")
+    axes = fig.subplots(max(n, 1), cols, squeeze=False)
+    for i in range(n):
+        pairs = zip(examples.deltas, examples.transformed, strict=True)
+        columns = [("x", examples.x[i])] + [(f"delta={float(d):.2f}", t[i]) for d, t in pairs]
+        for j, (title, img) in enumerate(columns):
+            ax = axes[i][j]
+            data, kwargs = _to_image(img)
+            ax.imshow(data, interpolation="nearest", **kwargs)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize="small")
+    return fig
+
+
+def build_figures(
+    results: Sequence[Mapping[str, Any]], examples: ExampleImages | None = None
+) -> dict[str, Figure]:
+    """Every figure of the report, keyed by FIGURES name ('examples' only when examples given)."""
+    figs = {
+        "accuracy_pca": figure_accuracy_pca(results),
+        "sparsity": figure_sparsity(results),
+        "epsilon": figure_epsilon(results),
+        "margins": figure_margins(results),
+    }
+    if examples is not None:
+        figs["examples"] = figure_examples(examples)
+    return figs
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """PNG bytes of a Figure (Agg canvas; no pyplot global state, so safe in a threaded server)."""
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def render_figure_png(
+    results: Sequence[Mapping[str, Any]],
+    name: str = "accuracy_pca",
+    examples: ExampleImages | None = None,
+    dpi: int = 100,
+) -> bytes:
+    """PNG of one named figure. Unknown name (or 'examples' without examples) -> ValueError."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; valid: {', '.join(FIGURES)}")
+    if name == "examples":
+        if examples is None:
+            raise ValueError("no example images for this report")
+        return figure_png(figure_examples(examples), dpi)
+    builders = {
+        "accuracy_pca": figure_accuracy_pca,
+        "sparsity": figure_sparsity,
+        "epsilon": figure_epsilon,
+        "margins": figure_margins,
+    }
+    return figure_png(builders[name](results), dpi)
+
+
+def summary_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per result: name, method, prune_ratio, accuracy, pca, sparsity, certified, samples,
+    failure_probability (None where unknown)."""
+    rows = []
+    for r in results:
+        cert = r.get("certificate") or {}
+        samples = _samples(r)
+        sparsity = (cert.get("model") or {}).get("sparsity")
+        if sparsity is None:
+            sparsity = (r.get("metrics") or {}).get("sparsity")
+        rows.append(
+            {
+                "name": str(r["name"]),
+                "method": str(r["method"]),
+                "prune_ratio": float(r["prune_ratio"]),
+                "accuracy": r.get("accuracy"),
+                "pca": r.get("pca"),
+                "sparsity": sparsity,
+                "certified": sum(bool(s.get("certified")) for s in samples) if samples else None,
+                "samples": len(samples) if samples else None,
+                "failure_probability": cert.get("failure_probability"),
+            }
+        )
+    return rows
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** (-digits):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_pdf(results: Sequence[Mapping[str, Any]], examples: ExampleImages | None = None) -> bytes:
+    """PDF: page 1 = summary table, then one page per figure of build_figures (4 pages, 5 with
+    examples)."""
+    buf = io.BytesIO()
+    with PdfPages(buf) as pdf:
+        pdf.savefig(_summary_figure(results))
+        for fig in build_figures(results, examples).values():
+            pdf.savefig(fig)
+    return buf.getvalue()
+
+
+def _summary_figure(results: Sequence[Mapping[str, Any]]) -> Figure:
+    rows = summary_rows(results)
+    fig = Figure(figsize=(11, 1.5 + 0.35 * max(1, len(rows))), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.set_title("carcert report: summary")
+    header = ["name", "method", "prune ratio", "accuracy", "PCA", "sparsity", "certified", "fail. prob."]
+    cells = [
+        [
+            r["name"],
+            r["method"],
+            _fmt(r["prune_ratio"], 2),
+            _fmt(r["accuracy"]),
+            _fmt(r["pca"]),
+            _fmt(r["sparsity"]),
+            "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}",
+            _fmt(r["failure_probability"]),
+        ]
+        for r in rows
+    ] or [["-"] * len(header)]
+    ax.table(cellText=cells, colLabels=header, loc="center")
+    return fig
+
+
+def _img_tag(fig: Figure, alt: str) -> str:
+    data = base64.b64encode(figure_png(fig)).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}
+section{margin-bottom:2em}code{background:#f6f6f6;padding:0 3px}
+"""
+
+
+def render_report(
+    results: Sequence[Mapping[str, Any]],
+    examples: ExampleImages | None = None,
+    *,
+    title: str = "carcert report",
+    standalone: bool = True,
+) -> str:
+    """HTML report with inline base64 PNG figures. Sections (element ids): summary, parameters,
+    accuracy_pca, sparsity, epsilon, margins, examples (a note when there are no examples).
+    standalone=False returns only the <div class="carcert-report"> (for embedding in a page)."""
+    figs = build_figures(results, examples)
+    parts = [f'<div class="carcert-report"><h1>{html.escape(title)}</h1>']
+    parts.append('<section id="summary"><h2>Summary</h2><table><tr>')
+    header = ["name", "method", "prune ratio", "accuracy", "PCA", "sparsity", "certified", "failure prob."]
+    parts.append("".join(f"<th>{h}</th>" for h in header) + "</tr>")
+    for r in summary_rows(results):
+        cert = "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}"
+        cells = [
+            r["name"],
+            r["method"],
+            _fmt(r["prune_ratio"], 2),
+            _fmt(r["accuracy"]),
+            _fmt(r["pca"]),
+            _fmt(r["sparsity"]),
+            cert,
+            _fmt(r["failure_probability"]),
+        ]
+        parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    parts.append("</table></section>")
+    parts.append(_parameters_section(results))
+    for name in FIGURES:
+        parts.append(f'<section id="{name}"><h2>{html.escape(TITLES[name])}</h2>')
+        if name in figs:
+            parts.append(_img_tag(figs[name], TITLES[name]))
+        else:
+            parts.append("<p>No example images are available for this job.</p>")
+        parts.append("</section>")
+    parts.append("</div>")
+    body = "\n".join(parts)
+    if not standalone:
+        return body
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>"
+    )
+
+
+def _parameters_section(results: Sequence[Mapping[str, Any]]) -> str:
+    """Certification parameters, dataset and transform of the first certificate (shared by a job)."""
+    cert = next((r.get("certificate") for r in results if r.get("certificate")), None) or {}
+    items = []
+    for key, value in sorted((cert.get("params") or {}).items()):
+        items.append(f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_fmt(value, 6))}</td></tr>")
+    dataset = cert.get("dataset") or {}
+    if dataset:
+        items.append(f"<tr><th>dataset</th><td>{html.escape(str(dataset.get('ref')))}</td></tr>")
+    transform = cert.get("transform")
+    if transform:
+        items.append(f"<tr><th>transform</th><td><code>{html.escape(str(transform))}</code></td></tr>")
+    table = "<table>" + "".join(items) + "</table>" if items else "<p>No certificate.</p>"
+    return f'<section id="parameters"><h2>Certification parameters</h2>{table}</section>'

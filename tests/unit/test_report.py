@@ -1,0 +1,250 @@
+"""core.report: the figures draw exactly the input numbers (read back from the matplotlib objects),
+the HTML has every section, the PDF is a PDF with one page per figure + the summary page."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from core import report
+
+
+def _certificate(rng: np.random.Generator, n_samples: int, layers: list[tuple[str, float]]) -> dict:
+    d = rng.uniform(0.0, 0.5, n_samples)
+    z = rng.uniform(0.0, 0.5, n_samples)
+    eps = np.where(rng.uniform(size=n_samples) < 0.3, 0.0, 10.0 ** rng.uniform(-9, 0, n_samples))
+    certified = (eps <= 1e-3) & (rng.uniform(size=n_samples) < 0.9)
+    return {
+        "job_id": "j",
+        "model": {
+            "arch": "small_cnn",
+            "sparsity": float(np.mean([s for _, s in layers])),
+            "layers": [{"name": n, "sparsity": s} for n, s in layers],
+        },
+        "dataset": {"ref": "digits", "sha256": "ab" * 32},
+        "transform": {"kind": "parametric", "name": "brightness"},
+        "params": {"n": 100, "l": 10, "alpha": 0.9, "epsilon": 1e-3, "samples": n_samples, "seed": 0},
+        "failure_probability": 1e-5,
+        "accuracy": 0.9,
+        "pca": float(certified.mean()),
+        "samples": [
+            {
+                "index": i,
+                "label": 1,
+                "pred": 1,
+                "d": float(d[i]),
+                "max_z": float(z[i]),
+                "epsilon_bound": float(eps[i]),
+                "t_star": 1.0,
+                "certified": bool(certified[i]),
+            }
+            for i in range(n_samples)
+        ],
+    }
+
+
+@pytest.fixture
+def results() -> list[dict]:
+    rng = np.random.default_rng(0)
+    names = ["features.0.weight", "features.2.weight", "classifier.weight"]
+    out = []
+    for method, ratios in (("car", [0.3, 0.7, 0.5]), ("lmp", [0.5, 0.3]), ("vanilla", [0.0])):
+        for pr in ratios:
+            layers = [(n, float(pr if method != "vanilla" else 0.0) + 0.01 * k) for k, n in enumerate(names)]
+            cert = _certificate(rng, 25, layers)
+            out.append(
+                {
+                    "name": f"{method}-{pr:.2f}",
+                    "method": method,
+                    "prune_ratio": pr,
+                    "accuracy": float(rng.uniform(0.5, 1.0)),
+                    "pca": cert["pca"],
+                    "certificate": cert,
+                    "metrics": {"layers": cert["model"]["layers"]},
+                }
+            )
+    return out
+
+
+@pytest.fixture
+def examples() -> report.ExampleImages:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(3, 1, 8, 8)).astype(np.float32)
+    deltas = [0.0, 0.5, 1.0]
+    return report.ExampleImages(x=x, deltas=deltas, transformed=[np.clip(x + d * 0.3, 0, 1) for d in deltas])
+
+
+def test_accuracy_pca_lines_are_the_input_sorted_by_ratio(results):
+    fig = report.figure_accuracy_pca(results)
+    ax_acc, ax_pca = fig.axes
+    assert (ax_acc.get_title(), ax_pca.get_title()) == ("Accuracy", "PCA")
+    for ax, key in ((ax_acc, "accuracy"), (ax_pca, "pca")):
+        lines = {line.get_label(): line for line in ax.lines}
+        assert set(lines) == {"car", "lmp", "vanilla"}
+        for method, line in lines.items():
+            rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["prune_ratio"])
+            np.testing.assert_array_equal(line.get_xdata(), [r["prune_ratio"] for r in rows])
+            np.testing.assert_array_equal(line.get_ydata(), [r[key] for r in rows])
+
+
+def test_sparsity_bars_heights_equal_layer_sparsity(results):
+    fig = report.figure_sparsity(results)
+    ax = fig.axes[0]
+    containers = ax.containers
+    assert [c.get_label() for c in containers] == [r["name"] for r in results]
+    layer_names = [t.get_text() for t in ax.get_xticklabels()]
+    assert layer_names == [entry["name"] for entry in results[0]["certificate"]["model"]["layers"]]
+    for container, r in zip(containers, results, strict=True):
+        heights = [p.get_height() for p in container.patches]
+        expected = [entry["sparsity"] for entry in r["certificate"]["model"]["layers"]]
+        np.testing.assert_allclose(heights, expected)
+        # bars of one result sit at its layer positions (group centre +- offset < 0.5)
+        centres = [p.get_x() + p.get_width() / 2 for p in container.patches]
+        np.testing.assert_array_equal(np.round(centres), np.arange(len(expected)))
+
+
+def test_sparsity_falls_back_to_metrics_layers():
+    r = {
+        "name": "lmp-0.50",
+        "method": "lmp",
+        "prune_ratio": 0.5,
+        "accuracy": 0.8,
+        "pca": None,
+        "certificate": None,
+        "metrics": {"layers": [{"name": "a", "sparsity": 0.25}, {"name": "b", "sparsity": 0.75}]},
+    }
+    ax = report.figure_sparsity([r]).axes[0]
+    assert [p.get_height() for p in ax.containers[0].patches] == [0.25, 0.75]
+
+
+def test_epsilon_histogram_counts_match_numpy(results):
+    fig = report.figure_epsilon(results, bins=12)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [r["name"] for r in results]
+    logs_all = np.concatenate(
+        [
+            np.log10(np.maximum([s["epsilon_bound"] for s in r["certificate"]["samples"]], 1e-16))
+            for r in results
+        ]
+    )
+    edges = np.linspace(logs_all.min(), logs_all.max(), 13)
+    for ax, r in zip(panels, results, strict=True):
+        eps = np.array([s["epsilon_bound"] for s in r["certificate"]["samples"]])
+        expected, _ = np.histogram(np.log10(np.maximum(eps, 1e-16)), bins=edges)
+        heights = [p.get_height() for p in ax.patches]
+        np.testing.assert_array_equal(heights, expected)
+        assert sum(heights) == len(eps)
+        (vline,) = [line for line in ax.lines if line.get_label() == "log10 epsilon"]
+        assert vline.get_xdata()[0] == pytest.approx(np.log10(1e-3))
+
+
+def test_margin_scatter_points_and_diagonal(results):
+    fig = report.figure_margins(results)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == len(results)
+    for ax, r in zip(panels, results, strict=True):
+        samples = r["certificate"]["samples"]
+        got = {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections}
+        for label, flag in (("certified", True), ("not certified", False)):
+            expected = np.array([[s["d"], s["max_z"]] for s in samples if s["certified"] is flag]).reshape(
+                -1, 2
+            )
+            np.testing.assert_array_equal(got[label], expected)
+        (diag,) = [line for line in ax.lines if line.get_label() == "Z = d"]
+        np.testing.assert_array_equal(diag.get_xdata(), diag.get_ydata())
+        top = max(max(s["d"] for s in samples), max(s["max_z"] for s in samples))
+        assert diag.get_xdata()[-1] >= top
+
+
+def test_example_grid_shows_x_and_each_transformed_image(examples):
+    fig = report.figure_examples(examples)
+    axes = fig.axes
+    cols = 1 + len(examples.deltas)
+    assert len(axes) == examples.x.shape[0] * cols
+    assert [ax.get_title() for ax in axes[:cols]] == ["x", "delta=0.00", "delta=0.50", "delta=1.00"]
+    for i in range(examples.x.shape[0]):
+        row = axes[i * cols : (i + 1) * cols]
+        np.testing.assert_array_equal(row[0].images[0].get_array(), examples.x[i, 0])
+        for k, t in enumerate(examples.transformed):
+            np.testing.assert_array_equal(row[k + 1].images[0].get_array(), t[i, 0])
+            assert row[k + 1].images[0].get_clim() == (0.0, 1.0)
+
+
+def test_rgb_examples_are_hwc():
+    rng = np.random.default_rng(2)
+    x = rng.uniform(size=(1, 3, 5, 6)).astype(np.float32)
+    ex = report.ExampleImages(x=x, deltas=[1.0], transformed=[1 - x])
+    axes = report.figure_examples(ex).axes
+    np.testing.assert_array_equal(axes[0].images[0].get_array(), np.transpose(x[0], (1, 2, 0)))
+    np.testing.assert_allclose(axes[1].images[0].get_array(), np.transpose(1 - x[0], (1, 2, 0)))
+
+
+def test_example_shape_mismatch_rejected():
+    x = np.zeros((2, 1, 4, 4))
+    with pytest.raises(ValueError, match="shape"):
+        report.ExampleImages(x=x, deltas=[0.5], transformed=[np.zeros((2, 1, 4, 5))])
+
+
+def test_html_has_every_section_and_inline_pngs(results, examples):
+    page = report.render_report(results, examples, title="job <abc>")
+    for section in ("summary", "parameters", *report.FIGURES):
+        assert f'<section id="{section}">' in page
+    assert "job &lt;abc&gt;" in page and "<abc>" not in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(report.FIGURES)
+    for data in images:
+        assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
+    for r in results:  # the summary table lists every variant with its accuracy
+        assert f"<td>{r['name']}</td>" in page
+        assert f"<td>{r['accuracy']:.4f}</td>" in page
+    certified = sum(s["certified"] for s in results[0]["certificate"]["samples"])
+    assert f"<td>{certified}/25</td>" in page
+
+
+def test_html_without_examples_says_so(results):
+    page = report.render_report(results, standalone=False)
+    assert page.startswith('<div class="carcert-report">') and "<html" not in page
+    assert "No example images" in page
+    assert len(re.findall(r"data:image/png;base64,", page)) == len(report.FIGURES) - 1
+
+
+def test_png_and_unknown_figure(results, examples):
+    png = report.render_figure_png(results, "margins")
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert report.render_figure_png(results, "examples", examples).startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="valid"):
+        report.render_figure_png(results, "nope")
+    with pytest.raises(ValueError, match="no example"):
+        report.render_figure_png(results, "examples")
+
+
+def _pdf_pages(data: bytes) -> int:
+    return len(re.findall(rb"/Type\s*/Page[^s]", data))
+
+
+@pytest.mark.parametrize("with_examples", [False, True])
+def test_pdf_page_count(results, examples, with_examples):
+    data = report.render_pdf(results, examples if with_examples else None)
+    assert data.startswith(b"%PDF")
+    assert data.rstrip().endswith(b"%%EOF")
+    assert _pdf_pages(data) == 1 + 4 + int(with_examples)
+
+
+def test_results_without_certificates_still_render():
+    r = [
+        {
+            "name": "vanilla-0.00",
+            "method": "vanilla",
+            "prune_ratio": 0.0,
+            "accuracy": 0.7,
+            "pca": None,
+            "certificate": None,
+            "metrics": None,
+        }
+    ]
+    page = report.render_report(r)
+    assert "No certificate." in page
+    assert report.render_pdf(r).startswith(b"%PDF")
