@@ -1,0 +1,51 @@
+"""Service configuration: environment variables with prefix CARCERT_ (and an optional `.env` file).
+
+The defaults describe the embedded all-in-one (`carcert up`): SQLite under ./var, the kombu
+SQLAlchemy transport on SQLite as the broker, artifacts on the local disk. Production sets e.g.
+CARCERT_DATABASE_URL=postgresql+psycopg://root@127.0.0.1:5432/test and
+CARCERT_BROKER_URL=redis://127.0.0.1:6379/0. List values are given as JSON, e.g.
+CARCERT_DATA_ROOTS='["/data", "./var/data"]'.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CARCERT_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///./var/carcert.db"
+    broker_url: str = "sqla+sqlite:///./var/broker.db"
+    artifact_root: Path = Path("./var/artifacts")
+    artifact_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = "carcert/"
+    work_root: Path = Path("./var/work")
+    data_roots: list[Path] = Field(default_factory=lambda: [Path("/usr/share/datasets"), Path("./var/data")])
+    max_upload_bytes: int = 512 * MiB
+    max_extract_bytes: int = 2048 * MiB  # total size of an extracted dataset archive
+    max_extract_files: int = 200_000
+    job_time_limit_s: int = 24 * 3600
+    lease_seconds: int = 60
+    max_attempts: int = 3  # a job whose worker died this many times is failed, not retried again
+    queued_stale_seconds: int = 300  # a queued job untouched this long is dispatched again
+    sweep_interval_s: float = 30.0  # how often a worker looks for stale jobs (0 = only at start)
+    progress_interval_s: float = 0.5  # DB writes of progress at most this often
+    worker_index: int = 0  # picks the GPU of a worker process (CUDA_VISIBLE_DEVICES)
+    gpus: list[str] | None = None  # GPU ids to spread workers over; default: all visible
+    auth_disabled: bool = False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests call get_settings.cache_clear() after changing env)."""
+    return Settings()
