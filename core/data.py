@@ -13,8 +13,10 @@ References (DESIGN.md):
 Images come back as float32 (N, C, H, W) in [0, 1], labels as int64 (N,).
 
 ``train_subset=N`` keeps a seeded random N of the training samples (in source order; their source
-indices are in ``DatasetSplit.train_indices``). ``allowed_roots``: every user-given path must lie
-inside one of them after ``resolve()`` (symlinks followed), else DatasetError.
+indices are in ``DatasetSplit.train_indices``); extras named ``*_train`` with one row per training
+sample (e.g. ``variants_train`` of core.transforms' precomputed kind) are subset alike.
+``allowed_roots``: every user-given path must lie inside one of them after ``resolve()`` (symlinks
+followed), else DatasetError. The built-in default fashion-mnist directory is always allowed.
 """
 
 from __future__ import annotations
@@ -221,7 +223,7 @@ def _npz(path: Path):
         )
     try_ = _labels(raw["y_train"], "y_train", trx.shape[0])
     tey = _labels(raw["y_test"], "y_test", tex.shape[0])
-    k = int(max(int(try_.max(initial=0)) if len(try_) else 0, int(tey.max()) if len(tey) else 0)) + 1
+    k = max((int(t.max()) for t in (try_, tey) if len(t)), default=0) + 1
     extras = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in raw.items() if name not in need}
     return trx, try_, tex, tey, max(k, 2), extras, None
 
@@ -329,7 +331,12 @@ def load_dataset(
         if train_subset < trx.shape[0]:
             keep = np.sort(np.random.default_rng(seed + 1).permutation(trx.shape[0])[:train_subset])
             train_indices = torch.from_numpy(keep.astype(np.int64))
+            n_source = trx.shape[0]
             trx, try_ = trx[train_indices], try_[train_indices]
+            extras = {  # keep per-training-sample extras (e.g. variants_train) aligned
+                k: v[train_indices] if k.endswith("_train") and v.ndim and v.shape[0] == n_source else v
+                for k, v in extras.items()
+            }
     arrays = {"train_x": trx, "train_y": try_, "test_x": tex, "test_y": tey}
     arrays.update({f"extra/{k}": v for k, v in extras.items()})
     if train_indices is not None:
