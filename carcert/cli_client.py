@@ -1,0 +1,352 @@
+"""`carcert submit | jobs | job | certificate | cancel | download`: client of a running service.
+
+Server and key: --url / --api-key, else the environment variables CARCERT_URL / CARCERT_API_KEY
+(default URL http://127.0.0.1:8000). Exit codes: 0 ok; 1 the service answered an error, cannot be
+reached, or the awaited job did not succeed; 2 bad input (spec file, flags, 400/422 answers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from carcert.client import CarcertAPIError, CarcertClient, coerce_spec
+from core.errors import InvalidInput
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+METHODS = ("vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car")
+ARCHS = ("small_cnn", "resnet18", "mobilenet_v2", "googlenet")
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=None, help=f"service URL (env CARCERT_URL, default {DEFAULT_URL})")
+    p.add_argument("--api-key", default=None, help="API key (env CARCERT_API_KEY)")
+    p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds (default 60)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "submit",
+        help="submit a job to a running service",
+        description="Build a job spec (core.spec.JobSpec) from a JSON file and/or flags (flags win), "
+        "upload local weight / mask files, POST /jobs. Prints the job JSON (or, with --wait, "
+        "shows a progress bar and prints the final job).",
+    )
+    p.add_argument("spec", nargs="?", type=Path, help="JSON file with a JobSpec (optional)")
+    p.add_argument("--kind", choices=("prune", "certify"))
+    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument(
+        "--dataset", help="digits | fashion-mnist[:DIR] | imagefolder:PATH | npz:PATH | artifact:ID"
+    )
+    p.add_argument("--dataset-file", type=Path, help="local dataset archive to upload; sets --dataset")
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--methods", help="sweep: comma-separated methods")
+    p.add_argument("--prune-ratio", type=float)
+    p.add_argument("--prune-ratios", help="sweep: comma-separated prune ratios")
+    p.add_argument(
+        "--transform",
+        help="NAME (parametric, e.g. brightness or gamma+blur), parametric:NAME, latent[:COMPONENT], "
+        "precomputed",
+    )
+    p.add_argument("--strength", type=float, help="transform strength (scales the documented range)")
+    p.add_argument("--weights", help="local weights file (uploaded first) or artifact:ID")
+    p.add_argument("--mask", help="certify jobs: local mask file (uploaded first) or artifact:ID")
+    p.add_argument("--pretrain-epochs", type=int)
+    p.add_argument("--search-epochs", type=int)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--samples", type=int, help="number of test samples to certify")
+    p.add_argument("--n", type=int, help="CC-Cert n")
+    p.add_argument("--l", type=int, help="CC-Cert l")
+    p.add_argument("--train-subset", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--idempotency-key", help="default: a fresh random key (safe retries)")
+    p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls with --wait")
+    _connection(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = subparsers.add_parser("jobs", help="list jobs of a running service")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--limit", type=int, default=None, help="show at most this many")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _connection(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = subparsers.add_parser("job", help="show one job (optionally --wait for it)")
+    p.add_argument("job_id")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--poll", type=float, default=1.0)
+    _connection(p)
+    p.set_defaults(func=cmd_job)
+
+    p = subparsers.add_parser("certificate", help="fetch a job's certificate JSON")
+    p.add_argument("job_id")
+    p.add_argument("--variant", help="one variant of a sweep, e.g. car-0.50")
+    p.add_argument("--out", type=Path, help="write to this file instead of stdout")
+    _connection(p)
+    p.set_defaults(func=cmd_certificate)
+
+    p = subparsers.add_parser("cancel", help="request cancellation of a job")
+    p.add_argument("job_id")
+    _connection(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = subparsers.add_parser("download", help="download a job's model or mask (sha256-checked)")
+    p.add_argument("job_id")
+    p.add_argument("what", choices=("model", "mask"))
+    p.add_argument("--variant")
+    p.add_argument("--out", type=Path, default=Path("."), help="file or folder (default .)")
+    _connection(p)
+    p.set_defaults(func=cmd_download)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _client(args: argparse.Namespace) -> CarcertClient:
+    url = args.url or os.environ.get("CARCERT_URL") or DEFAULT_URL
+    key = args.api_key or os.environ.get("CARCERT_API_KEY")
+    return CarcertClient(url, key, timeout=args.timeout)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"carcert: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace, body) -> int:
+    """Run body(client) mapping API / network errors to clear messages and exit codes."""
+    try:
+        with _client(args) as client:
+            return body(client)
+    except CarcertAPIError as exc:
+        hint = " (set --api-key or CARCERT_API_KEY)" if exc.status == 401 else ""
+        return _fail(f"{exc}{hint}", 2 if exc.status in (400, 413, 422) else 1)
+    except httpx.TransportError as exc:
+        url = args.url or os.environ.get("CARCERT_URL") or DEFAULT_URL
+        return _fail(f"cannot reach the carcert service at {url}: {exc}")
+    except InvalidInput as exc:
+        return _fail(str(exc), 2)
+
+
+def _csv(value: str, cast) -> list:
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise InvalidInput(f"cannot parse list {value!r}: {exc}") from None
+
+
+def _transform(value: str) -> dict[str, Any]:
+    kind, _, rest = value.partition(":")
+    if kind == "latent":
+        try:
+            return {"kind": "latent", "component": int(rest or 0)}
+        except ValueError:
+            raise InvalidInput(f"latent component must be an integer: {value!r}") from None
+    if kind == "precomputed":
+        return {"kind": "precomputed"}
+    if kind == "parametric":
+        return {"kind": "parametric", "name": rest}
+    return {"kind": "parametric", "name": value}
+
+
+def _is_local(ref: str | None) -> bool:
+    return bool(ref) and not ref.startswith("artifact:") and Path(ref).is_file()
+
+
+def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The JobSpec dict from the optional JSON file overlaid with the flags (no upload yet)."""
+    spec: dict[str, Any] = {}
+    if args.spec is not None:
+        try:
+            spec = json.loads(Path(args.spec).read_text())
+        except FileNotFoundError:
+            raise InvalidInput(f"spec file not found: {args.spec}") from None
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"spec file {args.spec} is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise InvalidInput(f"spec file {args.spec} must hold a JSON object")
+
+    def section(name: str) -> dict[str, Any]:
+        value = spec.setdefault(name, {})
+        if not isinstance(value, dict):
+            raise InvalidInput(f"spec field {name!r} must be an object")
+        return value
+
+    if args.kind:
+        spec["kind"] = args.kind
+    if args.arch:
+        section("model")["arch"] = args.arch
+    if args.weights:
+        section("model")["weights"] = args.weights
+    if args.dataset:
+        spec["dataset"] = args.dataset
+    if args.mask:
+        spec["mask"] = args.mask
+    if args.transform:
+        section("transform").update(_transform(args.transform))
+    if args.strength is not None:
+        section("transform")["strength"] = args.strength
+    for flag, key in (
+        ("method", "method"),
+        ("prune_ratio", "prune_ratio"),
+        ("pretrain_epochs", "pretrain_epochs"),
+        ("search_epochs", "search_epochs"),
+        ("finetune_epochs", "finetune_epochs"),
+    ):
+        if getattr(args, flag) is not None:
+            section("pruning")[key] = getattr(args, flag)
+    for flag in ("samples", "n", "l"):
+        if getattr(args, flag) is not None:
+            section("certification")[flag] = getattr(args, flag)
+    if args.methods:
+        spec["sweep_methods"] = _csv(args.methods, str)
+    if args.prune_ratios:
+        spec["sweep_prune_ratios"] = _csv(args.prune_ratios, float)
+    if args.train_subset is not None:
+        spec["train_subset"] = args.train_subset
+    if args.seed is not None:
+        spec["seed"] = args.seed
+    return spec
+
+
+def _progress_bar(job_id: str):
+    """A tqdm bar (0..100 %) whose description is the current stage; returns (callback, bar)."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=100,
+        desc="queued",
+        unit="%",
+        bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed}",
+        file=sys.stderr,
+    )
+
+    def update(job: dict) -> None:
+        bar.set_description_str(f"{job.get('status')}:{job.get('stage') or '-'}"[:24])
+        target = round(100 * float(job.get("progress") or 0.0), 1)
+        bar.update(max(0.0, target - bar.n))
+
+    return update, bar
+
+
+def _finish(job: dict) -> int:
+    print(json.dumps(job, indent=2))
+    if job.get("status") == "succeeded":
+        return 0
+    err = job.get("error") or {}
+    detail = f": {err.get('title')}: {err.get('detail')}" if err else ""
+    return _fail(f"job {job.get('id')} {job.get('status')}{detail}")
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = build_spec_dict(args)
+    coerce_spec(spec)  # fail on a bad spec before uploading anything
+
+    def body(client: CarcertClient) -> int:
+        model = spec.get("model") or {}
+        if _is_local(model.get("weights")):
+            art = client.upload_artifact(model["weights"], "weights")
+            print(f"uploaded {model['weights']} -> artifact:{art['id']}", file=sys.stderr)
+            model["weights"] = f"artifact:{art['id']}"
+        if _is_local(spec.get("mask")):
+            art = client.upload_artifact(spec["mask"], "other")
+            print(f"uploaded {spec['mask']} -> artifact:{art['id']}", file=sys.stderr)
+            spec["mask"] = f"artifact:{art['id']}"
+        if args.dataset_file is not None:
+            art = client.upload_artifact(args.dataset_file, "dataset")
+            print(f"uploaded {args.dataset_file} -> artifact:{art['id']}", file=sys.stderr)
+            spec["dataset"] = f"artifact:{art['id']}"
+        key = args.idempotency_key or uuid.uuid4().hex
+        job = client.submit(spec, idempotency_key=key)
+        if not args.wait:
+            print(json.dumps(job, indent=2))
+            return 0
+        print(f"job {job['id']} submitted", file=sys.stderr)
+        update, bar = _progress_bar(job["id"])
+        try:
+            final = client.wait(job["id"], on_progress=update, poll=args.poll)
+        finally:
+            bar.close()
+        return _finish(final)
+
+    return _run(args, body)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        page = min(args.limit, 100) if args.limit else 100
+        if not args.json:
+            print(f"{'id':<32}  {'status':<10} {'stage':<16} {'progress':>8}  created_at")
+        for shown, job in enumerate(client.list_jobs(status=args.status, limit=page)):
+            if args.limit is not None and shown >= args.limit:
+                break
+            if args.json:
+                print(json.dumps(job))
+            else:
+                prog = f"{100 * float(job.get('progress') or 0):.0f}%"
+                print(
+                    f"{job['id']:<32}  {job['status']:<10} {(job.get('stage') or '-')[:16]:<16} "
+                    f"{prog:>8}  {job.get('created_at', '')}"
+                )
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        if not args.wait:
+            print(json.dumps(client.get_job(args.job_id), indent=2))
+            return 0
+        update, bar = _progress_bar(args.job_id)
+        try:
+            final = client.wait(args.job_id, on_progress=update, poll=args.poll)
+        finally:
+            bar.close()
+        return _finish(final)
+
+    return _run(args, body)
+
+
+def cmd_certificate(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        cert = client.certificate(args.job_id, variant=args.variant)
+        text = json.dumps(cert, indent=2)
+        if args.out is None:
+            print(text)
+        else:
+            args.out.write_text(text + "\n")
+            print(f"wrote {args.out}", file=sys.stderr)
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        job = client.cancel(args.job_id)
+        print(f"job {job.get('id', args.job_id)}: {job.get('status')} (cancel requested)")
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        fetch = client.download_model if args.what == "model" else client.download_mask
+        path = fetch(args.job_id, args.out, variant=args.variant)
+        print(f"wrote {path} (sha256 verified)", file=sys.stderr)
+        return 0
+
+    return _run(args, body)
