@@ -1,0 +1,269 @@
+"""Runs one job from the database: claim (lease) -> resolve inputs -> core.pipeline.run_job with a
+database-backed StageContext -> store artifacts + results -> final status.
+
+Scratch space and checkpoints live in settings.work_root/<job_id>/ (checkpoints/, inputs/, out/),
+so a job retried after its worker died resumes from its last checkpoint; the folder is removed
+once the job reaches a final status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from core.errors import Cancelled, InvalidInput, TrainingDiverged
+from core.pipeline import LocalContext
+from core.spec import JobSpec
+from store.artifacts import ArtifactStore, get_artifact_store, store_artifact
+from store.db import session_scope
+from store.jobs import LeaseLost, add_result, claim_job, finish_job, renew_lease, update_progress
+from store.settings import Settings, get_settings
+from worker.inputs import InputResolver
+
+log = logging.getLogger("carcert.worker")
+
+ARTIFACT_FILES = (("model.safetensors", "model"), ("mask.safetensors", "mask"), ("evidence.npz", "evidence"))
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class DbStageContext:
+    """StageContext backed by the jobs table: progress() writes stage + progress at most every
+    settings.progress_interval_s (and on every stage change) and renews the lease; should_cancel()
+    reflects cancel_requested (read at most every progress_interval_s) or a lost lease; a heartbeat
+    thread renews the lease every lease_seconds / 3 even when a stage reports nothing for a while.
+    Checkpoints are files under <job dir>/checkpoints (core.pipeline.LocalContext)."""
+
+    def __init__(self, job_id: str, worker_id: str, job_dir: Path, settings: Settings) -> None:
+        self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
+        self._files = LocalContext(job_dir)
+        self._lock = threading.Lock()
+        self._last_write = 0.0
+        self._last_check = 0.0
+        self._stage: str | None = None
+        self.cancel_requested = False
+        self.lease_lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- database --
+    def _write(self, stage: str | None, fraction: float | None) -> None:
+        try:
+            with session_scope() as s:
+                cancel = update_progress(s, self.job_id, self.worker_id, stage, fraction)
+            self.cancel_requested = self.cancel_requested or cancel
+        except LeaseLost:
+            log.warning("job %s: lease lost by %s; stopping", self.job_id, self.worker_id)
+            self.lease_lost = True
+        except Exception:  # a database hiccup must not kill a long job; the next write retries
+            log.exception("job %s: progress update failed", self.job_id)
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = stage != self._stage or now - self._last_write >= self.settings.progress_interval_s
+            if not due:
+                return
+            self._stage, self._last_write = stage, now
+            self._last_check = now
+            self._write(stage, min(max(float(fraction), 0.0), 1.0))
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if not (self.cancel_requested or self.lease_lost) and (
+                now - self._last_check >= self.settings.progress_interval_s
+            ):
+                self._last_check = now
+                self._write(None, None)
+        return self.cancel_requested or self.lease_lost
+
+    # -- checkpoints --
+    def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
+        self._files.save_checkpoint(key, state)
+
+    def load_checkpoint(self, key: str) -> dict[str, Any] | None:
+        return self._files.load_checkpoint(key)
+
+    # -- heartbeat --
+    def _beat(self) -> None:
+        interval = max(1.0, self.settings.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            with self._lock:
+                try:
+                    with session_scope() as s:
+                        self.cancel_requested = (
+                            renew_lease(s, self.job_id, self.worker_id) or self.cancel_requested
+                        )
+                except LeaseLost:
+                    self.lease_lost = True
+                    return
+                except Exception:
+                    log.exception("job %s: lease renewal failed", self.job_id)
+
+    def __enter__(self) -> DbStageContext:
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{self.job_id[:8]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _variant_dirs(out_dir: Path, summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    variants = summary.get("variants") if isinstance(summary, dict) else None
+    if variants:
+        return [(str(v["name"]), v) for v in variants]
+    return [(p.name, {}) for p in sorted(out_dir.iterdir()) if (p / "metrics.json").is_file()]
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def persist_outputs(
+    job_id: str, tenant: str, worker_id: str, out_dir: Path, summary: dict[str, Any], store: ArtifactStore
+) -> bool:
+    """Store each variant's files as artifacts and a JobResult row, then mark the job succeeded,
+    all in one transaction (blobs are deleted again if it fails). False if the lease was lost."""
+    stored_keys: list[str] = []
+    try:
+        with session_scope() as s:
+            for name, info in _variant_dirs(out_dir, summary):
+                folder = out_dir / name
+                metrics = _read_json(folder / "metrics.json") or {}
+                cert = _read_json(folder / "certificate.json")
+                if cert is not None and not cert.get("job_id"):
+                    cert["job_id"] = job_id
+                ids: dict[str, str | None] = {}
+                for filename, kind in ARTIFACT_FILES:
+                    path = folder / filename
+                    if path.is_file():
+                        art = store_artifact(
+                            s, tenant, kind, f"{job_id}-{name}-{filename}", path, store=store
+                        )
+                        stored_keys.append(art.storage_key)
+                        ids[kind] = art.id
+                model_info = (cert or {}).get("model") or {}
+                add_result(
+                    s,
+                    job_id,
+                    name=name,
+                    method=str(_first(info.get("method"), metrics.get("method"), name.rsplit("-", 1)[0])),
+                    prune_ratio=float(_first(info.get("prune_ratio"), metrics.get("prune_ratio"), 0.0)),
+                    accuracy=_first(
+                        info.get("accuracy"), metrics.get("accuracy"), (cert or {}).get("accuracy")
+                    ),
+                    pca=_first(info.get("pca"), metrics.get("pca"), (cert or {}).get("pca")),
+                    sparsity=_first(
+                        info.get("sparsity"), metrics.get("sparsity"), model_info.get("sparsity")
+                    ),
+                    certificate=cert,
+                    metrics=metrics,
+                    model_artifact_id=ids.get("model"),
+                    mask_artifact_id=ids.get("mask"),
+                    evidence_artifact_id=ids.get("evidence"),
+                )
+            if not finish_job(s, job_id, "succeeded", summary=summary, worker_id=worker_id):
+                raise LeaseLost(job_id)
+        return True
+    except LeaseLost:
+        for key in stored_keys:
+            store.delete(key)
+        log.warning("job %s: lease lost before the results were saved", job_id)
+        return False
+    except BaseException:
+        for key in stored_keys:
+            store.delete(key)
+        raise
+
+
+def _fail(
+    job_id: str, worker_id: str, status: str, title: str | None = None, detail: str | None = None
+) -> None:
+    error = {"title": title, "detail": detail} if title else None
+    with session_scope() as s:
+        finish_job(s, job_id, status, error=error, worker_id=worker_id)
+
+
+def execute_job(
+    job_id: str, *, worker_id: str | None = None, settings: Settings | None = None, device: str | None = None
+) -> str:
+    """Run job `job_id` if it can be claimed. Returns the final status ("succeeded", "failed",
+    "cancelled"), "skipped" (not claimable: already running elsewhere, finished, cancelled) or
+    "lost" (the lease was taken over by another worker)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    settings = settings or get_settings()
+    worker_id = worker_id or new_worker_id()
+    with session_scope() as s:
+        job = claim_job(s, job_id, worker_id)
+        if job is None:
+            log.info("job %s not claimable; skipped", job_id)
+            return "skipped"
+        tenant, spec_json, attempt = job.tenant, job.spec, job.attempts
+    log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
+    job_dir = Path(settings.work_root).resolve() / job_id
+    store = get_artifact_store()
+    status = "failed"
+    with DbStageContext(job_id, worker_id, job_dir, settings) as ctx:
+        try:
+            ctx.progress("preparing", 0.0)
+            spec = JobSpec.model_validate(spec_json)
+            with session_scope() as s:
+                resolved = InputResolver(s, tenant, store, job_dir / "inputs", settings).resolve(spec)
+            from core.pipeline import run_job
+
+            summary = run_job(resolved, job_dir / "out", ctx, device=device)
+            if ctx.lease_lost:
+                return "lost"
+            if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store):
+                return "lost"
+            status = "succeeded"
+        except Cancelled:
+            if ctx.lease_lost:
+                return "lost"
+            status = "cancelled"
+            _fail(job_id, worker_id, "cancelled")
+        except LeaseLost:
+            return "lost"
+        except InvalidInput as exc:
+            _fail(job_id, worker_id, "failed", "Invalid input", str(exc))
+        except TrainingDiverged as exc:
+            _fail(
+                job_id,
+                worker_id,
+                "failed",
+                "Training diverged",
+                f"{exc} (try a smaller learning rate or batch size)",
+            )
+        except SoftTimeLimitExceeded:
+            _fail(
+                job_id,
+                worker_id,
+                "failed",
+                "Time limit exceeded",
+                f"the job ran longer than {settings.job_time_limit_s} s",
+            )
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            _fail(job_id, worker_id, "failed", "Internal error", f"{type(exc).__name__}: {exc}")
+    shutil.rmtree(job_dir, ignore_errors=True)
+    log.info("job %s finished: %s", job_id, status)
+    return status

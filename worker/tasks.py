@@ -1,0 +1,60 @@
+"""Celery tasks: run_job(job_id) and the stale-job sweep; dispatch() is what the API calls after the
+transaction that created the job has committed."""
+
+from __future__ import annotations
+
+import logging
+
+from store.db import session_scope
+from store.jobs import stale_jobs
+from store.settings import get_settings
+from worker.celery_app import QUEUE, app, make_celery
+
+log = logging.getLogger("carcert.worker")
+
+TASK_NAME = "carcert.run_job"
+
+
+@app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(job_id: str) -> str:
+    """Run one job (worker.runner.execute_job); a job already leased by a live worker is skipped."""
+    from worker.runner import execute_job
+
+    return execute_job(job_id)
+
+
+def _sync_broker() -> None:
+    """Follow a changed CARCERT_BROKER_URL (tests, `carcert up`) without re-importing the module."""
+    url = get_settings().broker_url
+    if app.conf.broker_url != url:
+        fresh = make_celery()
+        app.conf.update(broker_url=url, broker_transport_options=fresh.conf.broker_transport_options)
+        if app._pool is not None:
+            app._pool.force_close_all()
+            app._pool = None
+
+
+def dispatch(job_id: str) -> bool:
+    """Send the run message for `job_id`. Never raises: if the broker is unreachable the job stays
+    queued and the workers' stale-job sweep sends it later. Returns whether the message went out."""
+    try:
+        _sync_broker()
+        run_job.apply_async(
+            args=[job_id],
+            queue=QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        )
+        return True
+    except Exception:
+        log.exception("could not dispatch job %s; the stale-job sweep will retry", job_id)
+        return False
+
+
+def sweep_stale_jobs() -> int:
+    """Re-dispatch queued jobs never picked up and running jobs whose lease expired; returns how many."""
+    with session_scope() as s:
+        ids = stale_jobs(s)
+    for job_id in ids:
+        dispatch(job_id)
+    return len(ids)
