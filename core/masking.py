@@ -79,31 +79,58 @@ def random_init(weights: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tenso
     return {name: torch.rand(w.shape, generator=g).to(w.device) for name, w in weights.items()}
 
 
-def topk_mask(scores: Mapping[str, Tensor], prune_ratio: float, scope: Scope = "layer") -> dict[str, Tensor]:
+def _keep_top(a: Tensor, k: int, tb: Tensor | None) -> Tensor:
+    """Bool mask of the k largest entries of the 1-D tensor a; entries tied with the k-th value
+    are chosen by the largest tb (when given), else by torch.topk's order."""
+    keep = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+    if k <= 0:
+        return keep
+    if k >= a.numel():
+        return keep.fill_(True)
+    top = torch.topk(a, k, sorted=False)
+    if tb is None:
+        keep[top.indices] = True
+        return keep
+    thr = top.values.min()
+    keep = a > thr
+    need = k - int(keep.sum())
+    tied = (a == thr).nonzero().flatten()
+    keep[tied[torch.topk(tb[tied], need, sorted=False).indices]] = True
+    return keep
+
+
+def topk_mask(
+    scores: Mapping[str, Tensor],
+    prune_ratio: float,
+    scope: Scope = "layer",
+    tiebreak: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Algorithm 1, line 4: keep the largest |score| entries, exactly round((1 - pr) * n) of them
     per layer (scope "layer", n = layer size) or over all layers together (scope "global",
-    n = total size). Ties are broken by torch.topk (deterministic on a given device)."""
+    n = total size). Entries tied at the threshold are kept by the largest |tiebreak| when
+    given (e.g. the weights, so that a mask driven to 0 falls back to magnitude pruning), else
+    in torch.topk's (deterministic) order."""
     if not 0.0 <= prune_ratio < 1.0:
         raise InvalidInput(f"prune_ratio must be in [0, 1), got {prune_ratio}")
     if scope not in _SCOPES:
         raise InvalidInput(f"scope must be one of {_SCOPES}, got {scope!r}")
+
+    def tb(name: str, dev: torch.device) -> Tensor | None:
+        return None if tiebreak is None else tiebreak[name].detach().abs().flatten().to(dev)
+
     out: dict[str, Tensor] = {}
     if scope == "layer":
         for name, s in scores.items():
             flat = s.detach().abs().flatten()
-            keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-            k = _count_kept(flat.numel(), prune_ratio)
-            if k > 0:
-                keep[torch.topk(flat, k, sorted=False).indices] = True
-            out[name] = keep.view(s.shape)
+            out[name] = _keep_top(flat, _count_kept(flat.numel(), prune_ratio), tb(name, flat.device)).view(
+                s.shape
+            )
         return out
     names = list(scores)
     flats = [scores[n].detach().abs().flatten() for n in names]
     allv = torch.cat(flats) if flats else torch.empty(0)
-    keep = torch.zeros(allv.numel(), dtype=torch.bool, device=allv.device)
-    k = _count_kept(allv.numel(), prune_ratio)
-    if k > 0:
-        keep[torch.topk(allv, k, sorted=False).indices] = True
+    all_tb = None if tiebreak is None else torch.cat([tb(n, allv.device) for n in names])
+    keep = _keep_top(allv, _count_kept(allv.numel(), prune_ratio), all_tb)
     start = 0
     for name, f in zip(names, flats, strict=True):
         out[name] = keep[start : start + f.numel()].view(scores[name].shape)

@@ -256,3 +256,31 @@ def test_sparsity_report_counts():
     for layer in rep2["layers"]:
         n = weights[layer["name"]].numel()
         assert layer["sparsity"] == pytest.approx(1 - round(0.6 * n) / n)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_topk_mask_tiebreak_falls_back_to_magnitude(scope):
+    weights = prunable_weights(tiny_net())
+    # all scores tied at 0 -> with the weights as tie-break the mask is the magnitude mask
+    zeros = {n: torch.zeros_like(w) for n, w in weights.items()}
+    tied = topk_mask(zeros, 0.6, scope, tiebreak=weights)
+    mag = topk_mask(weights, 0.6, scope)
+    for n in weights:
+        assert torch.equal(tied[n], mag[n])
+    # partial ties: scores 1 on a random half, 0 elsewhere; keep-count > #ones -> all ones kept,
+    # the rest filled from the zeros by largest |w|
+    g = torch.Generator().manual_seed(0)
+    half = {n: (torch.rand(w.shape, generator=g) < 0.3).float() for n, w in weights.items()}
+    got = topk_mask(half, 0.5, "layer", tiebreak=weights)
+    for n, w in weights.items():
+        k = round(0.5 * w.numel())
+        ones = half[n].bool()
+        assert int(got[n].sum()) == k
+        assert bool(got[n][ones].all())
+        rest = w.detach().abs()[~ones]
+        need = k - int(ones.sum())
+        chosen = w.detach().abs()[got[n] & ~ones]
+        assert chosen.numel() == need
+        torch.testing.assert_close(
+            chosen.sort().values, rest.sort(descending=True).values[:need].sort().values
+        )
