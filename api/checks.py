@@ -1,0 +1,230 @@
+"""Input checks the API does before it keeps anything: uploaded files (weights must be a valid
+safetensors file or a torch checkpoint loadable with `weights_only=True`; pickled code is never
+executed) and the references inside a JobSpec (artifacts of the caller's tenant only, dataset paths
+only inside `settings.data_roots`, known transform names)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import ApiProblem
+from core.spec import JobSpec
+
+ARTIFACT_PREFIX = "artifact:"
+WEIGHT_KINDS = ("weights", "model")
+REF_KINDS: dict[str, tuple[str, ...]] = {
+    "model.weights": WEIGHT_KINDS,
+    "mask": ("mask",),
+    "dataset": ("dataset",),
+    "transform.encoder": ("generator", *WEIGHT_KINDS),
+    "transform.decoder": ("generator", *WEIGHT_KINDS),
+}
+PATH_DATASETS = ("npz", "imagefolder", "fashion-mnist")
+NAMED_DATASETS = ("digits", "fashion-mnist")
+
+
+def _invalid(detail: str, field: str | None = None) -> ApiProblem:
+    extra = {"errors": [{"loc": ["body", *field.split(".")], "field": field, "msg": detail,
+                         "type": "invalid_reference"}]} if field else None
+    return ApiProblem(422, "invalid-input", detail, title="Invalid input", extra=extra)
+
+
+# ---------------------------------------------------------------------------- uploaded files
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header = 8-byte little-endian length + JSON {name: {dtype, shape, data_offsets}}; the byte
+    ranges must tile the data section exactly (as the safetensors spec requires)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(size - 8, 100_000_000):
+            raise _invalid("not a valid safetensors file: header length exceeds the file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _invalid("not a valid safetensors file: the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _invalid("not a valid safetensors file: the header is not a JSON object")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = (int(v) for v in info["data_offsets"])
+            _ = info["dtype"], list(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise _invalid(f"not a valid safetensors file: bad entry for tensor {name!r}") from None
+        spans.append((start, end))
+    if not spans:
+        raise _invalid("the safetensors file holds no tensors")
+    spans.sort()
+    pos = 0
+    for start, end in spans:
+        if start != pos or end < start:
+            raise _invalid("not a valid safetensors file: tensor byte ranges overlap or leave gaps")
+        pos = end
+    if pos != size - 8 - n:
+        raise _invalid("not a valid safetensors file: truncated or trailing data")
+    try:  # the reference parser must agree (dtype names, shapes x dtype size == byte ranges)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as sf:
+            list(sf.keys())
+    except Exception as exc:
+        raise _invalid(f"not a valid safetensors file: {str(exc).splitlines()[0]}") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The informative part of torch's long weights_only message (e.g. 'Unsupported global: ...')."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _check_torch_checkpoint(path: Path) -> None:
+    """torch.load(weights_only=True): the restricted unpickler refuses any global that is not a
+    tensor/container type, so code inside the pickle is never run."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _invalid(
+            "the weights file is neither safetensors nor a checkpoint loadable with "
+            f"torch.load(weights_only=True) (pickled code is refused): {_torch_reason(exc)}"
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise _invalid("the checkpoint does not hold a state_dict (a non-empty mapping name -> tensor)")
+    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise _invalid(f"checkpoint entries that are not tensors: {', '.join(bad[:10])}")
+
+
+def _check_npz(path: Path) -> None:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            for key in z.files:  # reads every header; object arrays raise without allow_pickle
+                z[key]
+    except Exception as exc:
+        raise _invalid(f"not a readable .npz without pickles: {str(exc).splitlines()[0][:300]}") from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - names
+    if missing:
+        raise _invalid(f"the .npz dataset lacks the arrays {', '.join(sorted(missing))}")
+
+
+def check_uploaded_file(path: Path, kind: str, filename: str) -> None:
+    """Raise 422 (ApiProblem) when the file cannot be used safely as `kind`."""
+    if kind in ("weights", "model", "mask", "generator"):
+        if _is_safetensors(path):
+            _check_safetensors(path)
+        else:
+            _check_torch_checkpoint(path)
+    elif kind == "dataset" and (filename.endswith(".npz") or _is_npz(path)):
+        _check_npz(path)
+
+
+def _is_npz(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+# ---------------------------------------------------------------------------- job references
+
+
+def _artifact_ref(session: Session, tenant: str, field: str, ref: str) -> None:
+    from store.models import Artifact
+
+    if not ref.startswith(ARTIFACT_PREFIX):
+        raise _invalid(f"{field}: the API takes uploaded files as 'artifact:<id>' (upload with POST "
+                       f"/artifacts first), got {ref!r}", field)
+    art_id = ref[len(ARTIFACT_PREFIX):]
+    row = session.execute(
+        select(Artifact.kind).where(Artifact.id == art_id, Artifact.tenant == tenant)
+    ).first()
+    if row is None:
+        raise _invalid(f"{field}: artifact {art_id!r} not found", field)
+    if row.kind not in REF_KINDS[field]:
+        raise _invalid(f"{field}: artifact {art_id!r} has kind {row.kind!r}; expected one of "
+                       f"{', '.join(REF_KINDS[field])}", field)
+
+
+def check_dataset_path(raw: str, data_roots: Sequence[Path]) -> Path:
+    """The resolved path if it lies inside one of `data_roots` (symlinks and '..' resolved first)."""
+    path = Path(raw).expanduser().resolve()
+    for root in data_roots:
+        root = Path(root).expanduser().resolve()
+        if path == root or path.is_relative_to(root):
+            if not path.exists():
+                raise _invalid(f"dataset path {raw!r} does not exist", "dataset")
+            return path
+    roots = ", ".join(str(Path(r)) for r in data_roots) or "(none configured)"
+    raise _invalid(f"dataset path {raw!r} is outside the allowed data roots: {roots}", "dataset")
+
+
+def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence[Path]) -> None:
+    if ref in NAMED_DATASETS:
+        return
+    prefix, sep, rest = ref.partition(":")
+    if sep and prefix == "artifact":
+        _artifact_ref(session, tenant, "dataset", ref)
+    elif sep and prefix in PATH_DATASETS and rest:
+        check_dataset_path(rest, data_roots)
+    else:
+        raise _invalid(f"unknown dataset reference {ref!r}; use digits, fashion-mnist[:DIR], "
+                       "npz:PATH, imagefolder:PATH or artifact:ID", "dataset")
+
+
+def _parametric_names() -> Sequence[str] | None:
+    try:
+        from core.transforms import PARAMETRIC
+    except ImportError:
+        return None
+    return tuple(PARAMETRIC)
+
+
+def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Sequence[Path]) -> None:
+    """Raise 422 for any reference in `spec` the tenant may not or cannot use."""
+    if spec.model.weights is not None:
+        _artifact_ref(session, tenant, "model.weights", spec.model.weights)
+    if spec.mask is not None:
+        _artifact_ref(session, tenant, "mask", spec.mask)
+    for name in ("encoder", "decoder"):
+        ref = getattr(spec.transform, name)
+        if ref is not None:
+            _artifact_ref(session, tenant, f"transform.{name}", ref)
+    _check_dataset(session, tenant, spec.dataset, data_roots)
+    if spec.transform.kind == "parametric":
+        names = _parametric_names()
+        if names is not None:
+            unknown = [p for p in spec.transform.name.split("+") if p.strip() not in names]
+            if unknown:
+                raise _invalid(f"unknown parametric transform {', '.join(map(repr, unknown))}; valid "
+                               f"names: {', '.join(names)} (or compositions such as 'brightness+blur')",
+                               "transform.name")

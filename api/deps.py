@@ -1,0 +1,37 @@
+"""Request dependencies: settings, database session, artifact store (all per app, from
+`app.state`, so several apps with different settings can live in one process, as in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.auth import require_tenant
+from store.artifacts import ArtifactStore
+from store.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One session per request; routes commit explicitly, anything uncommitted is rolled back."""
+    session = request.app.state.sessionmaker()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def get_artifact_store(request: Request) -> ArtifactStore:
+    return request.app.state.artifact_store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StoreDep = Annotated[ArtifactStore, Depends(get_artifact_store)]
+TenantDep = Annotated[str, Depends(require_tenant)]

@@ -1,0 +1,101 @@
+"""The FastAPI application: `create_app(settings=None) -> FastAPI`.
+
+Run: `uvicorn --factory api.main:create_app --workers 1` (uvloop/httptools when installed).
+Everything the app needs (settings, engine, session factory, artifact store, caches, metrics) lives
+on `app.state`, so tests can build several apps with different settings in one process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy.orm import sessionmaker
+
+from api.auth import KeyCache
+from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from api.metrics import ApiMetrics, JobsCollector, MetricsMiddleware
+from api.metrics import router as metrics_router
+from api.routers import artifacts, health, jobs
+from api.schemas import Problem, SweepCertificates
+
+log = logging.getLogger("carcert.api")
+
+DESCRIPTION = """Compress image classifiers and certify them against semantic perturbations
+(CAR pruning + CC-Cert). Authenticate with `Authorization: Bearer <api key>`. Every error is an
+RFC 9457 `application/problem+json` document."""
+
+
+def create_app(settings: Any = None) -> FastAPI:
+    """Build the app on `settings` (default: store.settings.get_settings())."""
+    from store.artifacts import make_artifact_store
+    from store.db import make_engine
+    from store.settings import get_settings
+
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="carcert", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.artifact_store = make_artifact_store(settings)
+    app.state.key_cache = KeyCache()
+    app.state.cert_cache = jobs.CertificateCache()
+    app.state.metrics = ApiMetrics()
+    app.state.metrics.registry.register(JobsCollector(app.state.sessionmaker))
+
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(artifacts.router)
+    app.include_router(jobs.router)
+    app.include_router(health.router)
+    app.include_router(metrics_router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("carcert")
+    except Exception:
+        return "0.0.0"
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with every 4xx/5xx response as application/problem+json (Problem), and the
+    default 422 HTTPValidationError replaced by Problem."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    ref_tpl = "#/components/schemas/{model}"
+    for model in (Problem, SweepCertificates):
+        js = model.model_json_schema(ref_template=ref_tpl)
+        comps.update(js.pop("$defs", {}))
+        comps[model.__name__] = js
+    problem_ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in schema.get("paths", {}).values():
+        for op in path_item.values():
+            for code, resp in op.get("responses", {}).items():
+                if code[:1] not in ("4", "5"):
+                    continue
+                resp["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
+                if code == "422":
+                    resp["description"] = "Validation error (problem+json with the field errors)"
+            op["responses"].setdefault("500", {"description": "Unexpected error (no internals)",
+                                               "content": {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        comps.pop(unused, None)
+    app.openapi_schema = schema
+    return schema

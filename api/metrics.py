@@ -1,0 +1,94 @@
+"""Prometheus metrics (one registry per app): request counts and latency histogram by method,
+route template and status, plus the number of jobs per status, read from the database at scrape
+time. The middleware is plain ASGI (no BaseHTTPMiddleware) so it adds microseconds, not a task."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("carcert.api")
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("carcert_http_requests_total", "HTTP requests",
+                                ("method", "route", "status"), registry=self.registry)
+        self.latency = Histogram("carcert_http_request_duration_seconds", "HTTP request latency",
+                                 ("method", "route"), buckets=LATENCY_BUCKETS, registry=self.registry)
+
+
+class JobsCollector(Collector):
+    """carcert_jobs{status=...}: jobs per status over all tenants (one GROUP BY per scrape)."""
+
+    def __init__(self, sessionmaker: Callable) -> None:
+        self.sessionmaker = sessionmaker
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily("carcert_jobs", "Jobs by status", labels=["status"])]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        from sqlalchemy import func, select
+
+        from store.models import Job
+
+        fam = GaugeMetricFamily("carcert_jobs", "Jobs by status", labels=["status"])
+        counts = dict.fromkeys(JOB_STATUSES, 0)
+        try:
+            with self.sessionmaker() as s:
+                for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
+                    counts[status] = int(n)
+        except Exception as exc:  # the scrape must not fail because the database is down
+            log.warning("metrics: cannot count jobs: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            return
+        for status, n in counts.items():
+            fam.add_metric([status], n)
+        yield fam
+
+
+class MetricsMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}})
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

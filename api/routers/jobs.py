@@ -1,0 +1,326 @@
+"""Jobs: submit (idempotent), list (keyset cursor), get, cancel, and the results: certificate,
+mask and model files.
+
+The certificate of a succeeded job never changes, so its rendered JSON bytes are cached per job id
+(`CertificateCache`) and returned with a plain Response: a hot GET costs no database round trip and
+no pydantic re-validation of the document. Another tenant's job answers 404, never 403."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.checks import check_job_spec
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.errors import ApiProblem
+from api.routers.artifacts import problem_responses
+from api.schemas import JobOut, JobPage, JobStatus
+from core.spec import JobSpec
+
+log = logging.getLogger("carcert.api")
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+FINAL = ("succeeded", "failed", "cancelled")
+CERT_CACHE_SIZE = 512
+
+
+def _not_found(job_id: str) -> ApiProblem:
+    return ApiProblem(404, "not-found", f"job {job_id!r} not found", title="Not Found")
+
+
+def job_out(job: Any) -> JobOut:
+    base = f"/jobs/{job.id}"
+    links = {"self": base, "cancel": f"{base}/cancel"}
+    if job.status == "succeeded":
+        links.update(certificate=f"{base}/certificate", mask=f"{base}/mask", model=f"{base}/model")
+    return JobOut(
+        id=job.id, kind=job.kind, status=job.status, stage=job.stage, progress=job.progress or 0.0,
+        cancel_requested=bool(job.cancel_requested), attempts=job.attempts or 0,
+        created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
+        finished_at=job.finished_at, error=job.error, summary=job.summary,
+        spec=JobSpec.model_validate(job.spec), links=links,
+    )
+
+
+def dispatch_job(job_id: str) -> None:
+    """Hand the committed job to the broker. Failure is logged, not raised: the job stays queued
+    in the database and the workers' stale-job sweep dispatches it again."""
+    try:
+        from worker.tasks import dispatch
+
+        dispatch(job_id)
+    except Exception as exc:
+        log.warning("dispatch of job %s failed (the stale-job sweep will retry): %s", job_id,
+                    (str(exc).splitlines() or [type(exc).__name__])[0])
+
+
+# ------------------------------------------------------------------------------------------ submit
+
+
+@router.post(
+    "", status_code=202, response_model=JobOut, summary="Submit a job",
+    responses={
+        200: {"model": JobOut, "description": "Replay: this Idempotency-Key was already used with the "
+              "same body; the existing job is returned"},
+        202: {"description": "Accepted: the job is queued; Location points to it"},
+        **problem_responses(400, 401, 409, 422, 503),
+    },
+)
+def submit_job(
+    spec: JobSpec,
+    response: Response,
+    background: BackgroundTasks,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+    ] = None,
+) -> JobOut:
+    from store.jobs import IdempotencyConflict, create_job
+
+    check_job_spec(session, tenant, spec, settings.data_roots)
+    try:
+        job, created = create_job(session, tenant, spec, idempotency_key)
+    except IdempotencyConflict as exc:
+        session.rollback()
+        raise ApiProblem(409, "idempotency-conflict",
+                         "This Idempotency-Key was already used with a different request body "
+                         f"(job {exc.job_id}); use a new key for a new job.", title="Conflict") from None
+    session.commit()
+    response.headers["Location"] = f"/jobs/{job.id}"
+    if created:
+        background.add_task(dispatch_job, job.id)
+    else:
+        response.status_code = 200
+    return job_out(job)
+
+
+# ------------------------------------------------------------------------------------ list / get
+
+
+@router.get("", response_model=JobPage, summary="List jobs, newest first",
+            responses=problem_responses(401, 422, 503))
+def list_jobs(
+    tenant: TenantDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    status: JobStatus | None = None,
+) -> JobPage:
+    from store.jobs import InvalidCursor
+    from store.jobs import list_jobs as repo_list
+
+    try:
+        rows, next_cursor = repo_list(session, tenant, status=status, cursor=cursor, limit=limit)
+    except InvalidCursor:
+        raise ApiProblem(422, "validation-error", "cursor: not a cursor returned by GET /jobs",
+                         title="Invalid request") from None
+    return JobPage(items=[job_out(j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and results summary",
+            responses=problem_responses(401, 404, 503))
+def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
+    from store.jobs import get_job as repo_get
+
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    return job_out(job)
+
+
+@router.post(
+    "/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",
+    description="A queued job is cancelled at once (200); a running job gets cancel_requested and stops "
+    "cooperatively at its next check (202). Idempotent: an already cancelled job answers 200; a "
+    "succeeded or failed job answers 409.",
+    responses={202: {"model": JobOut, "description": "cancel requested"},
+               **problem_responses(401, 404, 409, 503)},
+)
+def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: SessionDep) -> JobOut:
+    from store.jobs import get_job as repo_get
+    from store.jobs import request_cancel
+
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    if job.status not in FINAL:
+        job = request_cancel(session, tenant, job_id)
+        session.commit()
+        if job is None:
+            raise _not_found(job_id)
+    if job.status in ("succeeded", "failed"):
+        raise ApiProblem(409, "job-finished", f"job {job_id} already {job.status}; nothing to cancel",
+                         title="Conflict", extra={"job_status": job.status})
+    if job.status == "running":
+        response.status_code = 202
+    return job_out(job)
+
+
+# ---------------------------------------------------------------------------------- certificate
+
+
+@dataclass(frozen=True)
+class RenderedCertificate:
+    tenant: str
+    body: bytes
+    etag: str
+
+
+class CertificateCache:
+    """LRU job id -> rendered certificate bytes; only succeeded (immutable) jobs are cached.
+    Touched only from the event loop thread, so no lock."""
+
+    def __init__(self, size: int = CERT_CACHE_SIZE) -> None:
+        self.size = size
+        self._data: OrderedDict[str, RenderedCertificate] = OrderedDict()
+
+    def get(self, job_id: str) -> RenderedCertificate | None:
+        hit = self._data.get(job_id)
+        if hit is not None:
+            self._data.move_to_end(job_id)
+        return hit
+
+    def put(self, job_id: str, value: RenderedCertificate) -> None:
+        self._data[job_id] = value
+        self._data.move_to_end(job_id)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+
+def _succeeded_job(session: Any, tenant: str, job_id: str) -> Any:
+    from store.jobs import get_job as repo_get
+
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    if job.status != "succeeded":
+        raise ApiProblem(409, "job-not-succeeded",
+                         f"job {job_id} is {job.status}; results exist only once it has succeeded",
+                         title="Conflict", extra={"job_status": job.status})
+    return job
+
+
+def render_certificate(results: list[Any]) -> bytes:
+    """One result: its certificate document; several (a sweep): {"certificates": [...]}."""
+    with_cert = [r for r in results if r.certificate is not None]
+    if len(with_cert) == 1 and len(results) == 1:
+        doc: Any = with_cert[0].certificate
+    else:
+        doc = {"certificates": [{"name": r.name, "method": r.method, "prune_ratio": r.prune_ratio,
+                                 "certificate": r.certificate} for r in with_cert]}
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _load_certificate(request: Request, tenant: str, job_id: str, variant: str | None) -> RenderedCertificate:
+    from store.jobs import get_results
+
+    with request.app.state.sessionmaker() as s:
+        job = _succeeded_job(s, tenant, job_id)
+        results = get_results(s, job.id)
+        if variant is not None:
+            names = [r.name for r in results]
+            results = [r for r in results if r.name == variant]
+            if not results:
+                raise ApiProblem(404, "not-found", f"job {job_id} has no variant {variant!r}; variants: "
+                                 f"{', '.join(names) or '(none)'}", title="Not Found")
+        if not any(r.certificate is not None for r in results):
+            raise ApiProblem(404, "not-found", f"job {job_id} has no certificate", title="Not Found")
+        body = render_certificate(results)
+    return RenderedCertificate(tenant, body, '"' + hashlib.sha256(body).hexdigest() + '"')
+
+
+CERT_DOC = {
+    "description": "The DESIGN.md certificate (one run), or {\"certificates\": [...]} for a sweep",
+    "content": {"application/json": {"schema": {"oneOf": [
+        {"type": "object", "title": "Certificate", "additionalProperties": True},
+        {"$ref": "#/components/schemas/SweepCertificates"},
+    ]}}},
+}
+
+
+@router.get(
+    "/{job_id}/certificate", response_class=Response, summary="The job's certificate(s)",
+    responses={200: CERT_DOC, 304: {"description": "Not modified (If-None-Match)"},
+               **problem_responses(401, 404, 409, 422, 503)},
+)
+async def get_certificate(job_id: str, request: Request, tenant: TenantDep,
+                          variant: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+    """One run: the certificate; a sweep: {"certificates": [...]}, or one of them with ?variant=name."""
+    cache: CertificateCache = request.app.state.cert_cache
+    key = job_id if variant is None else f"{job_id}?{variant}"
+    hit = cache.get(key)
+    if hit is None:
+        hit = await run_in_threadpool(_load_certificate, request, tenant, job_id, variant)
+        cache.put(key, hit)
+    elif hit.tenant != tenant:
+        raise _not_found(job_id)
+    headers = {"ETag": hit.etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+    if request.headers.get("if-none-match") == hit.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(hit.body, media_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------------------------- mask / model
+
+
+def _result_file(session: Any, store: Any, tenant: str, job_id: str, variant: str | None, what: str,
+                 request: Request) -> Response:
+    from store.artifacts import get_artifact
+    from store.jobs import get_results
+
+    job = _succeeded_job(session, tenant, job_id)
+    results = get_results(session, job.id)
+    names = [r.name for r in results]
+    if variant is not None:
+        chosen = [r for r in results if r.name == variant]
+        if not chosen:
+            raise ApiProblem(404, "not-found", f"job {job_id} has no variant {variant!r}; variants: "
+                             f"{', '.join(names) or '(none)'}", title="Not Found")
+        result = chosen[0]
+    elif len(results) == 1:
+        result = results[0]
+    else:
+        raise ApiProblem(422, "variant-required", f"job {job_id} has several variants; pass ?variant= one "
+                         f"of {', '.join(names)}", title="Invalid request")
+    art_id = result.mask_artifact_id if what == "mask" else result.model_artifact_id
+    art = get_artifact(session, tenant, art_id) if art_id else None
+    if art is None:
+        raise ApiProblem(404, "not-found", f"variant {result.name!r} of job {job_id} has no {what} file"
+                         + (" (an unpruned method has no mask)" if what == "mask" else ""), title="Not Found")
+    etag = f'"{art.sha256}"'
+    headers = {"ETag": etag, "X-Content-SHA256": art.sha256, "Cache-Control": "private, max-age=0"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return FileResponse(store.local_path(art.storage_key), media_type="application/octet-stream",
+                        filename=f"{job_id}-{result.name}-{what}.safetensors", headers=headers)
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+FILE_DOC = {200: {"description": "safetensors file; ETag and X-Content-SHA256 carry its sha256",
+                  "content": {"application/octet-stream": BINARY}},
+            304: {"description": "Not modified (If-None-Match)"}}
+
+
+@router.get("/{job_id}/mask", response_class=Response, summary="Download the binary mask (safetensors)",
+            responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)})
+def get_mask(job_id: str, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
+             variant: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+    return _result_file(session, store, tenant, job_id, variant, "mask", request)
+
+
+@router.get("/{job_id}/model", response_class=Response, summary="Download the pruned model (safetensors)",
+            responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)})
+def get_model(job_id: str, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
+              variant: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+    return _result_file(session, store, tenant, job_id, variant, "model", request)
+

@@ -1,0 +1,84 @@
+"""Response models of the REST API (request bodies: core.spec.JobSpec and a multipart upload).
+
+These are declared in OpenAPI; the big certificate document is returned as pre-rendered bytes
+(see routers/jobs.py) and described here only for the docs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.spec import JobSpec
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+ArtifactKind = Literal["weights", "dataset", "generator", "model", "mask", "evidence", "report", "other"]
+UPLOAD_KINDS: tuple[str, ...] = ("weights", "mask", "dataset", "generator", "other")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (media type application/problem+json)."""
+
+    type: str = Field(examples=["urn:carcert:problem:validation-error"])
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    errors: list[dict[str, Any]] | None = Field(default=None, description="field errors (422 only)")
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    kind: ArtifactKind
+    filename: str
+    sha256: str
+    size: int
+    created_at: datetime
+    ref: str = Field(description="the reference to use in a job spec: 'artifact:<id>'")
+
+
+class JobError(BaseModel):
+    title: str
+    detail: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    stage: str | None = None
+    progress: float = Field(ge=0.0, le=1.0)
+    cancel_requested: bool = False
+    attempts: int = 0
+    created_at: datetime
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: JobError | None = None
+    summary: dict[str, Any] | None = Field(default=None, description="results summary (variants)")
+    spec: JobSpec
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(default=None, description="pass as ?cursor= for the next page")
+
+
+class CertificateEntry(BaseModel):
+    name: str
+    method: str | None = None
+    prune_ratio: float | None = None
+    certificate: dict[str, Any]
+
+
+class SweepCertificates(BaseModel):
+    certificates: list[CertificateEntry]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,151 @@
+"""Real-server harness for the API integration tests: a fresh Postgres database (migrated with
+Alembic), a `uvicorn --factory api.main:create_app` subprocess on a free loopback port configured
+through CARCERT_* variables, API keys for two tenants, and httpx clients. No mocks.
+
+Postgres comes from CARCERT_TEST_PG_URL (default postgresql+psycopg://root@127.0.0.1:5432/test);
+the tests are skipped when it cannot be reached."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_URL = os.environ.get("CARCERT_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CARCERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _admin_dsn() -> str:
+    return PG_URL.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """CREATE DATABASE carcert_api_<random>, migrate it to head, yield its SQLAlchemy URL, drop it."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(_admin_dsn(), autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"Postgres not reachable at {PG_URL}: {exc}")
+    name = f"carcert_api_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = PG_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        from store.db import init_db, make_engine
+
+        engine = make_engine(url)
+        init_db(engine)
+        engine.dispose()
+        yield url
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def create_key(db_url: str, tenant: str) -> str:
+    from sqlalchemy.orm import Session
+
+    from store.db import make_engine
+    from store.keys import create_api_key
+
+    engine = make_engine(db_url)
+    with Session(engine) as s:
+        key = create_api_key(s, tenant, "test")
+        s.commit()
+    engine.dispose()
+    return key
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    env: dict[str, str]
+    log_path: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def client(self, tenant: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def server_env(db_url: str, tmp: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
+    (tmp / "data").mkdir(parents=True, exist_ok=True)
+    env.update(
+        CARCERT_DATABASE_URL=db_url,
+        CARCERT_BROKER_URL=REDIS_URL,
+        CARCERT_ARTIFACT_ROOT=str(tmp / "artifacts"),
+        CARCERT_WORK_ROOT=str(tmp / "work"),
+        CARCERT_DATA_ROOTS=f'["{tmp / "data"}"]',
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(overrides)
+    return env
+
+
+@contextlib.contextmanager
+def run_server(env: dict[str, str], log_path: Path, startup_s: float = 60.0) -> Iterator[Server]:
+    """uvicorn subprocess (one worker) on a free port; waits for /healthz; SIGTERM at the end."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1", "--log-level", "warning"]
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", proc, env, log_path)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"uvicorn exited with {proc.returncode}:\n{server.log()}")
+            try:
+                if httpx.get(server.url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start in {startup_s} s:\n{server.log()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict:
+    """The RFC 9457 shape: problem+json media type and type/title/status/detail members."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert {"type", "title", "status", "detail"} <= set(body), body
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    assert "Traceback" not in response.text
+    return body
