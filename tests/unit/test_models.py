@@ -186,7 +186,7 @@ def test_wrong_class_count_names_key_and_shapes(tmp_path: Path) -> None:
         load_weights(build_model("small_cnn", 5, 1), path)
     msg = str(err.value)
     assert "mismatched" in msg
-    assert "classifier.weight" in msg and "(10, 64)" in msg and "(5, 64)" in msg
+    assert "classifier.weight" in msg and "(10, 256)" in msg and "(5, 256)" in msg
     assert "classifier.bias" in msg and "(10,)" in msg and "(5,)" in msg
 
 
@@ -205,12 +205,12 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights(tmp_path: Path, bad: float) -> None:
     state = {k: v.clone() for k, v in build_model("small_cnn", 10, 1).state_dict().items()}
-    state["features.2.weight"][0, 0, 0, 0] = bad
+    state["features.3.weight"][0, 0, 0, 0] = bad
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))
     target = build_model("small_cnn", 10, 1)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(WeightsError, match="features.2.weight"):
+    with pytest.raises(WeightsError, match="features.3.weight"):
         load_weights(target, path)
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())  # untouched
 
