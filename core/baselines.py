@@ -1,0 +1,276 @@
+"""Methods compared in the paper (METHOD.md "Baselines") and the dispatch `run_method`.
+
+Every method trains on the same data: the training set plus q = spec.augment_q samples
+T(x, delta=1) (core.training.augment_with_transform; q capped at the training-set size).
+Stage lengths: pretrain = spec.pretrain_epochs at spec.lr (skipped when 0, e.g. user weights),
+mask search = spec.search_epochs, fine-tune = spec.finetune_epochs at spec.finetune_lr.
+
+- vanilla: cross-entropy for pretrain_epochs; no pruning (returns None).
+- advtrain: L = CE(f(x), y) + CE(f(x_adv), y), x_adv an L2 PGD attack (eps spec.adv_eps,
+  spec.adv_steps steps of size 2.5 eps / steps, start at x, inputs kept in [0, 1]); no pruning.
+- lmp: pretrain (CE), one-shot least-magnitude pruning (exact top-k of |theta|, spec.scope),
+  fine-tune (CE) under the fixed mask.
+- advtrain+lmp: the same with the advtrain loss in both pretrain and fine-tune.
+- hydra (Sehwag et al. 2020): pretrain (CE), scores with the scaled init (partial_scaled_init
+  with tau = 0, i.e. |theta| / max|theta| per layer), optimised with the weights frozen through
+  the straight-through top-k mask under the TRADES loss CE(f(x), y) + 6 KL(p(x) || p(x_adv))
+  (x_adv: L2 PGD on that KL from x + 0.001 N(0, 1), same eps/steps as advtrain); binarize;
+  fine-tune with TRADES (HYDRA uses its robust loss in every stage). Scores use Adam at
+  spec.car.mask_lr (as CAR, for a like-for-like comparison) and are not clipped; the network
+  runs in train mode during the score search (as HYDRA); BatchNorm statistics are re-estimated
+  after binarization.
+- car: core.car.run_car (Algorithm 1).
+After binarization every pruning method re-estimates BatchNorm statistics of the pruned net
+(core.training.recalibrate_batchnorm) before fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.car import run_car
+from core.errors import InvalidInput
+from core.masking import apply_masks_, masked_forward, partial_scaled_init, prunable_weights, topk_mask
+from core.masking import straight_through_mask as st_mask
+from core.pipeline import StageContext
+from core.spec import PruningSpec
+from core.training import (
+    LossFn,
+    augment_with_transform,
+    ce_loss,
+    check_finite,
+    model_device,
+    recalibrate_batchnorm,
+    run_epochs,
+    train_epochs,
+)
+
+if TYPE_CHECKING:
+    from core.data import DatasetSplit
+
+METHODS = ("vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car")
+TRADES_BETA = 6.0
+Forward = Callable[[Tensor], Tensor]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def pgd_l2(
+    forward: Forward,
+    x: Tensor,
+    objective: Callable[[Tensor], Tensor],
+    *,
+    eps: float,
+    steps: int,
+    random_start: float = 0.0,
+) -> Tensor:
+    """L2 PGD maximising objective(forward(x')) over ||x' - x||_2 <= eps (per sample), x' in
+    [0, 1]: `steps` normalised-gradient steps of size 2.5 eps / steps, each followed by the
+    projection onto the ball and the box. Starts at x (+ random_start * N(0, 1) if > 0).
+    Gradients are taken w.r.t. the input only (no parameter .grad is touched)."""
+    if eps <= 0 or steps <= 0:
+        return x.detach()
+    alpha = 2.5 * eps / steps
+    view = (-1,) + (1,) * (x.dim() - 1)
+    delta = torch.zeros_like(x) if random_start <= 0 else random_start * torch.randn_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = objective(forward((x + delta).clamp(0.0, 1.0)))
+        (g,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            g_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+            delta = delta + alpha * g / g_norm
+            d_norm = delta.flatten(1).norm(dim=1).view(view)
+            delta = delta * torch.clamp(eps / d_norm.clamp_min(1e-12), max=1.0)
+            delta = (x + delta).clamp(0.0, 1.0) - x
+    return (x + delta).clamp(0.0, 1.0).detach()
+
+
+def advtrain_loss(eps: float, steps: int) -> LossFn:
+    """advtrain: CE(f(x), y) + CE(f(x_adv), y), x_adv = L2 PGD on the CE (attack in eval mode)."""
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        with _eval_mode(model):
+            x_adv = pgd_l2(model, x, lambda lo: F.cross_entropy(lo, y), eps=eps, steps=steps)
+        return F.cross_entropy(model(x), y) + F.cross_entropy(model(x_adv), y)
+
+    return loss
+
+
+def trades_loss_fwd(
+    forward: Forward,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    beta: float = TRADES_BETA,
+) -> Tensor:
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta KL(p(x) || p(x_adv)), x_adv = L2 PGD
+    maximising that KL from x + 0.001 N(0, 1) (attack in eval mode)."""
+    with _eval_mode(model), torch.no_grad():
+        p_clean_attack = F.softmax(forward(x), dim=-1)
+
+    def kl_obj(lo: Tensor) -> Tensor:
+        return F.kl_div(F.log_softmax(lo, dim=-1), p_clean_attack, reduction="sum")
+
+    with _eval_mode(model):
+        x_adv = pgd_l2(forward, x, kl_obj, eps=eps, steps=steps, random_start=0.001)
+    logits = forward(x)
+    kl = F.kl_div(F.log_softmax(forward(x_adv), dim=-1), F.softmax(logits, dim=-1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + beta * kl
+
+
+def trades_loss(eps: float, steps: int, beta: float = TRADES_BETA) -> LossFn:
+    """TRADES as a train_epochs loss (the model's own forward)."""
+
+    def loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return trades_loss_fwd(model, model, x, y, eps=eps, steps=steps, beta=beta)
+
+    return loss
+
+
+def hydra_search(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: PruningSpec,
+    *,
+    seed: int,
+    ctx: StageContext | None = None,
+    checkpoint_key: str = "hydra-search",
+) -> dict[str, Tensor]:
+    """HYDRA's score optimisation: scores s (scaled init, tau = 0), forward f(x; theta * C*(s))
+    with C* the straight-through top-k mask, TRADES loss, weights frozen, Adam on s. Returns s."""
+    dev = model_device(model)
+    scores = {
+        n: s.to(dev).clone().requires_grad_(True)
+        for n, s in partial_scaled_init(prunable_weights(model), 0.0).items()
+    }
+    opt = torch.optim.Adam(list(scores.values()), lr=spec.car.mask_lr)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+
+    def step(idx: Tensor) -> Tensor:
+        xb, yb = x[idx].to(dev), y[idx].to(dev)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        mask = st_mask(scores, spec.prune_ratio, spec.scope)
+        loss = trades_loss_fwd(
+            lambda inp: masked_forward(model, inp, mask),
+            model,
+            xb,
+            yb,
+            eps=spec.adv_eps,
+            steps=spec.adv_steps,
+        )
+        check_finite(loss)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def state() -> dict[str, Any]:
+        return {"scores": {n: s.detach().cpu() for n, s in scores.items()}, "opt": opt.state_dict()}
+
+    def load_state(st: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, s in scores.items():
+                s.copy_(st["scores"][n].to(dev))
+        opt.load_state_dict(st["opt"])
+
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        run_epochs(
+            len(x),
+            epochs=spec.search_epochs,
+            batch_size=spec.batch_size,
+            seed=seed,
+            step=step,
+            state=state,
+            load_state=load_state,
+            ctx=ctx,
+            stage="search",
+            checkpoint_key=checkpoint_key,
+        )
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+    return {n: s.detach() for n, s in scores.items()}
+
+
+def run_method(
+    method: str,
+    model: nn.Module,
+    data: DatasetSplit,
+    transform: Any,
+    spec: PruningSpec,
+    *,
+    seed: int,
+    ctx: StageContext | None = None,
+) -> dict[str, Tensor] | None:
+    """Train / prune `model` in place with `method` (module docstring); return the final hard
+    mask (bool, CPU) or None for the unpruned methods (vanilla, advtrain). `transform` is the
+    training-split T(x, delta, index); checkpoints are keyed by method, ratio and scope."""
+    if method not in METHODS:
+        raise InvalidInput(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    if method == "car":
+        return run_car(model, data, transform, spec, seed=seed, ctx=ctx)
+    x, y, _ = augment_with_transform(data.train_x, data.train_y, transform, spec.augment_q, seed)
+    key = f"{method}-{spec.prune_ratio:.4f}-{spec.scope}"
+    adv = method in ("advtrain", "advtrain+lmp")
+    loss = advtrain_loss(spec.adv_eps, spec.adv_steps) if adv else ce_loss
+    if spec.pretrain_epochs > 0:
+        train_epochs(
+            model,
+            x,
+            y,
+            epochs=spec.pretrain_epochs,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            seed=seed,
+            loss_fn=loss,
+            ctx=ctx,
+            stage="pretrain",
+            checkpoint_key=f"{key}-pretrain",
+        )
+    if method in ("vanilla", "advtrain"):
+        return None
+    weights = prunable_weights(model)
+    if method == "hydra":
+        scores = hydra_search(model, x, y, spec, seed=seed, ctx=ctx, checkpoint_key=f"{key}-search")
+        hard = topk_mask(scores, spec.prune_ratio, spec.scope, tiebreak=weights)
+        loss = trades_loss(spec.adv_eps, spec.adv_steps)
+    else:
+        hard = topk_mask(weights, spec.prune_ratio, spec.scope)
+    apply_masks_(model, hard)
+    recalibrate_batchnorm(model, x, seed=seed)
+    train_epochs(
+        model,
+        x,
+        y,
+        epochs=spec.finetune_epochs,
+        lr=spec.finetune_lr,
+        batch_size=spec.batch_size,
+        seed=seed + 1,
+        loss_fn=loss,
+        masks=hard,
+        ctx=ctx,
+        stage="finetune",
+        checkpoint_key=f"{key}-finetune",
+    )
+    return {n: m.cpu() for n, m in hard.items()}

@@ -1,0 +1,297 @@
+"""CAR: compression-aware semantic robustness (paper Algorithm 1, Eq. 5-9; METHOD.md "CAR").
+
+Mask search (Algorithm 1 line 3) optimises the soft mask m in [0, 1] of every prunable weight
+with the weights theta_pre frozen, for
+
+    L_CAR = l_stab L_stab + l_ratio L_ratio + l_consis L_consis + l_L1 L_L1          (Eq. 9)
+
+Decisions the paper leaves open (documented here and in the final report):
+- compression instances C ~ Q_phi are noisy masks m' = clip(m + U(-delta_n, delta_n), 0, 1);
+- L_ratio uses the probabilities of the first noisy mask C_m for both x and T(x, 1), so the clean
+  pass under C_m is shared by L_stab, L_ratio and L_consis: one step costs four forward passes
+  (C_m on x, C_n on x, C_m on T(x), C* on x) and one backward of the summed loss; a term whose
+  lambda is 0 is not computed and its forward pass is skipped (ablations, Tables 3-5);
+- the search runs the network in eval mode (BatchNorm running statistics and dropout of the
+  pretrained model, i.e. all of theta_pre frozen): batch statistics would normalise away
+  global intensity transforms (brightness, illumination) and make Z meaningless;
+- the optimiser is Adam on m at CarSpec.mask_lr, and m is projected back to [0, 1] after every
+  step (a mask lives in [0, 1], Sec. 2.2);
+- eps of Eq. 6 is RATIO_EPS = 1e-3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.errors import InvalidInput
+from core.masking import (
+    apply_masks_,
+    masked_forward,
+    partial_scaled_init,
+    prunable_weights,
+    random_init,
+    straight_through_mask,
+    topk_mask,
+)
+from core.pipeline import StageContext
+from core.spec import CarSpec, PruningSpec
+from core.training import (
+    augment_with_transform,
+    check_finite,
+    model_device,
+    recalibrate_batchnorm,
+    run_epochs,
+    train_epochs,
+)
+
+if TYPE_CHECKING:
+    from core.data import DatasetSplit
+
+RATIO_EPS = 1e-3
+
+
+def noisy_masks(scores: Mapping[str, Tensor], noise: float) -> dict[str, Tensor]:
+    """One compression instance C ~ Q_phi: m' = clip(m + U(-delta_n, delta_n), 0, 1) (METHOD.md).
+    Differentiable in m (zero gradient where clipped). Uses the global torch RNG."""
+    if noise == 0:
+        return {n: m.clamp(0.0, 1.0) for n, m in scores.items()}
+    return {n: (m + (torch.rand_like(m) * 2 - 1) * noise).clamp(0.0, 1.0) for n, m in scores.items()}
+
+
+def stability_loss(p_m: Tensor, p_n: Tensor) -> Tensor:
+    """Eq. 5: L_stab = E_x ||p_Cm(x) - p_Cn(x)||_2^2 for two independent compression instances
+    (batch mean of the squared L2 distance of the probability vectors). Its expectation over
+    (C_m, C_n) is 2 E_C ||p_C(x) - p_bar(x)||^2 (Appendix A.3)."""
+    return (p_m - p_n).square().sum(dim=-1).mean()
+
+
+def margin(p: Tensor) -> Tensor:
+    """d(x) = (p1 - p2) / 2 with p1 >= p2 the two largest probabilities (METHOD.md, Notation)."""
+    top2 = p.topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]) / 2
+
+
+def ratio_loss(p: Tensor, p_t: Tensor, eta: float, eps: float = RATIO_EPS) -> Tensor:
+    """Eq. 6-7: r = Z / (d + eps) with Z = ||p(x) - p(T(x))||_inf and d = margin(p(x));
+    L_ratio = E softplus(max(r - eta, 0)) (batch mean; softplus(0) = log 2 is its floor)."""
+    z = (p - p_t).abs().amax(dim=-1)
+    r = z / (margin(p) + eps)
+    return F.softplus(F.relu(r - eta)).mean()
+
+
+def consistency_loss(logits_soft: Tensor, logits_hard: Tensor) -> Tensor:
+    """Eq. 8: L_consis = E_x KL(p_Cm(x) || p_C*(x)) = E sum_k p_Cm,k (log p_Cm,k - log p_C*,k),
+    from logits (log-softmax for stability); C* the hard top-k mask (straight-through)."""
+    log_s = F.log_softmax(logits_soft, dim=-1)
+    log_h = F.log_softmax(logits_hard, dim=-1)
+    return (log_s.exp() * (log_s - log_h)).sum(dim=-1).mean()
+
+
+def l1_loss(scores: Mapping[str, Tensor]) -> Tensor:
+    """Eq. 9's L_L1 = mean |m| over every entry of every layer's soft mask."""
+    total = sum(s.abs().sum() for s in scores.values())
+    count = sum(s.numel() for s in scores.values())
+    return total / max(1, count)
+
+
+def car_loss(
+    model: nn.Module,
+    scores: Mapping[str, Tensor],
+    x: Tensor,
+    x_t: Tensor | None,
+    spec: CarSpec,
+    *,
+    prune_ratio: float,
+    scope: str = "layer",
+) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 9 on one batch, sharing forward passes (module docstring). x_t = T(x, 1) (needed only
+    when lambda_ratio > 0). Returns (total loss, {term: value}) with only the active terms."""
+    parts: dict[str, Tensor] = {}
+    need_m = spec.lambda_stab > 0 or spec.lambda_ratio > 0 or spec.lambda_consis > 0
+    logits_m = p_m = None
+    if need_m:
+        mask_m = noisy_masks(scores, spec.noise)
+        logits_m = masked_forward(model, x, mask_m)
+        p_m = F.softmax(logits_m, dim=-1)
+    if spec.lambda_stab > 0:
+        p_n = F.softmax(masked_forward(model, x, noisy_masks(scores, spec.noise)), dim=-1)
+        parts["stab"] = stability_loss(p_m, p_n)
+    if spec.lambda_ratio > 0:
+        if x_t is None:
+            raise InvalidInput("lambda_ratio > 0 needs the transformed batch x_t")
+        p_t = F.softmax(masked_forward(model, x_t, mask_m), dim=-1)
+        parts["ratio"] = ratio_loss(p_m, p_t, spec.eta)
+    if spec.lambda_consis > 0:
+        hard = straight_through_mask(scores, prune_ratio, scope)
+        parts["consis"] = consistency_loss(logits_m, masked_forward(model, x, hard))
+    if spec.lambda_l1 > 0:
+        parts["l1"] = l1_loss(scores)
+    lam = {
+        "stab": spec.lambda_stab,
+        "ratio": spec.lambda_ratio,
+        "consis": spec.lambda_consis,
+        "l1": spec.lambda_l1,
+    }
+    if not parts:
+        return torch.zeros((), device=x.device), {}
+    total = sum(lam[k] * v for k, v in parts.items())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def init_scores(model: nn.Module, spec: CarSpec, seed: int = 0) -> dict[str, Tensor]:
+    """Algorithm 1 line 2: partial-scaled init with spec.tau, or random (ablation, Table 4)."""
+    weights = prunable_weights(model)
+    if spec.init == "random":
+        return random_init(weights, seed)
+    return partial_scaled_init(weights, spec.tau)
+
+
+def search_mask(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    transform: Any,
+    spec: CarSpec,
+    *,
+    prune_ratio: float,
+    scope: str = "layer",
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    ctx: StageContext | None = None,
+    index: Tensor | None = None,
+    stage: str = "search",
+    checkpoint_key: str = "search",
+) -> dict[str, Tensor]:
+    """Algorithm 1 lines 2-3: initialise the soft mask and minimise Eq. 9 over it for `epochs`
+    epochs with the model frozen (eval mode, no weight gradients). Returns the soft mask m
+    (float in [0, 1], detached, on the model's device). `y` is not used by L_CAR (the loss is
+    label-free); it is accepted for the common signature. transform(x, delta, index) gives x_T
+    at delta = 1; `index` (default arange) are the dataset indices passed to it.
+    Resumable per epoch through ctx (key `checkpoint_key`)."""
+    dev = model_device(model)
+    scores = {n: s.to(dev).clone().requires_grad_(True) for n, s in init_scores(model, spec, seed).items()}
+    opt = torch.optim.Adam(list(scores.values()), lr=spec.mask_lr)
+    if index is None:
+        index = torch.arange(len(x))
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+
+    def step(idx: Tensor) -> Tensor:
+        xb = x[idx].to(dev, non_blocking=True)
+        x_t = None
+        if spec.lambda_ratio > 0:
+            with torch.no_grad():
+                ones = torch.ones(len(xb), device=dev)
+                x_t = transform(xb, ones, index=index[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss, _ = car_loss(model, scores, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope)
+        check_finite(loss)
+        if loss.requires_grad:
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for s in scores.values():
+                    s.clamp_(0.0, 1.0)
+        return loss.detach()
+
+    def state() -> dict[str, Any]:
+        return {"scores": {n: s.detach().cpu() for n, s in scores.items()}, "opt": opt.state_dict()}
+
+    def load_state(st: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, s in scores.items():
+                s.copy_(st["scores"][n].to(dev))
+        opt.load_state_dict(st["opt"])
+
+    try:
+        model.eval()
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        run_epochs(
+            len(x),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            step=step,
+            state=state,
+            load_state=load_state,
+            ctx=ctx,
+            stage=stage,
+            checkpoint_key=checkpoint_key,
+        )
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+        model.train(was_training)
+    return {n: s.detach() for n, s in scores.items()}
+
+
+def run_car(
+    model: nn.Module,
+    data: DatasetSplit,
+    transform: Any,
+    spec: PruningSpec,
+    *,
+    seed: int,
+    ctx: StageContext | None = None,
+) -> dict[str, Tensor]:
+    """Algorithm 1 end to end on `model` (modified in place): pretrain with cross-entropy
+    (skipped when spec.pretrain_epochs == 0), search the soft mask (Eq. 9), binarize with exact
+    top-k per layer / globally (line 4; ties in m broken by |theta|), re-estimate BatchNorm
+    statistics of the pruned net, and fine-tune the weights under the fixed hard mask (line 5).
+    All on the training set augmented with q = spec.augment_q samples T(x, 1). Returns the hard
+    masks (bool)."""
+    x, y, index = augment_with_transform(data.train_x, data.train_y, transform, spec.augment_q, seed)
+    key = f"car-{spec.prune_ratio:.4f}-{spec.scope}"
+    if spec.pretrain_epochs > 0:
+        train_epochs(
+            model,
+            x,
+            y,
+            epochs=spec.pretrain_epochs,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            seed=seed,
+            ctx=ctx,
+            stage="pretrain",
+            checkpoint_key=f"{key}-pretrain",
+        )
+    scores = search_mask(
+        model,
+        x,
+        y,
+        transform,
+        spec.car,
+        prune_ratio=spec.prune_ratio,
+        scope=spec.scope,
+        epochs=spec.search_epochs,
+        batch_size=spec.batch_size,
+        seed=seed,
+        ctx=ctx,
+        index=index,
+        stage="search",
+        checkpoint_key=f"{key}-search",
+    )
+    hard = topk_mask(scores, spec.prune_ratio, spec.scope, tiebreak=prunable_weights(model))
+    apply_masks_(model, hard)
+    recalibrate_batchnorm(model, x, seed=seed)
+    train_epochs(
+        model,
+        x,
+        y,
+        epochs=spec.finetune_epochs,
+        lr=spec.finetune_lr,
+        batch_size=spec.batch_size,
+        seed=seed + 1,
+        masks=hard,
+        ctx=ctx,
+        stage="finetune",
+        checkpoint_key=f"{key}-finetune",
+    )
+    return {n: m.cpu() for n, m in hard.items()}
