@@ -1,7 +1,7 @@
 """Input checks the API does before it keeps anything: uploaded files (weights must be a valid
 safetensors file or a torch checkpoint loadable with `weights_only=True`; pickled code is never
-executed) and the references inside a JobSpec (artifacts of the caller's tenant only, dataset paths
-only inside `settings.data_roots`, known transform names)."""
+executed) and the references inside a JobSpec (artifacts of the caller's tenant only, server paths
+(datasets, or weights given as paths) only inside `settings.data_roots`, known transform names)."""
 
 from __future__ import annotations
 
@@ -158,12 +158,17 @@ def _is_npz(path: Path) -> bool:
 # ---------------------------------------------------------------------------- job references
 
 
+def _file_ref(session: Session, tenant: str, field: str, ref: str, data_roots: Sequence[Path]) -> None:
+    """'artifact:<id>' of the tenant with a fitting kind, or a server path inside the data roots."""
+    if ref.startswith(ARTIFACT_PREFIX):
+        _artifact_ref(session, tenant, field, ref)
+    else:
+        check_path(ref, data_roots, field)
+
+
 def _artifact_ref(session: Session, tenant: str, field: str, ref: str) -> None:
     from store.models import Artifact
 
-    if not ref.startswith(ARTIFACT_PREFIX):
-        raise _invalid(f"{field}: the API takes uploaded files as 'artifact:<id>' (upload with POST "
-                       f"/artifacts first), got {ref!r}", field)
     art_id = ref[len(ARTIFACT_PREFIX):]
     row = session.execute(
         select(Artifact.kind).where(Artifact.id == art_id, Artifact.tenant == tenant)
@@ -175,17 +180,19 @@ def _artifact_ref(session: Session, tenant: str, field: str, ref: str) -> None:
                        f"{', '.join(REF_KINDS[field])}", field)
 
 
-def check_dataset_path(raw: str, data_roots: Sequence[Path]) -> Path:
-    """The resolved path if it lies inside one of `data_roots` (symlinks and '..' resolved first)."""
+def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> Path:
+    """The resolved path if it lies inside one of `data_roots` (symlinks and '..' resolved first)
+    and exists; else 422. Upload files with POST /artifacts to use them from anywhere."""
     path = Path(raw).expanduser().resolve()
     for root in data_roots:
         root = Path(root).expanduser().resolve()
         if path == root or path.is_relative_to(root):
             if not path.exists():
-                raise _invalid(f"dataset path {raw!r} does not exist", "dataset")
+                raise _invalid(f"{field}: path {raw!r} does not exist", field)
             return path
     roots = ", ".join(str(Path(r)) for r in data_roots) or "(none configured)"
-    raise _invalid(f"dataset path {raw!r} is outside the allowed data roots: {roots}", "dataset")
+    raise _invalid(f"{field}: path {raw!r} is outside the allowed data roots ({roots}); upload the file "
+                   "with POST /artifacts and use 'artifact:<id>'", field)
 
 
 def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence[Path]) -> None:
@@ -195,7 +202,7 @@ def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence
     if sep and prefix == "artifact":
         _artifact_ref(session, tenant, "dataset", ref)
     elif sep and prefix in PATH_DATASETS and rest:
-        check_dataset_path(rest, data_roots)
+        check_path(rest, data_roots)
     else:
         raise _invalid(f"unknown dataset reference {ref!r}; use digits, fashion-mnist[:DIR], "
                        "npz:PATH, imagefolder:PATH or artifact:ID", "dataset")
@@ -212,13 +219,13 @@ def _parametric_names() -> Sequence[str] | None:
 def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Sequence[Path]) -> None:
     """Raise 422 for any reference in `spec` the tenant may not or cannot use."""
     if spec.model.weights is not None:
-        _artifact_ref(session, tenant, "model.weights", spec.model.weights)
+        _file_ref(session, tenant, "model.weights", spec.model.weights, data_roots)
     if spec.mask is not None:
-        _artifact_ref(session, tenant, "mask", spec.mask)
+        _file_ref(session, tenant, "mask", spec.mask, data_roots)
     for name in ("encoder", "decoder"):
         ref = getattr(spec.transform, name)
         if ref is not None:
-            _artifact_ref(session, tenant, f"transform.{name}", ref)
+            _file_ref(session, tenant, f"transform.{name}", ref, data_roots)
     _check_dataset(session, tenant, spec.dataset, data_roots)
     if spec.transform.kind == "parametric":
         names = _parametric_names()

@@ -6,6 +6,7 @@ on `app.state`, so tests can build several apps with different settings in one p
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from api.routers import artifacts, health, jobs
 from api.schemas import Problem, SweepCertificates
 
 log = logging.getLogger("carcert.api")
+OPTIONAL_ROUTERS = ("api.routers.report", "api.routers.dashboard")
 
 DESCRIPTION = """Compress image classifiers and certify them against semantic perturbations
 (CAR pruning + CC-Cert). Authenticate with `Authorization: Bearer <api key>`. Every error is an
@@ -59,6 +61,15 @@ def create_app(settings: Any = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
+    # --- optional routers of helper CLIENT (report + dashboard): included when importable ---------
+    for name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
