@@ -257,6 +257,24 @@ def finish_job(
     return res.rowcount == 1
 
 
+def release_job(s: Session, job_id: str, worker_id: str) -> bool:
+    """Give a running job back to the queue (worker shutting down): status queued, lease cleared,
+    the attempt not counted. Only by the lease owner; False otherwise."""
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "running")
+        .values(
+            status="queued",
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=utcnow(),
+            attempts=Job.attempts - 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
 def add_result(
     s: Session,
     job_id: str,

@@ -34,7 +34,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
     if settings.broker_url.startswith("sqla+sqlite"):
         transport_options = {
             "connect_args": {"timeout": 30, "check_same_thread": False},
-            "polling_interval": 0.5,
         }
         path = settings.broker_url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
@@ -122,6 +121,11 @@ _sweeper_stop = threading.Event()
 def _sweep_loop(interval: float) -> None:
     from worker.tasks import sweep_stale_jobs
 
+    try:
+        import worker.runner  # noqa: F401  (torch and core load here, not when the first job arrives)
+    except Exception:
+        log.exception("cannot import the job runner")
+
     while True:
         try:
             n = sweep_stale_jobs()
@@ -141,4 +145,7 @@ def _start_sweeper(**_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _stop_sweeper(**_: Any) -> None:
+    from worker.shutdown import SHUTTING_DOWN
+
+    SHUTTING_DOWN.set()
     _sweeper_stop.set()

@@ -24,9 +24,10 @@ from core.pipeline import LocalContext
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, get_artifact_store, store_artifact
 from store.db import session_scope
-from store.jobs import LeaseLost, add_result, claim_job, finish_job, renew_lease, update_progress
+from store.jobs import LeaseLost, add_result, claim_job, finish_job, release_job, renew_lease, update_progress
 from store.settings import Settings, get_settings
-from worker.inputs import InputResolver
+from worker.inputs import InputResolver, allowed_roots
+from worker.shutdown import SHUTTING_DOWN
 
 log = logging.getLogger("carcert.worker")
 
@@ -79,6 +80,8 @@ class DbStageContext:
             self._write(stage, min(max(float(fraction), 0.0), 1.0))
 
     def should_cancel(self) -> bool:
+        if SHUTTING_DOWN.is_set():
+            return True
         now = time.monotonic()
         with self._lock:
             if not (self.cancel_requested or self.lease_lost) and (
@@ -202,12 +205,25 @@ def _fail(
         finish_job(s, job_id, status, error=error, worker_id=worker_id)
 
 
+def _release(job_id: str, worker_id: str) -> str:
+    """Worker shutdown: requeue the job (checkpoints stay in the work folder) and re-send it."""
+    from worker.tasks import dispatch
+
+    with session_scope() as s:
+        released = release_job(s, job_id, worker_id)
+    if released:
+        dispatch(job_id)
+        log.warning("job %s released for another worker (shutdown)", job_id)
+    return "released"
+
+
 def execute_job(
     job_id: str, *, worker_id: str | None = None, settings: Settings | None = None, device: str | None = None
 ) -> str:
     """Run job `job_id` if it can be claimed. Returns the final status ("succeeded", "failed",
     "cancelled"), "skipped" (not claimable: already running elsewhere, finished, cancelled) or
-    "lost" (the lease was taken over by another worker)."""
+    "lost" (the lease was taken over by another worker) or "released" (worker shutting down; the
+    job was put back in the queue and resumes from its checkpoints)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     settings = settings or get_settings()
@@ -230,7 +246,14 @@ def execute_job(
                 resolved = InputResolver(s, tenant, store, job_dir / "inputs", settings).resolve(spec)
             from core.pipeline import run_job
 
-            summary = run_job(resolved, job_dir / "out", ctx, device=device)
+            summary = run_job(
+                resolved,
+                job_dir / "out",
+                ctx,
+                device=device,
+                job_id=job_id,
+                allowed_roots=allowed_roots(settings, job_dir),
+            )
             if ctx.lease_lost:
                 return "lost"
             if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store):
@@ -239,6 +262,8 @@ def execute_job(
         except Cancelled:
             if ctx.lease_lost:
                 return "lost"
+            if SHUTTING_DOWN.is_set() and not ctx.cancel_requested:
+                return _release(job_id, worker_id)
             status = "cancelled"
             _fail(job_id, worker_id, "cancelled")
         except LeaseLost:

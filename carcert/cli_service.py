@@ -1,0 +1,435 @@
+"""Service commands: `carcert up | serve | worker | keys create | migrate | demo`.
+
+`up` is the embedded all-in-one (no external servers): SQLite database and the kombu SQLAlchemy
+transport on SQLite as broker, artifacts and scratch space under ./var, the API (uvicorn) in this
+process and a real Celery worker as a subprocess. `serve` and `worker` run each part against the
+configured servers (CARCERT_DATABASE_URL, CARCERT_BROKER_URL, ...; see store/settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_TENANT = "local"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def embedded_env(var: Path) -> dict[str, str]:
+    """CARCERT_* settings of the embedded all-in-one rooted at `var`."""
+    var = var.resolve()
+    return {
+        "CARCERT_DATABASE_URL": f"sqlite:///{var / 'carcert.db'}",
+        "CARCERT_BROKER_URL": f"sqla+sqlite:///{var / 'broker.db'}",
+        "CARCERT_ARTIFACT_BACKEND": "local",
+        "CARCERT_ARTIFACT_ROOT": str(var / "artifacts"),
+        "CARCERT_WORK_ROOT": str(var / "work"),
+    }
+
+
+def _apply_env(env: dict[str, str]) -> None:
+    from store.db import reset_caches
+
+    os.environ.update(env)
+    reset_caches()
+
+
+def migrate() -> None:
+    from store.db import init_db
+
+    init_db()
+
+
+def ensure_key(var: Path, tenant: str = EMBEDDED_TENANT) -> str:
+    """Reuse the key stored in var/api_key if it still authenticates, else create and store one."""
+    from store.db import session_scope
+    from store.keys import authenticate, create_api_key
+
+    path = var / "api_key"
+    if path.is_file():
+        key = path.read_text().strip()
+        with session_scope() as s:
+            if authenticate(s, key) is not None:
+                return key
+    with session_scope() as s:
+        key = create_api_key(s, tenant, "carcert up")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "info") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        pool,
+        "--concurrency",
+        str(concurrency),
+        "--loglevel",
+        loglevel,
+        "--queues",
+        "carcert",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "--hostname",
+        f"carcert-{os.getpid()}@%h",
+    ]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
+    """SIGTERM (Celery: warm shutdown), then SIGKILL after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------- up
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    var = Path(args.var).resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    _apply_env(embedded_env(var))
+    migrate()
+    key = ensure_key(var)
+
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_repo_root()), os.environ.get("PYTHONPATH")])),
+    }
+    log_path = var / "worker.log"
+    log_file = None if args.verbose else open(log_path, "ab")  # noqa: SIM115
+    worker = subprocess.Popen(
+        worker_command(loglevel="info"),
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT if log_file else None,
+        start_new_session=True,
+    )
+    from api.main import create_app
+    from store.settings import get_settings
+
+    config = uvicorn.Config(
+        create_app(get_settings()),
+        host=args.host,
+        port=args.port,
+        log_level="info" if args.verbose else "warning",
+    )
+    server = uvicorn.Server(config)
+
+    def watch() -> None:
+        worker.wait()
+        if not server.should_exit:
+            print(
+                f"carcert up: the worker exited (code {worker.returncode}); see {log_path}", file=sys.stderr
+            )
+            server.should_exit = True
+
+    threading.Thread(target=watch, daemon=True).start()
+    url = f"http://{args.host}:{args.port}"
+    print(f"carcert is up at {url}  (API docs: {url}/docs)", flush=True)
+    print(f"API key (tenant {EMBEDDED_TENANT!r}, stored in {var / 'api_key'}): {key}", flush=True)
+    print(f"data in {var}; worker log: {'console' if args.verbose else log_path}; Ctrl-C stops", flush=True)
+
+    def on_term(signum: int, _frame: Any) -> None:
+        # uvicorn re-raises the signal it caught after its graceful shutdown: turn SIGTERM into an
+        # exception so the worker below is stopped too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("carcert up: stopping the worker...", flush=True)
+        stop_process(worker)
+        if log_file:
+            log_file.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ serve/worker
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if args.migrate:
+        migrate()
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=True,
+        log_level=args.loglevel,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.index is not None:
+        os.environ["CARCERT_WORKER_INDEX"] = str(args.index)
+        from store.db import reset_caches
+
+        reset_caches()
+    if args.migrate:
+        migrate()
+    from worker.celery_app import app
+
+    argv = worker_command(args.pool, args.concurrency, args.loglevel)[4:]  # from "worker" on
+    app.worker_main(argv)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- keys/migrate
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from store.db import session_scope
+    from store.keys import create_api_key
+
+    with session_scope() as s:
+        key = create_api_key(s, args.tenant, args.name or "")
+    print(key)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from store.db import downgrade_db, init_db
+
+    if args.downgrade:
+        downgrade_db(revision=args.downgrade)
+        print(f"database downgraded to {args.downgrade}")
+    else:
+        init_db()
+        print("database at the latest revision")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- demo
+
+DEMO_SPEC: dict[str, Any] = {
+    "kind": "prune",
+    "model": {"arch": "small_cnn"},
+    "dataset": "digits",
+    "transform": {"kind": "parametric", "name": "illumination"},
+    "pruning": {
+        "method": "car",
+        "prune_ratio": 0.5,
+        "pretrain_epochs": 8,
+        "search_epochs": 3,
+        "finetune_epochs": 3,
+        "augment_q": 500,
+        "batch_size": 64,
+        "lr": 0.05,
+    },
+    "certification": {"n": 100, "l": 10, "samples": 50},
+    "seed": 0,
+}
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not become healthy within {timeout:.0f} s")
+
+
+def _fmt(x: Any, pct: bool = True) -> str:
+    return "-" if x is None else (f"{100 * float(x):.1f}%" if pct else str(x))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    var = Path(args.var).resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    _apply_env(embedded_env(var))
+    migrate()
+    from store.db import session_scope
+    from store.keys import create_api_key
+
+    with session_scope() as s:
+        key = create_api_key(s, "demo", "carcert demo")
+    port = args.port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_repo_root()), os.environ.get("PYTHONPATH")])),
+    }
+    print(f"starting the embedded service (carcert up) at {url} ...", flush=True)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "carcert.cli", "up", "--port", str(port), "--var", str(var)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_healthy(url, up)
+        headers = {"Authorization": f"Bearer {key}"}
+        spec = dict(DEMO_SPEC)
+        if args.quick:
+            spec = {
+                **spec,
+                "train_subset": 400,
+                "pruning": {
+                    **spec["pruning"],
+                    "pretrain_epochs": 2,
+                    "search_epochs": 1,
+                    "finetune_epochs": 1,
+                },
+                "certification": {"n": 20, "l": 3, "samples": 10},
+            }
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            r = http.post("/jobs", json=spec)
+            if r.status_code >= 300:
+                print(f"submit failed: {r.status_code} {r.text}", file=sys.stderr)
+                return 1
+            job = r.json()
+            print(
+                f"job {job['id']} submitted: small_cnn on digits, CAR pruning 50%, illumination, "
+                f"CC-Cert n={spec['certification']['n']} l={spec['certification']['l']} "
+                f"on {spec['certification']['samples']} test samples",
+                flush=True,
+            )
+            t0 = time.monotonic()
+            with tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}]") as bar:
+                while job["status"] not in ("succeeded", "failed", "cancelled"):
+                    time.sleep(0.5)
+                    job = http.get(f"/jobs/{job['id']}").json()
+                    bar.set_description(f"{job['status']}: {job.get('stage') or '-'}")
+                    bar.update(round(100 * float(job.get("progress") or 0.0), 1) - bar.n)
+                    if time.monotonic() - t0 > args.timeout:
+                        print("demo timed out; cancelling the job", file=sys.stderr)
+                        http.post(f"/jobs/{job['id']}/cancel")
+                        return 1
+            if job["status"] != "succeeded":
+                print(f"job {job['status']}: {job.get('error')}", file=sys.stderr)
+                return 1
+            return _demo_report(http, job, var, time.monotonic() - t0)
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            stop_process(up)
+        print("embedded service stopped.", flush=True)
+
+
+def _demo_report(http: Any, job: dict[str, Any], var: Path, seconds: float) -> int:
+    out = var / "demo" / job["id"]
+    out.mkdir(parents=True, exist_ok=True)
+    cert_r = http.get(f"/jobs/{job['id']}/certificate")
+    cert = cert_r.json() if cert_r.status_code == 200 else {}
+    (out / "certificate.json").write_bytes(cert_r.content)
+    model_r = http.get(f"/jobs/{job['id']}/model")
+    if model_r.status_code == 200:
+        (out / "model.safetensors").write_bytes(model_r.content)
+    variants = (job.get("summary") or {}).get("variants") or [{}]
+    v = variants[0]
+    sparsity = v.get("sparsity", (cert.get("model") or {}).get("sparsity"))
+    print(f"\njob {job['id']} succeeded in {seconds:.0f} s")
+    print(f"  accuracy  {_fmt(v.get('accuracy', cert.get('accuracy')))}")
+    print(
+        f"  PCA       {_fmt(v.get('pca', cert.get('pca')))}  (certified samples / samples, epsilon "
+        f"{(cert.get('params') or {}).get('epsilon', '-')}, failure probability "
+        f"{cert.get('failure_probability', '-')})"
+    )
+    print(f"  sparsity  {_fmt(sparsity)}")
+    print(f"  certificate: {out / 'certificate.json'}   (GET /jobs/{job['id']}/certificate)")
+    if model_r.status_code == 200:
+        print(f"  model:       {out / 'model.safetensors'}   (GET /jobs/{job['id']}/model)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("up", help="embedded all-in-one: API + Celery worker on SQLite (no servers needed)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--var", default="var", help="data folder (database, broker, artifacts, key)")
+    p.add_argument("--verbose", action="store_true", help="show the API and worker logs on the console")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("serve", help="the REST API against the configured database and broker")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="a Celery worker against the configured database and broker")
+    p.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
+    p.add_argument("--concurrency", type=int, default=1, help="processes (one GPU each when present)")
+    p.add_argument("--index", type=int, default=None, help="GPU index offset of this worker")
+    p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("keys", help="API keys")
+    ksub = p.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    k = ksub.add_parser("create", help="create an API key for a tenant (prints it once)")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--name", default="")
+    k.set_defaults(func=cmd_keys_create)
+
+    p = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    p.add_argument("--downgrade", metavar="REVISION", default=None, help="downgrade instead (e.g. base)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("demo", help="run a small real job through the embedded service")
+    p.add_argument("--var", default="var")
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
+    p.add_argument("--quick", action="store_true", help="an even smaller job (a few seconds)")
+    p.set_defaults(func=cmd_demo)
