@@ -197,5 +197,18 @@ def db(settings_env: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture
-def tenant() -> str:
-    return f"tenant-{uuid.uuid4().hex[:10]}"
+def tenant(settings_env: dict[str, str]) -> Iterator[str]:
+    """A fresh tenant; its unfinished jobs are cancelled afterwards so no worker picks them up."""
+    from sqlalchemy import update
+
+    from store.db import session_scope
+    from store.models import Job, utcnow
+
+    name = f"tenant-{uuid.uuid4().hex[:10]}"
+    yield name
+    with session_scope() as s:
+        s.execute(
+            update(Job)
+            .where(Job.tenant == name, Job.status.in_(("queued", "running")))
+            .values(status="cancelled", cancel_requested=True, finished_at=utcnow())
+        )
