@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from api.auth import KeyCache
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
+from api.fastpath import CertificateFastPath
 from api.metrics import ApiMetrics, JobsCollector, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.routers import artifacts, health, jobs
@@ -56,6 +57,7 @@ def create_app(settings: Any = None) -> FastAPI:
     app.state.metrics.registry.register(JobsCollector(app.state.sessionmaker))
 
     install_error_handlers(app)
+    app.add_middleware(CertificateFastPath, state=app.state)  # inner: counted by the metrics
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(artifacts.router)
     app.include_router(jobs.router)
