@@ -192,18 +192,10 @@ def _check_cancel(ctx: StageContext, where: str) -> None:
 
 
 def _model_info(model: torch.nn.Module, masks: Any, arch: str, sha256: str, extra: dict) -> dict:
-    from core.masking import sparsity_report
+    """The certificate's "model" entry (core.certify.describe_model) plus the shape fields."""
+    from core.certify import describe_model
 
-    rep = sparsity_report(model, masks)
-    return {
-        "arch": arch,
-        "sha256": sha256,
-        "params": rep["params"],
-        "nonzero": rep["nonzero"],
-        "sparsity": rep["sparsity"],
-        "layers": [{"name": la["name"], "sparsity": la["sparsity"]} for la in rep["layers"]],
-        **extra,
-    }
+    return {**describe_model(model, arch, sha256, masks), **extra}
 
 
 def _certify_and_write(
