@@ -111,9 +111,10 @@ def build_model(arch: str, num_classes: int, in_channels: int, *, small_input: b
 
 
 def default_small_input(height: int, width: int) -> bool:
-    """small_input for images of this size: True below 96 pixels on the short side (the ImageNet
-    stems would shrink such inputs to a few pixels), False for ImageNet-sized inputs."""
-    return min(int(height), int(width)) < 96
+    """small_input for images of this size: True up to 64 pixels on the short side (the ImageNet
+    stems would shrink such inputs to a few pixels), False for larger (ImageNet-like) inputs.
+    The same rule as `carcert certify --input-size auto`, so its models rebuild identically."""
+    return min(int(height), int(width)) <= 64
 
 
 def file_sha256(path: str | Path) -> str:

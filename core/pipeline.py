@@ -16,6 +16,19 @@ kind=certify jobs write a single folder `certify/`.
 
 Progress, cancel and checkpoints go through `ctx`; a rerun with the same out_dir and ctx resumes
 from the last checkpoint and gives the same result as an uninterrupted run with the same seed.
+
+Details (owner: helper MODELS):
+- run_job(..., *, job_id=None, allowed_roots=None): job_id goes into the certificates (default
+  getattr(ctx, "job_id", None)); allowed_roots confines the dataset / weights / mask paths.
+- "accuracy" in metrics.json is over the whole test split; the certificate's accuracy and PCA are
+  over its first `certification.samples` test samples. The certificate's model.sha256 is the sha256
+  of model.safetensors (certify jobs: of the given weights file, with mask_sha256 of the mask file).
+- model.safetensors / mask.safetensors are written canonically (core.models.canonical_safetensors),
+  so equal results have equal bytes and hashes; the weights carry metadata arch, num_classes,
+  in_channels, small_input (core.models.default_small_input of the image size), method, prune_ratio.
+- Progress: ctx.progress(stage, overall, "<variant>: <message>") with stage in pretrain, search,
+  finetune, evaluate, certify (and "done" at 1.0); overall in [0, 1] never decreases; stage
+  weights are their cost in training-epoch units.
 """
 
 from __future__ import annotations

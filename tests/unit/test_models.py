@@ -147,8 +147,8 @@ def test_canonical_header_is_order_independent() -> None:
 
 
 def test_default_small_input() -> None:
-    assert default_small_input(8, 8) and default_small_input(32, 32) and default_small_input(95, 300)
-    assert not default_small_input(96, 96) and not default_small_input(224, 224)
+    assert default_small_input(8, 8) and default_small_input(32, 32) and default_small_input(64, 300)
+    assert not default_small_input(65, 65) and not default_small_input(224, 224)
 
 
 def test_safetensors_detected_by_content_without_suffix(tmp_path: Path) -> None:
