@@ -77,7 +77,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "info") -> list[str]:
+def worker_command(
+    pool: str = "solo", concurrency: int = 1, loglevel: str = "info", queue: str | None = None
+) -> list[str]:
+    """`celery worker` argv for this interpreter; queue defaults to settings.queue."""
+    if queue is None:
+        from store.settings import get_settings
+
+        queue = get_settings().queue
     return [
         sys.executable,
         "-m",
@@ -92,7 +99,7 @@ def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "in
         "--loglevel",
         loglevel,
         "--queues",
-        "carcert",
+        queue,
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

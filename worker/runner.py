@@ -54,6 +54,8 @@ class DbStageContext:
         self._stage: str | None = None
         self.cancel_requested = False
         self.lease_lost = False
+        self.timed_out = False
+        self._deadline = time.monotonic() + settings.job_time_limit_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -83,6 +85,9 @@ class DbStageContext:
         if SHUTTING_DOWN.is_set():
             return True
         now = time.monotonic()
+        if now > self._deadline:  # enforced here too: Celery's time limits need the prefork pool
+            self.timed_out = True
+            return True
         with self._lock:
             if not (self.cancel_requested or self.lease_lost) and (
                 now - self._last_check >= self.settings.progress_interval_s
@@ -262,10 +267,19 @@ def execute_job(
         except Cancelled:
             if ctx.lease_lost:
                 return "lost"
-            if SHUTTING_DOWN.is_set() and not ctx.cancel_requested:
+            if ctx.timed_out:
+                _fail(
+                    job_id,
+                    worker_id,
+                    "failed",
+                    "Time limit exceeded",
+                    f"the job ran longer than {settings.job_time_limit_s} s",
+                )
+            elif SHUTTING_DOWN.is_set() and not ctx.cancel_requested:
                 return _release(job_id, worker_id)
-            status = "cancelled"
-            _fail(job_id, worker_id, "cancelled")
+            else:
+                status = "cancelled"
+                _fail(job_id, worker_id, "cancelled")
         except LeaseLost:
             return "lost"
         except InvalidInput as exc:

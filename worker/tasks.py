@@ -8,7 +8,7 @@ import logging
 from store.db import session_scope
 from store.jobs import stale_jobs
 from store.settings import get_settings
-from worker.celery_app import QUEUE, app, make_celery
+from worker.celery_app import app, make_celery
 
 log = logging.getLogger("carcert.worker")
 
@@ -41,7 +41,7 @@ def dispatch(job_id: str) -> bool:
         _sync_broker()
         run_job.apply_async(
             args=[job_id],
-            queue=QUEUE,
+            queue=get_settings().queue,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
         )

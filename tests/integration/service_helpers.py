@@ -68,7 +68,9 @@ def launch_worker(env: dict[str, str], log_path: Path, name: str, ready_timeout:
     from carcert.cli_service import worker_command
 
     full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT)}
-    cmd = worker_command(pool="solo", concurrency=1, loglevel="info")
+    cmd = worker_command(
+        pool="solo", concurrency=1, loglevel="info", queue=env.get("CARCERT_QUEUE", "carcert")
+    )
     cmd[cmd.index("--hostname") + 1] = f"{name}@%h"
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env=full_env, stdout=logf, stderr=subprocess.STDOUT)
