@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import require_tenant
 from store.artifacts import ArtifactStore
@@ -18,13 +19,20 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request; routes commit explicitly, anything uncommitted is rolled back."""
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request; routes commit explicitly, anything uncommitted is rolled back.
+
+    Async on purpose: creating a Session does no I/O, so it costs no worker-thread hop (a sync
+    generator dependency costs two); closing one that holds a connection (rollback + return to
+    the pool) runs in the thread pool."""
     session = request.app.state.sessionmaker()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 def get_artifact_store(request: Request) -> ArtifactStore:
