@@ -229,10 +229,18 @@ class CarcertClient:
         return self._json("POST", f"/jobs/{job_id}/cancel", retry=True)
 
     def certificate(self, job_id: str, variant: str | None = None) -> dict:
-        """GET /jobs/{id}/certificate: the DESIGN.md certificate (sweeps: {"certificates": [...]},
-        or one variant with `variant`)."""
-        params = {"variant": variant} if variant else None
-        return self._json("GET", f"/jobs/{job_id}/certificate", params=params)
+        """GET /jobs/{id}/certificate: the DESIGN.md certificate (sweeps: {"certificates": [{name,
+        method, prune_ratio, certificate}]}, or with `variant` that variant's certificate)."""
+        doc = self._json("GET", f"/jobs/{job_id}/certificate")
+        if variant is None or "certificates" not in doc:
+            return doc  # a single-result job: its one certificate
+        for entry in doc["certificates"]:
+            if entry.get("name") == variant:
+                return entry["certificate"]
+        names = ", ".join(str(e.get("name")) for e in doc["certificates"])
+        raise CarcertAPIError(
+            404, "Not Found", f"job {job_id} has no variant {variant!r}; variants: {names}", doc
+        )
 
     def _download(self, job_id: str, what: str, dest: str | Path, variant: str | None) -> Path:
         dest = Path(dest)

@@ -67,6 +67,18 @@ class ExampleImages:
             raise ValueError("x must be (N, C, H, W)")
 
 
+def make_examples(x: Any, transform: Any, deltas: Sequence[float], index: Any = None) -> ExampleImages:
+    """ExampleImages from a tensor x (N, C, H, W) in [0, 1] and a core.transforms
+    SemanticTransform: transformed[k] = T(x, deltas[k], index) (index: dataset indices, needed by
+    precomputed variants)."""
+    import torch
+
+    x = torch.as_tensor(x, dtype=torch.float32)
+    with torch.no_grad():
+        out = [transform(x, torch.full((x.shape[0],), float(d)), index).cpu().numpy() for d in deltas]
+    return ExampleImages(x=x.cpu().numpy(), deltas=[float(d) for d in deltas], transformed=out)
+
+
 # ----------------------------------------------------------------------------- data extraction
 
 
@@ -362,7 +374,7 @@ def _summary_figure(results: Sequence[Mapping[str, Any]]) -> Figure:
     ax = fig.subplots()
     ax.set_axis_off()
     ax.set_title("carcert report: summary")
-    header = ["name", "method", "prune ratio", "accuracy", "PCA", "sparsity", "certified", "fail. prob."]
+    header = ["name", "method", "prune ratio", "test accuracy", "PCA", "sparsity", "certified", "fail. prob."]
     cells = [
         [
             r["name"],
@@ -406,7 +418,8 @@ def render_report(
     figs = build_figures(results, examples)
     parts = [f'<div class="carcert-report"><h1>{html.escape(title)}</h1>']
     parts.append('<section id="summary"><h2>Summary</h2><table><tr>')
-    header = ["name", "method", "prune ratio", "accuracy", "PCA", "sparsity", "certified", "failure prob."]
+    header = ["name", "method", "prune ratio", "test accuracy", "PCA", "sparsity", "certified"]
+    header.append("failure prob.")
     parts.append("".join(f"<th>{h}</th>" for h in header) + "</tr>")
     for r in summary_rows(results):
         cert = "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}"

@@ -237,3 +237,17 @@ def test_cli_unreachable_server_exits_1(capsys, monkeypatch):
     monkeypatch.setenv("CARCERT_URL", "http://127.0.0.1:9")  # discard port: connection refused
     assert cli.main(["jobs", "--timeout", "2"]) == 1
     assert "cannot reach the carcert service at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_certificate_variant_is_picked_from_a_sweep():
+    sweep = {
+        "certificates": [
+            {"name": "car-0.50", "certificate": {"pca": 0.9}},
+            {"name": "lmp-0.50", "certificate": {"pca": 0.7}},
+        ]
+    }
+    with _client(lambda r: httpx.Response(200, json=sweep)) as c:
+        assert c.certificate("j") == sweep
+        assert c.certificate("j", variant="lmp-0.50") == {"pca": 0.7}
+        with pytest.raises(CarcertAPIError, match="car-0.50, lmp-0.50"):
+            c.certificate("j", variant="hydra-0.50")

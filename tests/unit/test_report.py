@@ -248,3 +248,18 @@ def test_results_without_certificates_still_render():
     page = report.render_report(r)
     assert "No certificate." in page
     assert report.render_pdf(r).startswith(b"%PDF")
+
+
+def test_make_examples_applies_the_transform_at_each_delta():
+    """brightness T(x, delta) = clip(x + 0.3 * delta, 0, 1) (core.transforms.PARAMETRIC)."""
+    import torch
+
+    from core.spec import TransformSpec
+    from core.transforms import build_transform
+
+    x = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    ex = report.make_examples(x, build_transform(TransformSpec(name="brightness")), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(ex.x, x.numpy())
+    assert list(ex.deltas) == [0.0, 0.5, 1.0]
+    for d, t in zip(ex.deltas, ex.transformed, strict=True):
+        np.testing.assert_allclose(t, np.clip(x.numpy() + 0.3 * d, 0, 1), atol=1e-6)

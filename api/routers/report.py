@@ -1,0 +1,259 @@
+"""Job report: GET /jobs/{id}/report (HTML; ?embed=1 -> the bare <div> for the dashboard),
+/jobs/{id}/report.png (?figure= one of core.report.FIGURES) and /jobs/{id}/report.pdf.
+
+Rendered by core.report from the job's results (JobResult rows: certificate + metrics). Example
+images x and T(x, delta) are drawn for the first certified test samples when the job's dataset
+and transform can be rebuilt in the API process (built-in datasets and paths under
+settings.data_roots; not uploaded artifacts, which only the worker resolves): otherwise the report
+says there are no examples. A succeeded job is immutable, so rendered outputs are cached per job
+(LRU). Another tenant's job -> 404; a job that has not succeeded -> 409 problem+json."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import HTMLResponse
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from api.errors import PROBLEM_MEDIA_TYPE, ApiProblem
+from core import report as core_report
+
+log = logging.getLogger("carcert.api")
+router = APIRouter(prefix="/jobs", tags=["report"])
+
+EXAMPLE_DELTAS = (0.25, 0.5, 0.75, 1.0)
+EXAMPLE_COUNT = 4
+CACHE_SIZE = 64
+_RENDER_LOCK = threading.Lock()  # matplotlib is not documented thread-safe: render one at a time
+
+
+class ReportCache:
+    """Thread-safe LRU (job_id, variant of output) -> (tenant, bytes)."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._data: OrderedDict[tuple, tuple[str, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[str, bytes] | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None:
+                self._data.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, value: tuple[str, bytes]) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+def _cache(request: Request) -> ReportCache:
+    cache = getattr(request.app.state, "report_cache", None)
+    if cache is None:
+        cache = request.app.state.report_cache = ReportCache()
+    return cache
+
+
+def _not_found(job_id: str) -> ApiProblem:
+    return ApiProblem(404, "not-found", f"job {job_id!r} not found", title="Not Found")
+
+
+def _succeeded(session: Any, tenant: str, job_id: str) -> Any:
+    from store.jobs import get_job
+
+    job = get_job(session, tenant, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    if job.status != "succeeded":
+        raise ApiProblem(
+            409,
+            "job-not-succeeded",
+            f"job {job_id} is {job.status}; the report exists only once it has succeeded",
+            title="Conflict",
+            extra={"job_status": job.status},
+        )
+    return job
+
+
+def result_dicts(rows: list[Any]) -> list[dict[str, Any]]:
+    """JobResult rows -> the plain dicts core.report.render_report takes."""
+    return [
+        {
+            "name": r.name,
+            "method": r.method,
+            "prune_ratio": r.prune_ratio,
+            "accuracy": r.accuracy,
+            "pca": r.pca,
+            "certificate": r.certificate,
+            "metrics": r.metrics,
+        }
+        for r in rows
+    ]
+
+
+def build_examples(
+    spec_json: dict[str, Any], results: list[dict[str, Any]], settings: Any
+) -> core_report.ExampleImages | None:
+    """x and T(x, delta) for up to EXAMPLE_COUNT certificate samples (certified ones first), or None
+    when the dataset / transform cannot be rebuilt here (see the module docstring)."""
+    import torch
+
+    from core.data import load_dataset
+    from core.spec import JobSpec
+    from core.transforms import build_transform
+
+    spec = JobSpec.model_validate(spec_json)
+    uses_artifacts = [spec.dataset, spec.transform.encoder, spec.transform.decoder]
+    if any(ref and ref.startswith("artifact:") for ref in uses_artifacts):
+        return None
+    samples = next(
+        (
+            r["certificate"]["samples"]
+            for r in results
+            if r.get("certificate") and r["certificate"].get("samples")
+        ),
+        [],
+    )
+    if not samples:
+        return None
+    ordered = [s for s in samples if s.get("certified")] + [s for s in samples if not s.get("certified")]
+    indices = torch.tensor([int(s["index"]) for s in ordered[:EXAMPLE_COUNT]], dtype=torch.int64)
+    try:
+        data = load_dataset(
+            spec.dataset,
+            seed=spec.seed,
+            allowed_roots=list(settings.data_roots),
+            train_subset=spec.train_subset,
+        )
+        transform = build_transform(spec.transform, data=data, split="test")
+        if int(indices.max()) >= data.test_x.shape[0]:
+            return None
+        return core_report.make_examples(data.test_x[indices], transform, EXAMPLE_DELTAS, indices)
+    except Exception as exc:  # examples are illustrative: a report without them beats a 500
+        log.info("report examples unavailable (%s): %s", spec.dataset, exc)
+        return None
+
+
+def _inputs(
+    session: Any, settings: Any, tenant: str, job_id: str
+) -> tuple[list[dict[str, Any]], core_report.ExampleImages | None]:
+    from store.jobs import get_results
+
+    job = _succeeded(session, tenant, job_id)
+    results = result_dicts(get_results(session, job.id))
+    if not results:
+        raise ApiProblem(404, "not-found", f"job {job_id} has no results", title="Not Found")
+    return results, build_examples(job.spec, results, settings)
+
+
+def _rendered(
+    request: Request, session: Any, settings: Any, tenant: str, job_id: str, key: tuple, render
+) -> bytes:
+    cache = _cache(request)
+    hit = cache.get((job_id, *key))
+    if hit is not None and hit[0] == tenant:
+        return hit[1]
+    results, examples = _inputs(session, settings, tenant, job_id)  # 404 / 409 for the wrong tenant too
+    with _RENDER_LOCK:
+        body = render(results, examples)
+    cache.put((job_id, *key), (tenant, body))
+    return body
+
+
+def _responses(*extra: int) -> dict[int | str, dict[str, Any]]:
+    docs = {
+        401: "Missing or invalid API key",
+        404: "No such job for this tenant",
+        409: "The job has not succeeded (yet)",
+        422: "Invalid parameter",
+    }
+    return {
+        code: {"description": docs[code], "content": {PROBLEM_MEDIA_TYPE: {}}}
+        for code in (401, 404, 409, *extra)
+    }
+
+
+@router.get(
+    "/{job_id}/report",
+    response_class=HTMLResponse,
+    summary="HTML report with plots",
+    responses={200: {"content": {"text/html": {}}}, **_responses()},
+)
+def get_report(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    embed: Annotated[bool, Query(description="only the report <div> (no <html>)")] = False,
+) -> HTMLResponse:
+    def render(results, examples) -> bytes:
+        return core_report.render_report(
+            results, examples, title=f"carcert report: job {job_id}", standalone=not embed
+        ).encode()
+
+    body = _rendered(request, session, settings, tenant, job_id, ("html", embed), render)
+    return HTMLResponse(body, headers={"Cache-Control": "private, max-age=0"})
+
+
+@router.get(
+    "/{job_id}/report.png",
+    response_class=Response,
+    summary="One report figure as PNG",
+    responses={200: {"content": {"image/png": {}}}, **_responses(422)},
+)
+def get_report_png(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    figure: Annotated[str, Query(description=f"one of {', '.join(core_report.FIGURES)}")] = "accuracy_pca",
+) -> Response:
+    if figure not in core_report.FIGURES:
+        raise ApiProblem(
+            422,
+            "validation-error",
+            f"figure: must be one of {', '.join(core_report.FIGURES)}",
+            title="Invalid request",
+        )
+
+    def render(results, examples) -> bytes:
+        if figure == "examples" and examples is None:
+            raise ApiProblem(
+                404,
+                "not-found",
+                f"job {job_id} has no example images (the dataset is not readable by the API process)",
+                title="Not Found",
+            )
+        return core_report.render_figure_png(results, figure, examples)
+
+    body = _rendered(request, session, settings, tenant, job_id, ("png", figure), render)
+    return Response(body, media_type="image/png", headers={"Cache-Control": "private, max-age=0"})
+
+
+@router.get(
+    "/{job_id}/report.pdf",
+    response_class=Response,
+    summary="The report as a PDF",
+    responses={200: {"content": {"application/pdf": {}}}, **_responses()},
+)
+def get_report_pdf(
+    job_id: str, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+) -> Response:
+    body = _rendered(request, session, settings, tenant, job_id, ("pdf",), core_report.render_pdf)
+    return Response(
+        body,
+        media_type="application/pdf",
+        headers={
+            "Content-Disposition": f'attachment; filename="carcert-{job_id}-report.pdf"',
+            "Cache-Control": "private, max-age=0",
+        },
+    )
