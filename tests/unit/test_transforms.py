@@ -194,3 +194,22 @@ def test_precomputed_variants_nearest_delta() -> None:
         t(split.test_x[:1], torch.tensor([0.5]))
     with pytest.raises(TransformError, match="variants_test"):
         build_transform(TransformSpec(kind="precomputed"), data=FakeSplit(split.train_x, split.test_x))
+
+
+def test_exported_archive_with_pickled_payload_is_refused(tmp_path) -> None:
+    import json
+    import zipfile
+
+    lin = torch.nn.Linear(4, 2)
+    torch.export.save(torch.export.export(lin, (torch.rand(1, 4),)), tmp_path / "ok.pt2")
+    assert load_exported(tmp_path / "ok.pt2")(torch.ones(1, 4)).shape == (1, 2)
+    with zipfile.ZipFile(tmp_path / "ok.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("_weights_config.json"):
+                cfg = json.loads(data)
+                next(iter(cfg["config"].values()))["use_pickle"] = True
+                data = json.dumps(cfg).encode()
+            dst.writestr(info, data)
+    with pytest.raises(TransformError, match="pickled"):
+        load_exported(tmp_path / "evil.pt2")
