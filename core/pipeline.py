@@ -251,22 +251,24 @@ def _load_data(spec: Any, allowed_roots: Any) -> Any:
 
 
 def _build(spec: Any, data: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from core.errors import InvalidInput
     from core.models import build_model, default_small_input
 
     num_classes = spec.model.num_classes or data.num_classes
     in_channels = spec.model.in_channels or data.in_channels
     if in_channels != data.in_channels:
-        from core.errors import InvalidInput
-
         raise InvalidInput(f"model.in_channels={in_channels} but dataset {data.ref!r} has "
                            f"{data.in_channels} channel(s)")
+    if num_classes < data.num_classes:
+        raise InvalidInput(f"model.num_classes={num_classes} but dataset {data.ref!r} has labels up to "
+                           f"{data.num_classes - 1}")
     small = default_small_input(*data.train_x.shape[2:])
     _seed_all(spec.seed)
     model = build_model(spec.model.arch, num_classes, in_channels, small_input=small)
     return model, {"num_classes": num_classes, "in_channels": in_channels, "small_input": small}
 
 
-def _weights_path(spec: Any, allowed_roots: Any, what: str, ref: str) -> Path:
+def _weights_path(allowed_roots: Any, what: str, ref: str) -> Path:
     path = Path(ref).expanduser()
     if allowed_roots is not None:
         from core.errors import WeightsError
@@ -329,11 +331,11 @@ def _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots) -> dic
         return {"variants": [_summary_entry(folder)]}
     t0 = time.perf_counter()
     model, shape_info = _build(spec, data)
-    wpath = _weights_path(spec, allowed_roots, "weights", spec.model.weights)
+    wpath = _weights_path(allowed_roots, "weights", spec.model.weights)
     load_weights(model, wpath)
     masks = mask_sha = None
     if spec.mask:
-        mpath = _weights_path(spec, allowed_roots, "mask", spec.mask)
+        mpath = _weights_path(allowed_roots, "mask", spec.mask)
         masks = load_masks(mpath)
         apply_masks_(model, masks)
         mask_sha = file_sha256(mpath)
@@ -403,7 +405,7 @@ def _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots) -> dict:
     model, shape_info = _build(spec, data)
     user_weights = spec.model.weights is not None
     if user_weights:
-        load_weights(model, _weights_path(spec, allowed_roots, "weights", spec.model.weights))
+        load_weights(model, _weights_path(allowed_roots, "weights", spec.model.weights))
     model.to(device)
 
     todo = [(n, v) for n, v in variants if not (out_dir / n / "certificate.json").is_file()]

@@ -225,6 +225,8 @@ def test_certify_job_matches_prune_certificate(first, tmp_path: Path) -> None:
 def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="channel"):
         run_job(_spec(model={"arch": "small_cnn", "in_channels": 3}), tmp_path, LocalContext(tmp_path))
+    with pytest.raises(InvalidInput, match="num_classes"):
+        run_job(_spec(model={"arch": "small_cnn", "num_classes": 5}), tmp_path, LocalContext(tmp_path))
     outside = tmp_path / "w.safetensors"
     outside.write_bytes(b"x")
     with pytest.raises(WeightsError, match="outside the allowed"):
