@@ -184,7 +184,8 @@ def certify_model(
     checkpoint_key: str = "certify",
     checkpoint_every_s: float = 30.0,
 ) -> CertificationResult:
-    """Certify the first spec.samples of (x, y) (CertifySpec; module docstring).
+    """Certify the first spec.samples of (x, y) (CertifySpec; module docstring). Row k of x is
+    dataset sample k: k is its `index` (delta seed, precomputed variants).
 
     Forward passes are batched across samples (spec.batch_size inputs per pass); samples are
     processed in groups of ceil(batch_size / (l n)) so that a group fills whole batches. After a
@@ -209,6 +210,8 @@ def certify_model(
     if p_dev.shape[1] < 2:
         raise InvalidInput("certification needs a classifier with at least 2 classes")
     p_np = p_dev.cpu().numpy()
+    if not np.isfinite(p_np).all():
+        raise InvalidInput("the model produced NaN/inf outputs on the clean test samples")
 
     z = np.zeros((S, l, n), dtype=np.float64)
     deltas = np.zeros((S, l, n), dtype=np.float32)
@@ -240,6 +243,8 @@ def certify_model(
                 pt = model(xt).double().softmax(dim=1)
                 zg[b0:b1] = (pt - p_dev.index_select(0, s_dev)).abs().amax(dim=1)
             z[g0:g1] = zg.cpu().numpy().reshape(g1 - g0, l, n)
+            if not np.isfinite(z[g0:g1]).all():
+                raise InvalidInput(f"NaN/inf model outputs on transformed samples {g0}..{g1 - 1}")
             if ctx is not None:
                 ctx.progress("certify", g1 / S, f"{g1}/{S} samples")
                 now = time.perf_counter()

@@ -351,3 +351,19 @@ def test_resume_after_cancel_gives_the_same_result(tmp_path) -> None:
     assert progress[-1] == 1.0
     assert certificate_body(_cert(resumed)) == certificate_body(_cert(full))
     np.testing.assert_array_equal(resumed.deltas, full.deltas)
+
+
+def test_nan_outputs_are_refused() -> None:
+    from core.errors import InvalidInput
+
+    class NanAbove(nn.Module):
+        def forward(self, x):
+            out = x.flatten(1)[:, :3].clone()
+            out[x.flatten(1).mean(1) > 0.45] = float("nan")
+            return out
+
+    x = torch.full((2, 3, 1, 1), 0.4)
+    with pytest.raises(InvalidInput, match="NaN"):
+        certify_model(NanAbove(), x, torch.zeros(2, dtype=torch.long), Brighten(), SPEC, seed=0)
+    with pytest.raises(InvalidInput, match="NaN"):
+        certify_model(NanAbove(), x + 0.1, torch.zeros(2, dtype=torch.long), Brighten(), SPEC, seed=0)
