@@ -237,6 +237,22 @@ def _progress_bar(job_id: str):
     return update, bar
 
 
+def _wait(client: CarcertClient, job_id: str, poll: float) -> int:
+    """--wait: live progress bar until the job ends; Ctrl-C leaves the job running (says so)."""
+    update, bar = _progress_bar(job_id)
+    try:
+        final = client.wait(job_id, on_progress=update, poll=poll)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"\njob {job_id} keeps running on the server; stop it with: carcert cancel {job_id}",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
+    return _finish(final)
+
+
 def _finish(job: dict) -> int:
     print(json.dumps(job, indent=2))
     if job.get("status") == "succeeded":
@@ -273,12 +289,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(json.dumps(job, indent=2))
             return 0
         print(f"job {job['id']} submitted", file=sys.stderr)
-        update, bar = _progress_bar(job["id"])
-        try:
-            final = client.wait(job["id"], on_progress=update, poll=args.poll)
-        finally:
-            bar.close()
-        return _finish(final)
+        return _wait(client, job["id"], args.poll)
 
     return _run(args, body)
 
@@ -309,12 +320,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         if not args.wait:
             print(json.dumps(client.get_job(args.job_id), indent=2))
             return 0
-        update, bar = _progress_bar(args.job_id)
-        try:
-            final = client.wait(args.job_id, on_progress=update, poll=args.poll)
-        finally:
-            bar.close()
-        return _finish(final)
+        return _wait(client, args.job_id, args.poll)
 
     return _run(args, body)
 

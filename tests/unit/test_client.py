@@ -251,3 +251,23 @@ def test_certificate_variant_is_picked_from_a_sweep():
         assert c.certificate("j", variant="lmp-0.50") == {"pca": 0.7}
         with pytest.raises(CarcertAPIError, match="car-0.50, lmp-0.50"):
             c.certificate("j", variant="hydra-0.50")
+
+
+def test_cli_maps_server_422_to_exit_2_and_404_to_exit_1(monkeypatch, capsys):
+    import carcert.cli_client as cc
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(
+                422, json={"title": "Invalid input", "status": 422, "detail": "dataset outside"}
+            )
+        return httpx.Response(404, json={"title": "Not Found", "status": 404, "detail": "job 'x' not found"})
+
+    real = cc.CarcertClient
+    monkeypatch.setattr(
+        cc, "CarcertClient", lambda *a, **k: real(*a, transport=httpx.MockTransport(handler), **k)
+    )
+    assert cli.main(["submit", "--dataset", "npz:/etc/x.npz", "--url", "http://t"]) == 2
+    assert "422 Invalid input: dataset outside" in capsys.readouterr().err
+    assert cli.main(["certificate", "x", "--url", "http://t"]) == 1
+    assert "404 Not Found: job 'x' not found" in capsys.readouterr().err
