@@ -93,15 +93,16 @@ def run_certify(args: argparse.Namespace) -> int:
     from core.certify import build_certificate, certify_model, describe_model, write_certificate
     from core.data import load_dataset
     from core.masking import apply_masks_, load_masks
-    from core.models import build_model, file_sha256, load_weights
+    from core.models import build_model, default_small_input, file_sha256, load_weights
     from core.pipeline import LocalContext
     from core.transforms import build_transform, transform_description
 
     tspec, cspec = _specs(args)
     out = Path(args.out)
     data = load_dataset(args.dataset, seed=args.seed)
-    h = int(data.test_x.shape[2])
-    small = args.input_size == "small" or (args.input_size == "auto" and h <= 64)
+    small = args.input_size == "small" or (
+        args.input_size == "auto" and default_small_input(*data.test_x.shape[2:])
+    )
     model = build_model(args.arch, args.num_classes or data.num_classes, data.in_channels, small_input=small)
     load_weights(model, args.weights)
     masks, mask_sha = None, None
