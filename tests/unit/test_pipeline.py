@@ -235,3 +235,29 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(WeightsError):
         run_job(_spec(model={"arch": "small_cnn", "weights": str(outside)}), tmp_path / "o",
                 LocalContext(tmp_path / "o"))
+
+
+def test_precomputed_variants_from_npz(tmp_path: Path) -> None:
+    """An npz shipping variants (delta 0: the image itself, delta 1: brighter) drives both the
+    training augmentation (train_subset keeps variants_train aligned) and certification."""
+    import numpy as np
+
+    d = load_dataset("digits", seed=0)
+
+    def variants(x: torch.Tensor) -> np.ndarray:
+        return torch.stack([x, (x + 0.3).clamp(0, 1)], dim=1).numpy()
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=d.train_x.numpy(), y_train=d.train_y.numpy(), x_test=d.test_x.numpy(),
+             y_test=d.test_y.numpy(), variants_train=variants(d.train_x), variants_test=variants(d.test_x))
+    spec = _spec(dataset=f"npz:{path}", transform={"kind": "precomputed"}, sweep_methods=["vanilla"],
+                 sweep_prune_ratios=None)
+    out = tmp_path / "out"
+    _run(out, spec)
+    cert_path = out / "vanilla-0.00" / "certificate.json"
+    assert verify_certificate(cert_path) == []
+    assert json.loads(cert_path.read_text())["transform"]["kind"] == "precomputed"
+    ev = np.load(out / "vanilla-0.00" / "evidence.npz")
+    z, deltas = ev["z"], ev["deltas"]
+    assert np.all(z[deltas < 0.5] == 0.0)  # nearest variant is the test image itself: Z = 0 exactly
+    assert np.all(z[deltas > 0.5] > 0.0)
