@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from api.checks import check_job_spec
@@ -46,8 +47,16 @@ def job_out(job: Any) -> JobOut:
         cancel_requested=bool(job.cancel_requested), attempts=job.attempts or 0,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
         finished_at=job.finished_at, error=job.error, summary=job.summary,
-        spec=JobSpec.model_validate(job.spec), links=links,
+        spec=_spec(job.spec), links=links,
     )
+
+
+def _spec(raw: dict[str, Any]) -> JobSpec:
+    """The stored spec; one written by an older version that no longer validates is shown as is."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError:
+        return JobSpec.model_construct(**raw)
 
 
 def dispatch_job(job_id: str) -> None:
@@ -275,7 +284,7 @@ async def get_certificate(job_id: str, request: Request, tenant: TenantDep,
 
 def _result_file(session: Any, store: Any, tenant: str, job_id: str, variant: str | None, what: str,
                  request: Request) -> Response:
-    from store.artifacts import get_artifact
+    from store.artifacts import ArtifactMissing, get_artifact
     from store.jobs import get_results
 
     job = _succeeded_job(session, tenant, job_id)
@@ -301,7 +310,13 @@ def _result_file(session: Any, store: Any, tenant: str, job_id: str, variant: st
     headers = {"ETag": etag, "X-Content-SHA256": art.sha256, "Cache-Control": "private, max-age=0"}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
-    return FileResponse(store.local_path(art.storage_key), media_type="application/octet-stream",
+    try:
+        path = store.local_path(art.storage_key)
+    except ArtifactMissing:
+        log.error("job %s: blob of artifact %s (%s) is missing from the store", job_id, art.id, what)
+        raise ApiProblem(500, "result-file-missing", f"the {what} file of this job is missing on the server",
+                         title="Internal Server Error") from None
+    return FileResponse(path, media_type="application/octet-stream",
                         filename=f"{job_id}-{result.name}-{what}.safetensors", headers=headers)
 
 

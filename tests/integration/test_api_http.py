@@ -416,3 +416,36 @@ def test_database_down_is_503_problem_not_a_stack_trace(env, tmp_path):
             assert c.get("/healthz").status_code == 200
             body = assert_problem(c.get("/readyz"), 503)
             assert body["checks"]["database"] == "unreachable"
+
+
+def test_unknown_routes_and_methods_are_problems(env, alice):
+    assert_problem(alice.get("/no/such/thing"), 404)
+    assert_problem(alice.delete("/jobs"), 405)
+
+
+def test_unexpected_error_is_500_problem_without_internals(env, tmp_path):
+    """A route that fails unexpectedly (added to a real app on the test database) answers a bare
+    500 problem: no exception text, no stack trace."""
+    import asyncio
+
+    from api.main import create_app
+    from store.settings import Settings
+
+    settings = Settings(database_url=env.db_url, broker_url=env.env["CARCERT_BROKER_URL"],
+                        artifact_root=tmp_path / "a", work_root=tmp_path / "w")
+    app = create_app(settings)
+
+    def boom() -> None:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    app.add_api_route("/boom", boom)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await c.get("/boom")
+
+    r = asyncio.run(call())
+    body = assert_problem(r, 500)
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    assert body["type"].endswith("internal-error")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,19 @@ def test_upload_submit_run_and_download(api, settings_env):
         again = alice.post("/jobs", json=spec, headers={"Idempotency-Key": "happy-path"})
         assert again.status_code == 200 and again.json()["id"] == job_id
         assert_problem(alice.post(f"/jobs/{job_id}/cancel"), 409)
+
+        # a result blob lost on the server: 500 problem, no path or stack trace in the answer
+        root = Path(settings_env["CARCERT_ARTIFACT_ROOT"])
+        engine = create_engine(settings_env["CARCERT_DATABASE_URL"])
+        with engine.connect() as c:
+            key = c.execute(text("SELECT a.storage_key FROM job_results r JOIN artifacts a "
+                                 "ON a.id = r.mask_artifact_id WHERE r.job_id = :j"),
+                            {"j": job_id}).scalar_one()
+        engine.dispose()
+        (root / key).unlink()
+        r = alice.get(f"/jobs/{job_id}/mask")
+        assert_problem(r, 500)
+        assert str(root) not in r.text and key not in r.text
 
 
 def test_cancel_a_running_job(api):
