@@ -67,6 +67,27 @@ class ExampleImages:
             raise ValueError("x must be (N, C, H, W)")
 
 
+Examples = ExampleImages | tuple | None
+"""ExampleImages, or a tuple (x, deltas, [T(x, d) for d in deltas]), or (x, [T(x, d) ...]) (deltas
+then shown as their position k / K), or None."""
+
+
+def as_examples(examples: Examples) -> ExampleImages | None:
+    """Normalise the accepted forms of `examples` (see Examples)."""
+    if examples is None or isinstance(examples, ExampleImages):
+        return examples
+    if len(examples) == 3:
+        x, deltas, transformed = examples
+    elif len(examples) == 2:
+        x, transformed = examples
+        deltas = [(k + 1) / len(transformed) for k in range(len(transformed))]
+    else:
+        raise ValueError("examples must be ExampleImages, (x, deltas, transformed) or (x, transformed)")
+    return ExampleImages(
+        x=np.asarray(x), deltas=[float(d) for d in deltas], transformed=[np.asarray(t) for t in transformed]
+    )
+
+
 def make_examples(x: Any, transform: Any, deltas: Sequence[float], index: Any = None) -> ExampleImages:
     """ExampleImages from a tensor x (N, C, H, W) in [0, 1] and a core.transforms
     SemanticTransform: transformed[k] = T(x, deltas[k], index) (index: dataset indices, needed by
@@ -141,7 +162,8 @@ def figure_accuracy_pca(results: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_xlabel("prune ratio")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if results:
+            ax.legend(fontsize="small")
     return fig
 
 
@@ -273,9 +295,7 @@ def figure_examples(examples: ExampleImages, max_rows: int = 4) -> Figure:
     return fig
 
 
-def build_figures(
-    results: Sequence[Mapping[str, Any]], examples: ExampleImages | None = None
-) -> dict[str, Figure]:
+def build_figures(results: Sequence[Mapping[str, Any]], examples: Examples = None) -> dict[str, Figure]:
     """Every figure of the report, keyed by FIGURES name ('examples' only when examples given)."""
     figs = {
         "accuracy_pca": figure_accuracy_pca(results),
@@ -283,6 +303,7 @@ def build_figures(
         "epsilon": figure_epsilon(results),
         "margins": figure_margins(results),
     }
+    examples = as_examples(examples)
     if examples is not None:
         figs["examples"] = figure_examples(examples)
     return figs
@@ -302,13 +323,14 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
 def render_figure_png(
     results: Sequence[Mapping[str, Any]],
     name: str = "accuracy_pca",
-    examples: ExampleImages | None = None,
+    examples: Examples = None,
     dpi: int = 100,
 ) -> bytes:
     """PNG of one named figure. Unknown name (or 'examples' without examples) -> ValueError."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; valid: {', '.join(FIGURES)}")
     if name == "examples":
+        examples = as_examples(examples)
         if examples is None:
             raise ValueError("no example images for this report")
         return figure_png(figure_examples(examples), dpi)
@@ -357,7 +379,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def render_pdf(results: Sequence[Mapping[str, Any]], examples: ExampleImages | None = None) -> bytes:
+def render_pdf(results: Sequence[Mapping[str, Any]], examples: Examples = None) -> bytes:
     """PDF: page 1 = summary table, then one page per figure of build_figures (4 pages, 5 with
     examples)."""
     buf = io.BytesIO()
@@ -407,7 +429,7 @@ section{margin-bottom:2em}code{background:#f6f6f6;padding:0 3px}
 
 def render_report(
     results: Sequence[Mapping[str, Any]],
-    examples: ExampleImages | None = None,
+    examples: Examples = None,
     *,
     title: str = "carcert report",
     standalone: bool = True,

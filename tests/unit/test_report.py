@@ -263,3 +263,16 @@ def test_make_examples_applies_the_transform_at_each_delta():
     assert list(ex.deltas) == [0.0, 0.5, 1.0]
     for d, t in zip(ex.deltas, ex.transformed, strict=True):
         np.testing.assert_allclose(t, np.clip(x.numpy() + 0.3 * d, 0, 1), atol=1e-6)
+
+
+def test_examples_accept_plain_tuples(examples):
+    three = report.as_examples((examples.x, examples.deltas, examples.transformed))
+    assert list(three.deltas) == list(examples.deltas)
+    np.testing.assert_array_equal(three.x, examples.x)
+    np.testing.assert_array_equal(np.stack(three.transformed), np.stack(examples.transformed))
+    two = report.as_examples((examples.x, examples.transformed))
+    assert list(two.deltas) == [1 / 3, 2 / 3, 1.0]
+    fig = report.build_figures([], (examples.x, examples.transformed))["examples"]
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), examples.transformed[0][0, 0])
+    with pytest.raises(ValueError, match="examples must be"):
+        report.as_examples((examples.x,))
