@@ -57,9 +57,10 @@ RATIO_EPS = 1e-3
 
 def noisy_masks(scores: Mapping[str, Tensor], noise: float) -> dict[str, Tensor]:
     """One compression instance C ~ Q_phi: m' = clip(m + U(-delta_n, delta_n), 0, 1) (METHOD.md).
-    Differentiable in m (zero gradient where clipped). Uses the global torch RNG."""
+    Differentiable in m (zero gradient where clipped). Uses the global torch RNG. noise = 0 gives
+    m itself (the search keeps m in [0, 1] by projection)."""
     if noise == 0:
-        return {n: m.clamp(0.0, 1.0) for n, m in scores.items()}
+        return dict(scores)
     return {n: (m + (torch.rand_like(m) * 2 - 1) * noise).clamp(0.0, 1.0) for n, m in scores.items()}
 
 

@@ -1,0 +1,295 @@
+"""CAR losses (Eq. 5-9) against plain formulas / brute force, pass sharing, ablation switches, and
+an end-to-end run on real digits."""
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.car import (
+    RATIO_EPS,
+    car_loss,
+    consistency_loss,
+    init_scores,
+    l1_loss,
+    noisy_masks,
+    ratio_loss,
+    run_car,
+    search_mask,
+    stability_loss,
+)
+from core.data import load_dataset
+from core.errors import Cancelled
+from core.masking import masked_forward, partial_scaled_init, prunable_weights, topk_mask
+from core.models import build_model
+from core.pipeline import LocalContext
+from core.spec import CarSpec, PruningSpec
+from core.training import evaluate, train_epochs
+
+TERMS = ("stab", "ratio", "consis", "l1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small nets: one thread is faster than two on a shared 2-core machine (no spin contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def brightness(x, delta, index=None):
+    return x * (1 - 0.5 * delta.view(-1, 1, 1, 1))
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 12),
+        nn.ReLU(),
+        nn.Linear(12, 5),
+    )
+
+
+def softmax_np(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_stability_loss_pair_and_variance_identity_by_enumeration():
+    """Eq. 5 / Appendix A.3: over a distribution Q uniform on a finite set of masks,
+    E_{Cm,Cn iid} ||p_Cm - p_Cn||^2 (all ordered pairs) == 2 E_C ||p_C - p_bar||^2."""
+    net = tiny_net().eval()
+    x = torch.rand(6, 1, 8, 8)
+    weights = prunable_weights(net)
+    g = torch.Generator().manual_seed(0)
+    mask_set = [{n: torch.rand(w.shape, generator=g) for n, w in weights.items()} for _ in range(5)]
+    with torch.no_grad():
+        probs = [torch.softmax(masked_forward(net, x, m), -1) for m in mask_set]
+    P = np.stack([p.double().numpy() for p in probs])  # (M, B, K)
+    # one pair, by the plain formula
+    want = np.mean(np.sum((P[0] - P[1]) ** 2, axis=1))
+    assert float(stability_loss(probs[0], probs[1])) == pytest.approx(want, rel=1e-5)
+    # expectation over independent pairs by enumeration
+    pairs = [float(stability_loss(probs[i], probs[j])) for i, j in itertools.product(range(5), repeat=2)]
+    p_bar = P.mean(axis=0)
+    identity = 2 * np.mean(np.sum((P - p_bar) ** 2, axis=2))
+    assert np.mean(pairs) == pytest.approx(identity, rel=1e-5)
+    assert identity > 0
+
+
+def test_ratio_loss_hand_computed():
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.9, 0.05, 0.05]])
+    p_t = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.3, 0.3], [0.89, 0.06, 0.05]])
+    eta = 0.5
+
+    def one(pp, pt):
+        z = max(abs(a - b) for a, b in zip(pp, pt, strict=True))
+        s = sorted(pp, reverse=True)
+        d = (s[0] - s[1]) / 2
+        r = z / (d + RATIO_EPS)
+        return math.log1p(math.exp(max(r - eta, 0.0)))
+
+    want = sum(one(a, b) for a, b in zip(p.tolist(), p_t.tolist(), strict=True)) / 3
+    assert float(ratio_loss(p, p_t, eta)) == pytest.approx(want, rel=1e-5)
+    # third sample: r = 0.01 / 0.4255 < eta -> softplus(0) = log 2 exactly
+    assert float(ratio_loss(p[2:], p_t[2:], eta)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_consistency_loss_is_kl_soft_to_hard():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    ps, ph = softmax_np(a.double().numpy()), softmax_np(b.double().numpy())
+    want = np.mean(np.sum(ps * np.log(ps / ph), axis=1))
+    assert float(consistency_loss(a, b)) == pytest.approx(want, rel=1e-5)
+    assert float(consistency_loss(a, a)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_l1_loss_mean_abs_over_all_entries():
+    s = {"a": torch.tensor([[0.2, 0.4], [1.0, 0.0]]), "b": torch.tensor([0.5, 0.3, 0.6])}
+    assert float(l1_loss(s)) == pytest.approx((0.2 + 0.4 + 1.0 + 0.5 + 0.3 + 0.6) / 7)
+
+
+def test_noisy_masks_range_and_gradient():
+    torch.manual_seed(0)
+    m = torch.rand(20000).requires_grad_(True)
+    out = noisy_masks({"w": m}, 0.5)["w"]
+    assert out.min() >= 0 and out.max() <= 1
+    noise = out.detach() - m.detach()
+    inner = (out > 0) & (out < 1)
+    assert noise[inner].abs().max() <= 0.5 + 1e-6
+    assert abs(noise[inner].mean().item()) < 0.02  # U(-0.5, 0.5) has mean 0 (inside the clip)
+    assert noise[inner].abs().max() > 0.45
+    out.sum().backward()
+    assert torch.equal(m.grad, inner.float())  # d clip(m + u) / dm = 1 inside, 0 where clipped
+
+
+def count_forwards(net: nn.Module) -> list[int]:
+    calls = [0]
+    net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "on,expected",
+    [
+        (TERMS, 4),
+        (("stab", "ratio", "l1"), 3),
+        (("ratio", "consis"), 3),
+        (("stab",), 2),
+        (("ratio",), 2),
+        (("consis",), 2),
+        (("l1",), 0),
+    ],
+)
+def test_car_loss_shares_passes_and_skips_switched_off_terms(on, expected):
+    net = tiny_net().eval()
+    calls = count_forwards(net)
+    scores = {n: s.requires_grad_(True) for n, s in partial_scaled_init(prunable_weights(net), 0.3).items()}
+    # eta = 0 keeps the hinge of L_ratio active, so every term has a non-zero gradient
+    spec = CarSpec(eta=0.0, **{f"lambda_{t}": (1.0 if t in on else 0.0) for t in TERMS})
+    x = torch.rand(8, 1, 8, 8)
+    loss, parts = car_loss(net, scores, x, brightness(x, torch.ones(8)), spec, prune_ratio=0.5)
+    assert calls[0] == expected
+    assert set(parts) == set(on)
+    assert float(loss.detach()) == pytest.approx(sum(parts.values()), rel=1e-5)
+    loss.backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in scores.values())
+
+
+def test_car_loss_total_is_weighted_sum_of_the_terms():
+    net = tiny_net().eval()
+    scores = partial_scaled_init(prunable_weights(net), 0.3)
+    x = torch.rand(8, 1, 8, 8)
+    xt = brightness(x, torch.ones(8))
+    spec = CarSpec(lambda_stab=0.5, lambda_ratio=2.0, lambda_consis=3.0, lambda_l1=0.25)
+    torch.manual_seed(7)
+    loss, parts = car_loss(net, scores, x, xt, spec, prune_ratio=0.5)
+    loss = loss.detach()
+    want = 0.5 * parts["stab"] + 2.0 * parts["ratio"] + 3.0 * parts["consis"] + 0.25 * parts["l1"]
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # recompute every term independently with the same noise draws
+    torch.manual_seed(7)
+    m1 = noisy_masks(scores, 0.5)
+    m2 = noisy_masks(scores, 0.5)
+    with torch.no_grad():
+        p1 = torch.softmax(masked_forward(net, x, m1), -1).double().numpy()
+        p2 = torch.softmax(masked_forward(net, x, m2), -1).double().numpy()
+        pt = torch.softmax(masked_forward(net, xt, m1), -1).double().numpy()
+        ph = torch.softmax(masked_forward(net, x, topk_mask(scores, 0.5)), -1).double().numpy()
+    assert parts["stab"] == pytest.approx(np.mean(np.sum((p1 - p2) ** 2, 1)), rel=1e-4)
+    s = np.sort(p1, 1)
+    r = np.abs(p1 - pt).max(1) / ((s[:, -1] - s[:, -2]) / 2 + RATIO_EPS)
+    assert parts["ratio"] == pytest.approx(np.mean(np.log1p(np.exp(np.maximum(r - 1.0, 0)))), rel=1e-4)
+    assert parts["consis"] == pytest.approx(np.mean(np.sum(p1 * np.log(p1 / ph), 1)), rel=1e-4, abs=1e-7)
+    assert parts["l1"] == pytest.approx(float(torch.cat([v.flatten() for v in scores.values()]).mean()))
+
+
+def test_consistency_gradient_flows_through_straight_through_hard_mask():
+    """With noise 0 the soft mask is m itself, so d L_consis / dm = (grad via the soft path)
+    + (grad w.r.t. the hard mask, passed straight through)."""
+    net = tiny_net().eval().double()  # float64: the two paths sum the same terms in another order
+    base = partial_scaled_init(prunable_weights(net), 0.3)
+    base = {n: b.double() for n, b in base.items()}
+    x = torch.rand(8, 1, 8, 8, dtype=torch.float64)
+    spec = CarSpec(noise=0.0, lambda_stab=0, lambda_ratio=0, lambda_consis=1.0, lambda_l1=0)
+    scores = {n: s.clone().requires_grad_(True) for n, s in base.items()}
+    loss, _ = car_loss(net, scores, x, None, spec, prune_ratio=0.6)
+    loss.backward()
+    soft = {n: s.clone().requires_grad_(True) for n, s in base.items()}
+    hard = {n: m.double().requires_grad_(True) for n, m in topk_mask(base, 0.6).items()}
+    consistency_loss(masked_forward(net, x, soft), masked_forward(net, x, hard)).backward()
+    for n in base:
+        torch.testing.assert_close(scores[n].grad, soft[n].grad + hard[n].grad)
+        assert hard[n].grad.abs().sum() > 0
+
+
+def digits_small():
+    return load_dataset("digits", seed=0)
+
+
+@pytest.mark.parametrize("term", TERMS)
+def test_search_runs_with_a_single_term_on(term):
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1)
+    # an untrained net has r < eta = 1 almost everywhere (zero gradient): eta = 0 keeps L_ratio active
+    spec = CarSpec(eta=0.0, **{f"lambda_{t}": (1.0 if t == term else 0.0) for t in TERMS})
+    x, y = d.train_x[:256], d.train_y[:256]
+    seen = []
+
+    def t_rec(xb, delta, index=None):
+        seen.append(bool(torch.equal(xb, x[index])))  # index = dataset rows of the batch
+        return brightness(xb, delta)
+
+    before = {n: p.clone() for n, p in net.state_dict().items()}
+    scores = search_mask(
+        net, x, y, t_rec, spec, prune_ratio=0.5, scope="layer", epochs=1, batch_size=64, seed=0
+    )
+    init = init_scores(net, spec)
+    assert set(scores) == set(init)
+    assert any(not torch.equal(scores[n], init[n]) for n in scores)  # the term moved the mask
+    assert all(s.min() >= 0 and s.max() <= 1 for s in scores.values())
+    for n, p in net.state_dict().items():  # weights frozen
+        assert torch.equal(p, before[n])
+    assert all(p.requires_grad for p in net.parameters())  # restored
+    assert (len(seen) > 0 and all(seen)) == (term == "ratio")
+    if term == "l1":
+        assert float(l1_loss(scores)) < float(l1_loss(init))
+
+
+def test_search_all_lambdas_zero_is_a_no_op():
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1)
+    spec = CarSpec(lambda_stab=0, lambda_ratio=0, lambda_consis=0, lambda_l1=0)
+    scores = search_mask(net, d.train_x[:64], d.train_y[:64], brightness, spec, prune_ratio=0.5, epochs=1,
+                         batch_size=32, seed=0)  # fmt: skip
+    init = init_scores(net, spec)
+    assert all(torch.equal(scores[n], init[n]) for n in init)
+
+
+def test_search_resume_equals_uninterrupted_and_cancel(tmp_path):
+    d = digits_small()
+    x, y = d.train_x[:192], d.train_y[:192]
+    net = build_model("small_cnn", 10, 1)
+    kw = dict(prune_ratio=0.5, scope="layer", batch_size=64, seed=4)
+    spec = CarSpec()
+    straight = search_mask(net, x, y, brightness, spec, epochs=3, ctx=LocalContext(tmp_path / "a"), **kw)
+    ctx = LocalContext(tmp_path / "b")
+    search_mask(net, x, y, brightness, spec, epochs=2, ctx=ctx, **kw)
+    resumed = search_mask(net, x, y, brightness, spec, epochs=3, ctx=ctx, **kw)
+    for n in straight:
+        assert torch.equal(straight[n], resumed[n])
+    stop = LocalContext(tmp_path / "c", cancel_flag=lambda: True)
+    with pytest.raises(Cancelled):
+        search_mask(net, x, y, brightness, spec, epochs=1, ctx=stop, **kw)
+
+
+def test_run_car_on_digits_exact_sparsity_and_accuracy_close_to_unpruned():
+    d = digits_small()
+    torch.manual_seed(0)
+    dense = build_model("small_cnn", 10, 1)
+    train_epochs(dense, d.train_x, d.train_y, epochs=20, lr=0.1, batch_size=64, seed=0)
+    acc_dense = evaluate(dense, d.test_x, d.test_y)
+    assert acc_dense > 0.9
+    for pr, scope in [(0.5, "layer"), (0.7, "global")]:
+        model = copy.deepcopy(dense)
+        spec = PruningSpec(method="car", prune_ratio=pr, scope=scope, pretrain_epochs=0, search_epochs=3,
+                           finetune_epochs=3, finetune_lr=0.01, batch_size=64, augment_q=200)  # fmt: skip
+        masks = run_car(model, d, brightness, spec, seed=0)
+        weights = prunable_weights(model)
+        if scope == "layer":
+            for n, w in weights.items():
+                assert int(masks[n].sum()) == round((1 - pr) * w.numel())
+        total = sum(w.numel() for w in weights.values())
+        assert sum(int(m.sum()) for m in masks.values()) == round((1 - pr) * total)
+        for n, w in weights.items():
+            assert bool((w[~masks[n]] == 0).all())
+        acc = evaluate(model, d.test_x, d.test_y)
+        assert acc >= acc_dense - 0.05, (pr, scope, acc, acc_dense)
