@@ -1,0 +1,142 @@
+"""worker.runner.DbStageContext and execute_job on a real SQLite database (in process): throttled
+progress writes, cancel, lease heartbeat, lost lease, time limit, hand-back on worker shutdown."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import event, update
+
+from core.spec import JobSpec
+from store import jobs as repo
+from store.db import get_engine, init_db, reset_caches, session_scope
+from store.models import Job, utcnow
+from store.settings import get_settings
+from worker.runner import DbStageContext, execute_job
+from worker.shutdown import SHUTTING_DOWN
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sqlite_env(tmp_path) -> Iterator[dict[str, str]]:
+    env = {
+        "CARCERT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "CARCERT_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+        "CARCERT_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "CARCERT_WORK_ROOT": str(tmp_path / "work"),
+        "CARCERT_PROGRESS_INTERVAL_S": "0.5",
+        "CARCERT_LEASE_SECONDS": "3",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_caches()
+    init_db()
+    yield env
+    get_engine().dispose()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    reset_caches()
+
+
+def claimed_job(worker: str = "w1") -> str:
+    with session_scope() as s:
+        job, _ = repo.create_job(s, "t", JobSpec(train_subset=50))
+    with session_scope() as s:
+        assert repo.claim_job(s, job.id, worker) is not None
+    return job.id
+
+
+def row(job_id: str) -> Job:
+    with session_scope() as s:
+        return s.get(Job, job_id)
+
+
+def test_progress_writes_are_throttled(sqlite_env, tmp_path):
+    job_id = claimed_job()
+    writes: list[str] = []
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("UPDATE JOBS"):
+            writes.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    ctx = DbStageContext(job_id, "w1", tmp_path / "job", get_settings())
+    t0 = time.monotonic()
+    for i in range(1000):
+        ctx.progress("pretrain", i / 2000)
+    elapsed = time.monotonic() - t0
+    if elapsed >= 0.5:
+        pytest.skip(f"machine too slow to test the 0.5 s throttle ({elapsed:.2f} s)")
+    assert len(writes) == 1  # only the first call of the burst
+    ctx.progress("search", 0.6)  # a new stage is written at once
+    assert len(writes) == 2
+    assert (row(job_id).stage, row(job_id).progress) == ("search", 0.6)
+    time.sleep(0.55)
+    ctx.progress("search", 0.7)
+    assert len(writes) == 3 and row(job_id).progress == 0.7
+    event.remove(get_engine(), "before_cursor_execute", count)
+
+
+def test_should_cancel_follows_the_database(sqlite_env, tmp_path):
+    job_id = claimed_job()
+    ctx = DbStageContext(job_id, "w1", tmp_path / "job", get_settings())
+    assert ctx.should_cancel() is False
+    with session_scope() as s:
+        repo.request_cancel(s, "t", job_id)
+    time.sleep(0.55)
+    assert ctx.should_cancel() is True
+
+
+def test_heartbeat_renews_the_lease_and_notices_a_lost_one(sqlite_env, tmp_path):
+    job_id = claimed_job()
+    first = row(job_id).lease_expires_at
+    with DbStageContext(job_id, "w1", tmp_path / "job", get_settings()) as ctx:
+        time.sleep(2.3)  # heartbeat every max(1, lease/3) = 1 s
+        renewed = row(job_id).lease_expires_at
+        assert renewed > first
+        with session_scope() as s:  # another worker takes the job over after an expiry
+            s.execute(
+                update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+            )
+        with session_scope() as s:
+            assert repo.claim_job(s, job_id, "w2") is not None
+        time.sleep(0.55)
+        assert ctx.should_cancel() is True and ctx.lease_lost
+    assert row(job_id).lease_owner == "w2"
+
+
+def test_time_limit_stops_the_job(sqlite_env, tmp_path):
+    job_id = claimed_job()
+    ctx = DbStageContext(
+        job_id, "w1", tmp_path / "job", get_settings().model_copy(update={"job_time_limit_s": 0})
+    )
+    time.sleep(0.01)
+    assert ctx.should_cancel() is True and ctx.timed_out
+
+
+def test_shutdown_hands_the_job_back_to_the_queue(sqlite_env, tmp_path):
+    with session_scope() as s:
+        job, _ = repo.create_job(s, "t", JobSpec(train_subset=50))
+    SHUTTING_DOWN.set()
+    try:
+        assert execute_job(job.id, worker_id="w1") == "released"
+    finally:
+        SHUTTING_DOWN.clear()
+    j = row(job.id)
+    assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
+    # and it was sent again: one message waits in the broker database
+    with sqlite3.connect(tmp_path / "broker.sqlite") as con:
+        assert con.execute("SELECT count(*) FROM kombu_message WHERE visible = 1").fetchone()[0] == 1
+    # a finished or cancelled job is never run
+    with session_scope() as s:
+        repo.request_cancel(s, "t", job.id)
+    assert execute_job(job.id, worker_id="w2") == "skipped"
