@@ -227,7 +227,7 @@ def figure_epsilon(results: Sequence[Mapping[str, Any]], bins: int = 30) -> Figu
             ax.axvline(math.log10(threshold), color="tab:red", linestyle="--", label="log10 epsilon")
             ax.legend(fontsize="x-small")
         ax.set_title(str(r["name"]))
-        ax.set_xlabel("log10 eps_hat")
+        ax.set_xlabel(f"log10 eps_hat (eps_hat = 0 drawn at {math.log10(EPS_FLOOR):.0f})")
         ax.set_ylabel("samples")
     return fig
 
