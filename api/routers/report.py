@@ -173,10 +173,11 @@ def _responses(*extra: int) -> dict[int | str, dict[str, Any]]:
         404: "No such job for this tenant",
         409: "The job has not succeeded (yet)",
         422: "Invalid parameter",
+        503: "The database is unavailable; retry later",
     }
     return {
         code: {"description": docs[code], "content": {PROBLEM_MEDIA_TYPE: {}}}
-        for code in (401, 404, 409, *extra)
+        for code in (401, 404, 409, 503, *extra)
     }
 
 
