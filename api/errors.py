@@ -110,9 +110,30 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    from starlette.routing import Match
+
+    methods = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        for route in request.app.router.routes:
+            try:
+                match, _ = route.matches(scope)
+            except Exception:  # a route type that cannot answer: ignore it
+                continue
+            if match == Match.FULL:
+                methods.append(method)
+                break
+    return ", ".join(methods)
+
+
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
     detail = exc.detail if isinstance(exc.detail, str) else _phrase(exc.status_code)
-    return problem(request, exc.status_code, detail, headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return problem(request, exc.status_code, detail, headers=headers or None)
 
 
 async def _api_problem(request: Request, exc: ApiProblem) -> ProblemResponse:

@@ -14,7 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -74,6 +75,17 @@ def dispatch_job(job_id: str) -> None:
 # ------------------------------------------------------------------------------------------ submit
 
 
+async def strict_spec(request: Request) -> None:
+    """Validate the POST /jobs body in pydantic's strict JSON mode as well: JobSpec alone (lax)
+    would turn `"seed": false` into 0 or `"n": "5"` into 5; a typed API should refuse those."""
+    try:
+        JobSpec.model_validate_json(await request.body(), strict=True)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
+        ) from None
+
+
 @router.post(
     "", status_code=202, response_model=JobOut, summary="Submit a job",
     responses={
@@ -82,6 +94,7 @@ def dispatch_job(job_id: str) -> None:
         202: {"description": "Accepted: the job is queued; Location points to it"},
         **problem_responses(400, 401, 409, 422, 503),
     },
+    dependencies=[Depends(strict_spec)],
 )
 def submit_job(
     spec: JobSpec,
