@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -474,3 +475,25 @@ def test_schemathesis_finds_no_server_error_or_undeclared_response(env, tmp_path
            "--phases", "examples,coverage,fuzzing", "--no-color"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def test_broker_down_still_accepts_jobs_and_readyz_says_so(env, tmp_path):
+    """The job is committed before dispatch; a failed dispatch leaves it queued for the workers'
+    stale-job sweep instead of failing the request."""
+    e = dict(env.env, CARCERT_BROKER_URL="redis://127.0.0.1:1/0")
+    with run_server(e, tmp_path / "nobroker.log") as srv:
+        srv.keys.update(env.keys)
+        with srv.client("alice") as c:
+            t0 = time.monotonic()
+            r = c.post("/jobs", json={**TINY, "seed": 4242})
+            assert r.status_code == 202, r.text
+            assert time.monotonic() - t0 < 5
+            assert c.get(r.headers["location"]).json()["status"] == "queued"
+            body = assert_problem(c.get("/readyz"), 503)
+            assert body["checks"] == {"database": "ok", "broker": "unreachable"}
+        engine = create_engine(env.db_url)
+        with engine.connect() as conn:
+            status = conn.execute(text("SELECT status FROM jobs WHERE id = :i"),
+                                  {"i": r.json()["id"]}).scalar_one()
+        engine.dispose()
+        assert status == "queued"
