@@ -196,8 +196,8 @@ def run_prune(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(spec_json)
 
-    bar = tqdm(total=1000, desc="prune", unit="", bar_format="{desc:<10} {percentage:3.0f}%|{bar}| "
-               "{elapsed}<{remaining} {postfix}", disable=args.quiet, file=sys.stderr)
+    bar = tqdm(total=1000, desc="prune", unit="", bar_format="{desc:<9} {percentage:3.0f}%|{bar}| "
+               "{elapsed}<{remaining}{postfix}", disable=args.quiet, file=sys.stderr)
 
     def on_progress(stage: str, fraction: float, message: str) -> None:
         bar.set_description_str(stage, refresh=False)

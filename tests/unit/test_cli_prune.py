@@ -84,6 +84,23 @@ def test_sweep_writes_one_folder_per_variant(tmp_path: Path) -> None:
         assert all(int(m.sum()) == round((1 - ratio) * m.numel()) for m in masks.values())
 
 
+def test_work_dir_resumes_only_with_the_same_options(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["prune", "--arch", "small_cnn", "--method", "lmp", *TINY, "--out", str(out)]
+    assert main([*argv, "--keep-work"]) == 0
+    work = out / ".carcert-work"
+    assert (work / "lmp-0.50" / "certificate.json").is_file() and (work / "checkpoints").is_dir()
+    first = (out / "certificate.json").read_text()
+    stamp = (work / "lmp-0.50" / "certificate.json").stat().st_mtime_ns
+    assert main([*argv, "--keep-work"]) == 0  # same options: the finished variant is reused
+    assert (work / "lmp-0.50" / "certificate.json").stat().st_mtime_ns == stamp
+    assert (out / "certificate.json").read_text() == first
+    assert main([*argv, "--seed", "1"]) == 0  # other options: old checkpoints discarded, new result
+    assert json.loads((out / "certificate.json").read_text())["params"]["seed"] == 1
+    assert not work.exists()
+    capsys.readouterr()
+
+
 def test_bad_arch_exits_2_with_message(tmp_path: Path, capsys) -> None:
     argv = ["prune", "--arch", "vgg16", "--dataset", "digits", "--method", "lmp", "--out", str(tmp_path)]
     code = main(argv)

@@ -190,6 +190,7 @@ class _Evil:
         return (Path.touch, (Path(self.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_refused_and_not_executed(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     state = build_model("small_cnn", 10, 1).state_dict()
