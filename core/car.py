@@ -22,6 +22,7 @@ Decisions the paper leaves open (documented here and in the final report):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -152,6 +153,48 @@ def init_scores(model: nn.Module, spec: CarSpec, seed: int = 0) -> dict[str, Ten
     return partial_scaled_init(weights, spec.tau)
 
 
+@contextmanager
+def frozen_eval(model: nn.Module):
+    """The mask search's view of theta_pre: eval mode and no parameter gradients (restored after)."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, req in frozen:
+            p.requires_grad_(req)
+        model.train(was_training)
+
+
+def car_step(
+    model: nn.Module,
+    scores: Mapping[str, Tensor],
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    x_t: Tensor | None,
+    spec: CarSpec,
+    *,
+    prune_ratio: float,
+    scope: str = "layer",
+) -> Tensor:
+    """One mask-search step (inside `frozen_eval`): Eq. 9 on the batch (four shared forward
+    passes), one backward of the summed loss, an optimiser step on m, projection onto [0, 1].
+    Raises TrainingDiverged before updating on a NaN/inf loss. Returns the detached loss."""
+    opt.zero_grad(set_to_none=True)
+    loss, _ = car_loss(model, scores, x, x_t, spec, prune_ratio=prune_ratio, scope=scope)
+    check_finite(loss)
+    if loss.requires_grad:
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for s in scores.values():
+                s.clamp_(0.0, 1.0)
+    return loss.detach()
+
+
 def search_mask(
     model: nn.Module,
     x: Tensor,
@@ -180,8 +223,6 @@ def search_mask(
     opt = torch.optim.Adam(list(scores.values()), lr=spec.mask_lr)
     if index is None:
         index = torch.arange(len(x))
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
 
     def step(idx: Tensor) -> Tensor:
         xb = x[idx].to(dev, non_blocking=True)
@@ -190,16 +231,7 @@ def search_mask(
             with torch.no_grad():
                 ones = torch.ones(len(xb), device=dev)
                 x_t = transform(xb, ones, index=index[idx].to(dev))
-        opt.zero_grad(set_to_none=True)
-        loss, _ = car_loss(model, scores, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope)
-        check_finite(loss)
-        if loss.requires_grad:
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for s in scores.values():
-                    s.clamp_(0.0, 1.0)
-        return loss.detach()
+        return car_step(model, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope)
 
     def state() -> dict[str, Any]:
         return {"scores": {n: s.detach().cpu() for n, s in scores.items()}, "opt": opt.state_dict()}
@@ -210,10 +242,7 @@ def search_mask(
                 s.copy_(st["scores"][n].to(dev))
         opt.load_state_dict(st["opt"])
 
-    try:
-        model.eval()
-        for p, _ in frozen:
-            p.requires_grad_(False)
+    with frozen_eval(model):
         run_epochs(
             len(x),
             epochs=epochs,
@@ -226,10 +255,6 @@ def search_mask(
             stage=stage,
             checkpoint_key=checkpoint_key,
         )
-    finally:
-        for p, req in frozen:
-            p.requires_grad_(req)
-        model.train(was_training)
     return {n: s.detach() for n, s in scores.items()}
 
 
