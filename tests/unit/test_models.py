@@ -30,7 +30,7 @@ FOOLBOX_DATA = SITE / "foolbox" / "data"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 32), (1, 8)])
+@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 28), (1, 32), (3, 32), (1, 8)])
 def test_forward_shapes(arch: str, channels: int, size: int) -> None:
     model = build_model(arch, 7, channels).eval()
     with torch.no_grad():
