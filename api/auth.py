@@ -61,7 +61,10 @@ class KeyCache:
 
 def _unauthorized(detail: str, error: str = "invalid_token") -> ApiProblem:
     return ApiProblem(
-        401, "unauthorized", detail, title="Unauthorized",
+        401,
+        "unauthorized",
+        detail,
+        title="Unauthorized",
         headers={"WWW-Authenticate": f'Bearer realm="carcert", error="{error}"'},
     )
 

@@ -31,8 +31,20 @@ NAMED_DATASETS = ("digits", "fashion-mnist")
 
 
 def _invalid(detail: str, field: str | None = None) -> ApiProblem:
-    extra = {"errors": [{"loc": ["body", *field.split(".")], "field": field, "msg": detail,
-                         "type": "invalid_reference"}]} if field else None
+    extra = (
+        {
+            "errors": [
+                {
+                    "loc": ["body", *field.split(".")],
+                    "field": field,
+                    "msg": detail,
+                    "type": "invalid_reference",
+                }
+            ]
+        }
+        if field
+        else None
+    )
     return ApiProblem(422, "invalid-input", detail, title="Invalid input", extra=extra)
 
 
@@ -169,15 +181,18 @@ def _file_ref(session: Session, tenant: str, field: str, ref: str, data_roots: S
 def _artifact_ref(session: Session, tenant: str, field: str, ref: str) -> None:
     from store.models import Artifact
 
-    art_id = ref[len(ARTIFACT_PREFIX):]
+    art_id = ref[len(ARTIFACT_PREFIX) :]
     row = session.execute(
         select(Artifact.kind).where(Artifact.id == art_id, Artifact.tenant == tenant)
     ).first()
     if row is None:
         raise _invalid(f"{field}: artifact {art_id!r} not found", field)
     if row.kind not in REF_KINDS[field]:
-        raise _invalid(f"{field}: artifact {art_id!r} has kind {row.kind!r}; expected one of "
-                       f"{', '.join(REF_KINDS[field])}", field)
+        raise _invalid(
+            f"{field}: artifact {art_id!r} has kind {row.kind!r}; expected one of "
+            f"{', '.join(REF_KINDS[field])}",
+            field,
+        )
 
 
 def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> Path:
@@ -191,8 +206,11 @@ def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> 
                 raise _invalid(f"{field}: path {raw!r} does not exist", field)
             return path
     roots = ", ".join(str(Path(r)) for r in data_roots) or "(none configured)"
-    raise _invalid(f"{field}: path {raw!r} is outside the allowed data roots ({roots}); upload the file "
-                   "with POST /artifacts and use 'artifact:<id>'", field)
+    raise _invalid(
+        f"{field}: path {raw!r} is outside the allowed data roots ({roots}); upload the file "
+        "with POST /artifacts and use 'artifact:<id>'",
+        field,
+    )
 
 
 def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence[Path]) -> None:
@@ -204,8 +222,11 @@ def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence
     elif sep and prefix in PATH_DATASETS and rest:
         check_path(rest, data_roots)
     else:
-        raise _invalid(f"unknown dataset reference {ref!r}; use digits, fashion-mnist[:DIR], "
-                       "npz:PATH, imagefolder:PATH or artifact:ID", "dataset")
+        raise _invalid(
+            f"unknown dataset reference {ref!r}; use digits, fashion-mnist[:DIR], "
+            "npz:PATH, imagefolder:PATH or artifact:ID",
+            "dataset",
+        )
 
 
 def _parametric_names() -> Sequence[str] | None:
@@ -232,6 +253,8 @@ def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Seq
         if names is not None:
             unknown = [p for p in spec.transform.name.split("+") if p.strip() not in names]
             if unknown:
-                raise _invalid(f"unknown parametric transform {', '.join(map(repr, unknown))}; valid "
-                               f"names: {', '.join(names)} (or compositions such as 'brightness+blur')",
-                               "transform.name")
+                raise _invalid(
+                    f"unknown parametric transform {', '.join(map(repr, unknown))}; valid "
+                    f"names: {', '.join(names)} (or compositions such as 'brightness+blur')",
+                    "transform.name",
+                )

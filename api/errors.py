@@ -105,8 +105,14 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ())]
-        out.append({"loc": loc, "field": ".".join(loc[1:] if loc[:1] == ["body"] else loc),
-                    "msg": err.get("msg", ""), "type": err.get("type", "")})
+        out.append(
+            {
+                "loc": loc,
+                "field": ".".join(loc[1:] if loc[:1] == ["body"] else loc),
+                "msg": err.get("msg", ""),
+                "type": err.get("type", ""),
+            }
+        )
     return out
 
 
@@ -137,18 +143,25 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> Prob
 
 
 async def _api_problem(request: Request, exc: ApiProblem) -> ProblemResponse:
-    return problem(request, exc.status, exc.detail, slug=exc.slug, title=exc.title,
-                   headers=exc.headers, extra=exc.extra)
+    return problem(
+        request, exc.status, exc.detail, slug=exc.slug, title=exc.title, headers=exc.headers, extra=exc.extra
+    )
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> ProblemResponse:
     errors = _field_errors(exc)
     if any(e["type"] == "json_invalid" for e in errors):
-        return problem(request, 400, "The request body is not valid JSON: " + errors[0]["msg"],
-                       slug="malformed-body", title="Malformed request body")
+        return problem(
+            request,
+            400,
+            "The request body is not valid JSON: " + errors[0]["msg"],
+            slug="malformed-body",
+            title="Malformed request body",
+        )
     summary = "; ".join(f"{e['field'] or 'body'}: {e['msg']}" for e in errors[:5])
-    return problem(request, 422, summary, slug="validation-error", title="Invalid request",
-                   extra={"errors": errors})
+    return problem(
+        request, 422, summary, slug="validation-error", title="Invalid request", extra={"errors": errors}
+    )
 
 
 async def _invalid_input(request: Request, exc: InvalidInput) -> ProblemResponse:
@@ -157,14 +170,22 @@ async def _invalid_input(request: Request, exc: InvalidInput) -> ProblemResponse
 
 async def _unexpected(request: Request, exc: Exception) -> ProblemResponse:
     if is_database_unavailable(exc):
-        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return problem(request, 503, "The database is unavailable; retry later.",
-                       slug="database-unavailable", title="Service Unavailable",
-                       headers={"Retry-After": "5"})
+        log.warning(
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return problem(
+            request,
+            503,
+            "The database is unavailable; retry later.",
+            slug="database-unavailable",
+            title="Service Unavailable",
+            headers={"Retry-After": "5"},
+        )
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem(request, 500, "An unexpected error occurred; it has been logged.",
-                   slug="internal-error")
+    return problem(request, 500, "An unexpected error occurred; it has been logged.", slug="internal-error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

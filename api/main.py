@@ -106,8 +106,13 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 resp["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}
                 if code == "422":
                     resp["description"] = "Validation error (problem+json with the field errors)"
-            op["responses"].setdefault("500", {"description": "Unexpected error (no internals)",
-                                               "content": {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}}})
+            op["responses"].setdefault(
+                "500",
+                {
+                    "description": "Unexpected error (no internals)",
+                    "content": {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}},
+                },
+            )
     for unused in ("HTTPValidationError", "ValidationError"):
         comps.pop(unused, None)
     app.openapi_schema = schema

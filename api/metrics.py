@@ -23,10 +23,19 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("carcert_http_requests_total", "HTTP requests",
-                                ("method", "route", "status"), registry=self.registry)
-        self.latency = Histogram("carcert_http_request_duration_seconds", "HTTP request latency",
-                                 ("method", "route"), buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "carcert_http_requests_total",
+            "HTTP requests",
+            ("method", "route", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "carcert_http_request_duration_seconds",
+            "HTTP request latency",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
 
 class JobsCollector(Collector):
@@ -88,7 +97,11 @@ class MetricsMiddleware:
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics",
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}},
+)
 def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -37,8 +37,12 @@ class Upload:
 
 
 def _too_large(max_bytes: int) -> ApiProblem:
-    return ApiProblem(413, "upload-too-large", f"The upload exceeds the limit of {max_bytes} bytes.",
-                      title="Content Too Large")
+    return ApiProblem(
+        413,
+        "upload-too-large",
+        f"The upload exceeds the limit of {max_bytes} bytes.",
+        title="Content Too Large",
+    )
 
 
 def _bad(detail: str) -> ApiProblem:
@@ -66,10 +70,14 @@ class _Collector:
 
     def callbacks(self) -> dict:
         return {
-            "on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-            "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-            "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-            "on_part_end": self.on_part_end, "on_end": self.on_end,
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
         }
 
     def on_end(self) -> None:
@@ -137,9 +145,12 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, file_f
     """Stream the multipart body of `request` to a temp file in `tmp_dir`; see the module doc."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
-        raise ApiProblem(415, "unsupported-media-type",
-                         "Send the upload as multipart/form-data with a 'file' part and a 'kind' field.",
-                         title="Unsupported Media Type")
+        raise ApiProblem(
+            415,
+            "unsupported-media-type",
+            "Send the upload as multipart/form-data with a 'file' part and a 'kind' field.",
+            title="Unsupported Media Type",
+        )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes + MULTIPART_OVERHEAD:
         raise _too_large(max_bytes)
@@ -165,5 +176,10 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, file_f
         raise
     if collector.file_path is None:
         raise _bad(f"The form has no '{file_field}' file part.")
-    return Upload(collector.file_path, collector.filename or "upload.bin", collector.hasher.hexdigest(),
-                  collector.size, collector.fields)
+    return Upload(
+        collector.file_path,
+        collector.filename or "upload.bin",
+        collector.hasher.hexdigest(),
+        collector.size,
+        collector.fields,
+    )

@@ -43,20 +43,48 @@ def certificate(samples: int, seed: int = 0) -> dict:
     rows = []
     for i in range(samples):
         d = rng.uniform(0, 5)
-        rows.append({"index": i, "label": rng.randrange(10), "pred": rng.randrange(10), "d": d,
-                     "max_z": rng.uniform(0, 3), "epsilon_bound": rng.uniform(0, 1e-2),
-                     "t_star": rng.uniform(1e-4, 1e4), "certified": rng.random() < 0.8})
+        rows.append(
+            {
+                "index": i,
+                "label": rng.randrange(10),
+                "pred": rng.randrange(10),
+                "d": d,
+                "max_z": rng.uniform(0, 3),
+                "epsilon_bound": rng.uniform(0, 1e-2),
+                "t_star": rng.uniform(1e-4, 1e4),
+                "certified": rng.random() < 0.8,
+            }
+        )
     return {
-        "job_id": None, "created_at": "2026-01-01T00:00:00+00:00",
+        "job_id": None,
+        "created_at": "2026-01-01T00:00:00+00:00",
         "software": {"carcert": "0.1.0", "torch": "2.14.1"},
-        "model": {"arch": "resnet18", "sha256": "0" * 64, "params": 11_000_000, "nonzero": 5_500_000,
-                  "sparsity": 0.5,
-                  "layers": [{"name": f"layer{i}.weight", "sparsity": 0.5} for i in range(21)]},
-        "mask_sha256": "1" * 64, "dataset": {"ref": "fashion-mnist", "sha256": "2" * 64},
+        "model": {
+            "arch": "resnet18",
+            "sha256": "0" * 64,
+            "params": 11_000_000,
+            "nonzero": 5_500_000,
+            "sparsity": 0.5,
+            "layers": [{"name": f"layer{i}.weight", "sparsity": 0.5} for i in range(21)],
+        },
+        "mask_sha256": "1" * 64,
+        "dataset": {"ref": "fashion-mnist", "sha256": "2" * 64},
         "transform": {"kind": "parametric", "name": "illumination", "strength": 1.0},
-        "params": {"n": 100, "l": 10, "alpha": 0.9, "epsilon": 1e-3, "t_min": 1e-4, "t_max": 1e4,
-                   "t_steps": 500, "seed": 0, "samples": samples},
-        "failure_probability": 1e-5, "accuracy": 0.91, "pca": 0.8, "samples": rows,
+        "params": {
+            "n": 100,
+            "l": 10,
+            "alpha": 0.9,
+            "epsilon": 1e-3,
+            "t_min": 1e-4,
+            "t_max": 1e4,
+            "t_steps": 500,
+            "seed": 0,
+            "samples": samples,
+        },
+        "failure_probability": 1e-5,
+        "accuracy": 0.91,
+        "pca": 0.8,
+        "samples": rows,
     }
 
 
@@ -97,8 +125,17 @@ def seed_job(db_url: str, samples: int) -> tuple[str, str]:
         job, _ = create_job(s, "bench", JobSpec())
         cert = certificate(samples)
         cert["job_id"] = job.id
-        add_result(s, job.id, name="car-0.50", method="car", prune_ratio=0.5, accuracy=0.91, pca=0.8,
-                   sparsity=0.5, certificate=cert)
+        add_result(
+            s,
+            job.id,
+            name="car-0.50",
+            method="car",
+            prune_ratio=0.5,
+            accuracy=0.91,
+            pca=0.8,
+            sparsity=0.5,
+            certificate=cert,
+        )
         finish_job(s, job.id, "succeeded", summary={"variants": [{"name": "car-0.50"}]})
         job_id = job.id
     engine.dispose()
@@ -115,14 +152,35 @@ def free_port() -> int:
 def server(db_url: str, tmp: Path) -> Iterator[tuple[str, int, str]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
-    env.update(CARCERT_DATABASE_URL=db_url, CARCERT_BROKER_URL="redis://127.0.0.1:6379/15",
-               CARCERT_ARTIFACT_ROOT=str(tmp / "artifacts"), CARCERT_WORK_ROOT=str(tmp / "work"),
-               PYTHONPATH=str(ROOT))
+    env.update(
+        CARCERT_DATABASE_URL=db_url,
+        CARCERT_BROKER_URL="redis://127.0.0.1:6379/15",
+        CARCERT_ARTIFACT_ROOT=str(tmp / "artifacts"),
+        CARCERT_WORK_ROOT=str(tmp / "work"),
+        PYTHONPATH=str(ROOT),
+    )
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1", "--loop", loop, "--http", http, "--log-level", "warning",
-           "--no-access-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--loop",
+        loop,
+        "--http",
+        http,
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     log = open(tmp / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -160,8 +218,17 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int]:
     return status, len(body)
 
 
-async def _worker(host: str, port: int, request: bytes, stop_at: float, warm_until: float,
-                  lat: list[float], errors: list[str], budget: list[int], expect_len: int) -> None:
+async def _worker(
+    host: str,
+    port: int,
+    request: bytes,
+    stop_at: float,
+    warm_until: float,
+    lat: list[float],
+    errors: list[str],
+    budget: list[int],
+    expect_len: int,
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while budget[0] > 0:
@@ -180,36 +247,67 @@ async def _worker(host: str, port: int, request: bytes, stop_at: float, warm_unt
         writer.close()
 
 
-async def load(host: str, port: int, path: str, key: str, *, connections: int, duration: float,
-               warmup: float, max_requests: int, expect_len: int) -> dict:
-    request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
-               "Accept: application/json\r\n\r\n").encode()
+async def load(
+    host: str,
+    port: int,
+    path: str,
+    key: str,
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+    max_requests: int,
+    expect_len: int,
+) -> dict:
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
+        "Accept: application/json\r\n\r\n"
+    ).encode()
     lat: list[float] = []
     errors: list[str] = []
     budget = [max_requests]
     t0 = time.perf_counter()
     warm_until = t0 + warmup
     stop_at = warm_until + duration
-    await asyncio.gather(*(_worker(host, port, request, stop_at, warm_until, lat, errors, budget, expect_len)
-                           for _ in range(connections)))
+    await asyncio.gather(
+        *(
+            _worker(host, port, request, stop_at, warm_until, lat, errors, budget, expect_len)
+            for _ in range(connections)
+        )
+    )
     elapsed = min(time.perf_counter(), stop_at) - warm_until
     lat.sort()
 
     def pct(p: float) -> float:
         return 1000 * lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("nan")
 
-    return {"requests": len(lat), "seconds": round(elapsed, 3), "rps": round(len(lat) / elapsed, 1),
-            "p50_ms": round(pct(50), 2), "p90_ms": round(pct(90), 2), "p99_ms": round(pct(99), 2),
-            "max_ms": round(1000 * lat[-1], 2) if lat else None, "errors": len(errors),
-            "error_examples": errors[:3]}
+    return {
+        "requests": len(lat),
+        "seconds": round(elapsed, 3),
+        "rps": round(len(lat) / elapsed, 1),
+        "p50_ms": round(pct(50), 2),
+        "p90_ms": round(pct(90), 2),
+        "p99_ms": round(pct(99), 2),
+        "max_ms": round(1000 * lat[-1], 2) if lat else None,
+        "errors": len(errors),
+        "error_examples": errors[:3],
+    }
 
 
 def run_wrk(host: str, port: int, path: str, key: str, connections: int, duration: float) -> str | None:
     exe = shutil.which("wrk")
     if exe is None:
         return None
-    cmd = [exe, "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency",
-           "-H", f"Authorization: Bearer {key}", f"http://{host}:{port}{path}"]
+    cmd = [
+        exe,
+        "-t1",
+        f"-c{connections}",
+        f"-d{int(duration)}s",
+        "--latency",
+        "-H",
+        f"Authorization: Bearer {key}",
+        f"http://{host}:{port}{path}",
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30).stdout
 
 
@@ -220,9 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--max-requests", type=int, default=200_000)
-    ap.add_argument("--target", choices=("certificate", "job"), default="certificate",
-                    help="certificate: GET /jobs/{id}/certificate (cached bytes); job: GET /jobs/{id} "
-                    "(a database read + pydantic per request, for comparison)")
+    ap.add_argument(
+        "--target",
+        choices=("certificate", "job"),
+        default="certificate",
+        help="certificate: GET /jobs/{id}/certificate (cached bytes); job: GET /jobs/{id} "
+        "(a database read + pydantic per request, for comparison)",
+    )
     ap.add_argument("--wrk", action="store_true", help="also measure with wrk when installed")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
@@ -242,14 +344,28 @@ def main(argv: list[str] | None = None) -> int:
             first.raise_for_status()
             if args.target == "certificate":
                 assert len(first.json()["samples"]) == args.samples
-            res = asyncio.run(load(host, port, path, key, connections=args.connections,
-                                   duration=args.duration, warmup=args.warmup,
-                                   max_requests=args.max_requests, expect_len=len(first.content)))
-            res.update(target="GET " + path.replace(job_id, "{id}"), body_bytes=len(first.content),
-                       samples=args.samples, connections=args.connections,
-                       server=f"uvicorn 1 worker ({impl})", database=db_url.split(":", 1)[0],
-                       machine=f"{platform.machine()} {os.cpu_count()} CPU, "
-                               f"Python {platform.python_version()}")
+            res = asyncio.run(
+                load(
+                    host,
+                    port,
+                    path,
+                    key,
+                    connections=args.connections,
+                    duration=args.duration,
+                    warmup=args.warmup,
+                    max_requests=args.max_requests,
+                    expect_len=len(first.content),
+                )
+            )
+            res.update(
+                target="GET " + path.replace(job_id, "{id}"),
+                body_bytes=len(first.content),
+                samples=args.samples,
+                connections=args.connections,
+                server=f"uvicorn 1 worker ({impl})",
+                database=db_url.split(":", 1)[0],
+                machine=f"{platform.machine()} {os.cpu_count()} CPU, Python {platform.python_version()}",
+            )
             print(json.dumps(res, indent=2))
             if args.wrk:
                 out = run_wrk(host, port, path, key, args.connections, args.duration)

@@ -32,8 +32,11 @@ UPLOAD_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary",
-                                 "description": "weights: .safetensors or a weights_only torch checkpoint"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "weights: .safetensors or a weights_only torch checkpoint",
+                        },
                         "kind": {"type": "string", "enum": list(UPLOAD_KINDS), "default": "weights"},
                     },
                 }
@@ -44,8 +47,15 @@ UPLOAD_BODY = {
 
 
 def to_out(row) -> ArtifactOut:
-    return ArtifactOut(id=row.id, kind=row.kind, filename=row.filename, sha256=row.sha256, size=row.size,
-                       created_at=row.created_at, ref=f"artifact:{row.id}")
+    return ArtifactOut(
+        id=row.id,
+        kind=row.kind,
+        filename=row.filename,
+        sha256=row.sha256,
+        size=row.size,
+        created_at=row.created_at,
+        ref=f"artifact:{row.id}",
+    )
 
 
 def _persist(request: Request, tenant: str, kind: str, filename: str, path: Path) -> ArtifactOut:
@@ -66,18 +76,27 @@ def _persist(request: Request, tenant: str, kind: str, filename: str, path: Path
 
 
 @router.post(
-    "", status_code=201, response_model=ArtifactOut, summary="Upload a file (weights, dataset, generator)",
-    openapi_extra=UPLOAD_BODY, responses=problem_responses(400, 401, 413, 415, 422, 503),
+    "",
+    status_code=201,
+    response_model=ArtifactOut,
+    summary="Upload a file (weights, dataset, generator)",
+    openapi_extra=UPLOAD_BODY,
+    responses=problem_responses(400, 401, 413, 415, 422, 503),
 )
-async def upload_artifact(request: Request, response: Response, tenant: TenantDep,
-                          settings: SettingsDep) -> ArtifactOut:
+async def upload_artifact(
+    request: Request, response: Response, tenant: TenantDep, settings: SettingsDep
+) -> ArtifactOut:
     tmp_dir = Path(request.app.state.artifact_store.root) / ".incoming"
     upload = await receive_upload(request, tmp_dir, settings.max_upload_bytes)
     try:
         kind = upload.fields.get("kind", "weights").strip() or "weights"
         if kind not in UPLOAD_KINDS:
-            raise ApiProblem(422, "invalid-input", f"kind must be one of {', '.join(UPLOAD_KINDS)}, not "
-                             f"{kind!r}", title="Invalid input")
+            raise ApiProblem(
+                422,
+                "invalid-input",
+                f"kind must be one of {', '.join(UPLOAD_KINDS)}, not {kind!r}",
+                title="Invalid input",
+            )
         if upload.size == 0:
             raise ApiProblem(422, "invalid-input", "the uploaded file is empty", title="Invalid input")
         out = await run_in_threadpool(_persist, request, tenant, kind, upload.filename, upload.path)
@@ -87,8 +106,12 @@ async def upload_artifact(request: Request, response: Response, tenant: TenantDe
     return out
 
 
-@router.get("/{artifact_id}", response_model=ArtifactOut, summary="Artifact metadata",
-            responses=problem_responses(401, 404, 503))
+@router.get(
+    "/{artifact_id}",
+    response_model=ArtifactOut,
+    summary="Artifact metadata",
+    responses=problem_responses(401, 404, 503),
+)
 def get_artifact_meta(artifact_id: str, tenant: TenantDep, session: SessionDep) -> ArtifactOut:
     from store.artifacts import get_artifact
 

@@ -39,8 +39,12 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
-@router.get("/readyz", response_model=Health, summary="Readiness: database and broker reachable",
-            responses={503: PROBLEM})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    summary="Readiness: database and broker reachable",
+    responses={503: PROBLEM},
+)
 async def readyz(request: Request) -> Health | ProblemResponse:
     checks: dict[str, str] = {}
     for name, fn in (("database", _check_db), ("broker", _check_broker)):
@@ -53,5 +57,12 @@ async def readyz(request: Request) -> Health | ProblemResponse:
     if all(v == "ok" for v in checks.values()):
         return Health(status="ok", checks=checks)
     down = ", ".join(k for k, v in checks.items() if v != "ok")
-    return problem(request, 503, f"Not ready: {down} unreachable.", slug="not-ready",
-                   title="Service Unavailable", headers={"Retry-After": "5"}, extra={"checks": checks})
+    return problem(
+        request,
+        503,
+        f"Not ready: {down} unreachable.",
+        slug="not-ready",
+        title="Service Unavailable",
+        headers={"Retry-After": "5"},
+        extra={"checks": checks},
+    )

@@ -44,11 +44,21 @@ def job_out(job: Any) -> JobOut:
     if job.status == "succeeded":
         links.update(certificate=f"{base}/certificate", mask=f"{base}/mask", model=f"{base}/model")
     return JobOut(
-        id=job.id, kind=job.kind, status=job.status, stage=job.stage, progress=job.progress or 0.0,
-        cancel_requested=bool(job.cancel_requested), attempts=job.attempts or 0,
-        created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at,
-        finished_at=job.finished_at, error=job.error, summary=job.summary,
-        spec=_spec(job.spec), links=links,
+        id=job.id,
+        kind=job.kind,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress or 0.0,
+        cancel_requested=bool(job.cancel_requested),
+        attempts=job.attempts or 0,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=job.error,
+        summary=job.summary,
+        spec=_spec(job.spec),
+        links=links,
     )
 
 
@@ -68,8 +78,11 @@ def dispatch_job(job_id: str) -> None:
 
         dispatch(job_id)
     except Exception as exc:
-        log.warning("dispatch of job %s failed (the stale-job sweep will retry): %s", job_id,
-                    (str(exc).splitlines() or [type(exc).__name__])[0])
+        log.warning(
+            "dispatch of job %s failed (the stale-job sweep will retry): %s",
+            job_id,
+            (str(exc).splitlines() or [type(exc).__name__])[0],
+        )
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -87,10 +100,16 @@ async def strict_spec(request: Request) -> None:
 
 
 @router.post(
-    "", status_code=202, response_model=JobOut, summary="Submit a job",
+    "",
+    status_code=202,
+    response_model=JobOut,
+    summary="Submit a job",
     responses={
-        200: {"model": JobOut, "description": "Replay: this Idempotency-Key was already used with the "
-              "same body; the existing job is returned"},
+        200: {
+            "model": JobOut,
+            "description": "Replay: this Idempotency-Key was already used with the "
+            "same body; the existing job is returned",
+        },
         202: {"description": "Accepted: the job is queued; Location points to it"},
         **problem_responses(400, 401, 409, 422, 503),
     },
@@ -114,9 +133,13 @@ def submit_job(
         job, created = create_job(session, tenant, spec, idempotency_key)
     except IdempotencyConflict as exc:
         session.rollback()
-        raise ApiProblem(409, "idempotency-conflict",
-                         "This Idempotency-Key was already used with a different request body "
-                         f"(job {exc.job_id}); use a new key for a new job.", title="Conflict") from None
+        raise ApiProblem(
+            409,
+            "idempotency-conflict",
+            "This Idempotency-Key was already used with a different request body "
+            f"(job {exc.job_id}); use a new key for a new job.",
+            title="Conflict",
+        ) from None
     session.commit()
     response.headers["Location"] = f"/jobs/{job.id}"
     if created:
@@ -129,8 +152,9 @@ def submit_job(
 # ------------------------------------------------------------------------------------ list / get
 
 
-@router.get("", response_model=JobPage, summary="List jobs, newest first",
-            responses=problem_responses(401, 422, 503))
+@router.get(
+    "", response_model=JobPage, summary="List jobs, newest first", responses=problem_responses(401, 422, 503)
+)
 def list_jobs(
     tenant: TenantDep,
     session: SessionDep,
@@ -144,13 +168,18 @@ def list_jobs(
     try:
         rows, next_cursor = repo_list(session, tenant, status=status, cursor=cursor, limit=limit)
     except InvalidCursor:
-        raise ApiProblem(422, "validation-error", "cursor: not a cursor returned by GET /jobs",
-                         title="Invalid request") from None
+        raise ApiProblem(
+            422, "validation-error", "cursor: not a cursor returned by GET /jobs", title="Invalid request"
+        ) from None
     return JobPage(items=[job_out(j) for j in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="Job status, progress and results summary",
-            responses=problem_responses(401, 404, 503))
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    summary="Job status, progress and results summary",
+    responses=problem_responses(401, 404, 503),
+)
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     from store.jobs import get_job as repo_get
 
@@ -161,12 +190,16 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 
 
 @router.post(
-    "/{job_id}/cancel", response_model=JobOut, summary="Cancel a job",
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    summary="Cancel a job",
     description="A queued job is cancelled at once (200); a running job gets cancel_requested and stops "
     "cooperatively at its next check (202). Idempotent: an already cancelled job answers 200; a "
     "succeeded or failed job answers 409.",
-    responses={202: {"model": JobOut, "description": "cancel requested"},
-               **problem_responses(401, 404, 409, 503)},
+    responses={
+        202: {"model": JobOut, "description": "cancel requested"},
+        **problem_responses(401, 404, 409, 503),
+    },
 )
 def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: SessionDep) -> JobOut:
     from store.jobs import get_job as repo_get
@@ -181,8 +214,13 @@ def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: Sess
         if job is None:
             raise _not_found(job_id)
     if job.status in ("succeeded", "failed"):
-        raise ApiProblem(409, "job-finished", f"job {job_id} already {job.status}; nothing to cancel",
-                         title="Conflict", extra={"job_status": job.status})
+        raise ApiProblem(
+            409,
+            "job-finished",
+            f"job {job_id} already {job.status}; nothing to cancel",
+            title="Conflict",
+            extra={"job_status": job.status},
+        )
     if job.status == "running":
         response.status_code = 202
     return job_out(job)
@@ -226,9 +264,13 @@ def _succeeded_job(session: Any, tenant: str, job_id: str) -> Any:
     if job is None:
         raise _not_found(job_id)
     if job.status != "succeeded":
-        raise ApiProblem(409, "job-not-succeeded",
-                         f"job {job_id} is {job.status}; results exist only once it has succeeded",
-                         title="Conflict", extra={"job_status": job.status})
+        raise ApiProblem(
+            409,
+            "job-not-succeeded",
+            f"job {job_id} is {job.status}; results exist only once it has succeeded",
+            title="Conflict",
+            extra={"job_status": job.status},
+        )
     return job
 
 
@@ -238,8 +280,17 @@ def render_certificate(results: list[Any]) -> bytes:
     if len(with_cert) == 1 and len(results) == 1:
         doc: Any = with_cert[0].certificate
     else:
-        doc = {"certificates": [{"name": r.name, "method": r.method, "prune_ratio": r.prune_ratio,
-                                 "certificate": r.certificate} for r in with_cert]}
+        doc = {
+            "certificates": [
+                {
+                    "name": r.name,
+                    "method": r.method,
+                    "prune_ratio": r.prune_ratio,
+                    "certificate": r.certificate,
+                }
+                for r in with_cert
+            ]
+        }
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -253,8 +304,12 @@ def _load_certificate(request: Request, tenant: str, job_id: str, variant: str |
             names = [r.name for r in results]
             results = [r for r in results if r.name == variant]
             if not results:
-                raise ApiProblem(404, "not-found", f"job {job_id} has no variant {variant!r}; variants: "
-                                 f"{', '.join(names) or '(none)'}", title="Not Found")
+                raise ApiProblem(
+                    404,
+                    "not-found",
+                    f"job {job_id} has no variant {variant!r}; variants: {', '.join(names) or '(none)'}",
+                    title="Not Found",
+                )
         if not any(r.certificate is not None for r in results):
             raise ApiProblem(404, "not-found", f"job {job_id} has no certificate", title="Not Found")
         body = render_certificate(results)
@@ -262,21 +317,36 @@ def _load_certificate(request: Request, tenant: str, job_id: str, variant: str |
 
 
 CERT_DOC = {
-    "description": "The DESIGN.md certificate (one run), or {\"certificates\": [...]} for a sweep",
-    "content": {"application/json": {"schema": {"oneOf": [
-        {"type": "object", "title": "Certificate", "additionalProperties": True},
-        {"$ref": "#/components/schemas/SweepCertificates"},
-    ]}}},
+    "description": 'The DESIGN.md certificate (one run), or {"certificates": [...]} for a sweep',
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    {"type": "object", "title": "Certificate", "additionalProperties": True},
+                    {"$ref": "#/components/schemas/SweepCertificates"},
+                ]
+            }
+        }
+    },
 }
 
 
 @router.get(
-    "/{job_id}/certificate", response_class=Response, summary="The job's certificate(s)",
-    responses={200: CERT_DOC, 304: {"description": "Not modified (If-None-Match)"},
-               **problem_responses(401, 404, 409, 422, 503)},
+    "/{job_id}/certificate",
+    response_class=Response,
+    summary="The job's certificate(s)",
+    responses={
+        200: CERT_DOC,
+        304: {"description": "Not modified (If-None-Match)"},
+        **problem_responses(401, 404, 409, 422, 503),
+    },
 )
-async def get_certificate(job_id: str, request: Request, tenant: TenantDep,
-                          variant: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+async def get_certificate(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    variant: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
     """One run: the certificate; a sweep: {"certificates": [...]}, or one of them with ?variant=name."""
     cache: CertificateCache = request.app.state.cert_cache
     key = job_id if variant is None else f"{job_id}?{variant}"
@@ -295,8 +365,9 @@ async def get_certificate(job_id: str, request: Request, tenant: TenantDep,
 # ---------------------------------------------------------------------------------- mask / model
 
 
-def _result_file(session: Any, store: Any, tenant: str, job_id: str, variant: str | None, what: str,
-                 request: Request) -> Response:
+def _result_file(
+    session: Any, store: Any, tenant: str, job_id: str, variant: str | None, what: str, request: Request
+) -> Response:
     from store.artifacts import ArtifactMissing, get_artifact
     from store.jobs import get_results
 
@@ -306,19 +377,32 @@ def _result_file(session: Any, store: Any, tenant: str, job_id: str, variant: st
     if variant is not None:
         chosen = [r for r in results if r.name == variant]
         if not chosen:
-            raise ApiProblem(404, "not-found", f"job {job_id} has no variant {variant!r}; variants: "
-                             f"{', '.join(names) or '(none)'}", title="Not Found")
+            raise ApiProblem(
+                404,
+                "not-found",
+                f"job {job_id} has no variant {variant!r}; variants: {', '.join(names) or '(none)'}",
+                title="Not Found",
+            )
         result = chosen[0]
     elif len(results) == 1:
         result = results[0]
     else:
-        raise ApiProblem(422, "variant-required", f"job {job_id} has several variants; pass ?variant= one "
-                         f"of {', '.join(names)}", title="Invalid request")
+        raise ApiProblem(
+            422,
+            "variant-required",
+            f"job {job_id} has several variants; pass ?variant= one of {', '.join(names)}",
+            title="Invalid request",
+        )
     art_id = result.mask_artifact_id if what == "mask" else result.model_artifact_id
     art = get_artifact(session, tenant, art_id) if art_id else None
     if art is None:
-        raise ApiProblem(404, "not-found", f"variant {result.name!r} of job {job_id} has no {what} file"
-                         + (" (an unpruned method has no mask)" if what == "mask" else ""), title="Not Found")
+        raise ApiProblem(
+            404,
+            "not-found",
+            f"variant {result.name!r} of job {job_id} has no {what} file"
+            + (" (an unpruned method has no mask)" if what == "mask" else ""),
+            title="Not Found",
+        )
     etag = f'"{art.sha256}"'
     headers = {"ETag": etag, "X-Content-SHA256": art.sha256, "Cache-Control": "private, max-age=0"}
     if request.headers.get("if-none-match") == etag:
@@ -327,28 +411,59 @@ def _result_file(session: Any, store: Any, tenant: str, job_id: str, variant: st
         path = store.local_path(art.storage_key)
     except ArtifactMissing:
         log.error("job %s: blob of artifact %s (%s) is missing from the store", job_id, art.id, what)
-        raise ApiProblem(500, "result-file-missing", f"the {what} file of this job is missing on the server",
-                         title="Internal Server Error") from None
-    return FileResponse(path, media_type="application/octet-stream",
-                        filename=f"{job_id}-{result.name}-{what}.safetensors", headers=headers)
+        raise ApiProblem(
+            500,
+            "result-file-missing",
+            f"the {what} file of this job is missing on the server",
+            title="Internal Server Error",
+        ) from None
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{job_id}-{result.name}-{what}.safetensors",
+        headers=headers,
+    )
 
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-FILE_DOC = {200: {"description": "safetensors file; ETag and X-Content-SHA256 carry its sha256",
-                  "content": {"application/octet-stream": BINARY}},
-            304: {"description": "Not modified (If-None-Match)"}}
+FILE_DOC = {
+    200: {
+        "description": "safetensors file; ETag and X-Content-SHA256 carry its sha256",
+        "content": {"application/octet-stream": BINARY},
+    },
+    304: {"description": "Not modified (If-None-Match)"},
+}
 
 
-@router.get("/{job_id}/mask", response_class=Response, summary="Download the binary mask (safetensors)",
-            responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)})
-def get_mask(job_id: str, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
-             variant: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+@router.get(
+    "/{job_id}/mask",
+    response_class=Response,
+    summary="Download the binary mask (safetensors)",
+    responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)},
+)
+def get_mask(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    variant: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
     return _result_file(session, store, tenant, job_id, variant, "mask", request)
 
 
-@router.get("/{job_id}/model", response_class=Response, summary="Download the pruned model (safetensors)",
-            responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)})
-def get_model(job_id: str, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep,
-              variant: Annotated[str | None, Query(max_length=100)] = None) -> Response:
+@router.get(
+    "/{job_id}/model",
+    response_class=Response,
+    summary="Download the pruned model (safetensors)",
+    responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)},
+)
+def get_model(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    variant: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
     return _result_file(session, store, tenant, job_id, variant, "model", request)
-

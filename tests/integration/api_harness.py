@@ -109,8 +109,21 @@ def server_env(db_url: str, tmp: Path, **overrides: str) -> dict[str, str]:
 def run_server(env: dict[str, str], log_path: Path, startup_s: float = 60.0) -> Iterator[Server]:
     """uvicorn subprocess (one worker) on a free port; waits for /healthz; SIGTERM at the end."""
     port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, env, log_path)

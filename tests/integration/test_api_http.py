@@ -26,8 +26,17 @@ pytestmark = pytest.mark.integration
 
 MAX_UPLOAD = 256 * 1024
 MULTIPART_B = "multipart/form-data; boundary=B"
-TINY = {"dataset": "digits", "pruning": {"method": "lmp", "prune_ratio": 0.5, "pretrain_epochs": 1,
-        "search_epochs": 0, "finetune_epochs": 0}, "certification": {"samples": 2, "n": 10, "l": 2}}
+TINY = {
+    "dataset": "digits",
+    "pruning": {
+        "method": "lmp",
+        "prune_ratio": 0.5,
+        "pretrain_epochs": 1,
+        "search_epochs": 0,
+        "finetune_epochs": 0,
+    },
+    "certification": {"samples": 2, "n": 10, "l": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +45,12 @@ def env(tmp_path_factory):
     with fresh_database() as db_url:
         keys = {"alice": create_key(db_url, "alice"), "bob": create_key(db_url, "bob")}
         # a Redis database no worker listens on: submitted jobs stay queued
-        e = server_env(db_url, tmp, CARCERT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
-                       CARCERT_BROKER_URL="redis://127.0.0.1:6379/14")
+        e = server_env(
+            db_url,
+            tmp,
+            CARCERT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+            CARCERT_BROKER_URL="redis://127.0.0.1:6379/14",
+        )
         with run_server(e, tmp / "server.log") as srv:
             srv.keys.update(keys)
             srv.db_url = db_url
@@ -159,8 +172,13 @@ def test_bad_references_are_422_and_write_nothing(env, alice, patch, needle):
 
 def test_dataset_path_inside_data_roots_is_accepted(env, alice):
     path = env.tmp / "data" / "tiny.npz"
-    np.savez(path, x_train=np.zeros((4, 8, 8, 1), np.uint8), y_train=np.arange(4) % 2,
-             x_test=np.zeros((2, 8, 8, 1), np.uint8), y_test=np.arange(2))
+    np.savez(
+        path,
+        x_train=np.zeros((4, 8, 8, 1), np.uint8),
+        y_train=np.arange(4) % 2,
+        x_test=np.zeros((2, 8, 8, 1), np.uint8),
+        y_test=np.arange(2),
+    )
     r = alice.post("/jobs", json={**TINY, "dataset": f"npz:{path}"})
     assert r.status_code == 202, r.text
 
@@ -208,8 +226,8 @@ def test_upload_over_the_limit_is_413_and_keeps_nothing(env, alice):
     # without Content-Length (chunked): the streamed count stops it, too
     def chunks():
         boundary = b"XyZ"
-        yield b"--XyZ\r\nContent-Disposition: form-data; name=\"kind\"\r\n\r\nother\r\n"
-        yield b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.bin\"\r\n\r\n"
+        yield b'--XyZ\r\nContent-Disposition: form-data; name="kind"\r\n\r\nother\r\n'
+        yield b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="b.bin"\r\n\r\n'
         for _ in range(MAX_UPLOAD // 65536 + 2):
             yield os.urandom(65536)
         yield b"\r\n--" + boundary + b"--\r\n"
@@ -250,7 +268,7 @@ def test_pickle_with_code_is_refused_without_running_it(env, alice, tmp_path, co
 @pytest.mark.parametrize(
     ("content", "status"),
     [
-        (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}       ", 422),  # safetensors header, bad entry
+        (b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}       ', 422),  # safetensors header, bad entry
         (b"\xff\x00\x00\x00\x00\x00\x00\x00{", 422),  # header longer than the file
         (b"not a checkpoint at all", 422),
     ],
@@ -365,8 +383,9 @@ def test_cancel_of_a_finished_job_is_409(env, alice):
     job = alice.post("/jobs", json=TINY).json()
     engine = create_engine(env.db_url)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE jobs SET status='succeeded', finished_at=now() WHERE id=:i"),
-                     {"i": job["id"]})
+        conn.execute(
+            text("UPDATE jobs SET status='succeeded', finished_at=now() WHERE id=:i"), {"i": job["id"]}
+        )
     engine.dispose()
     body = assert_problem(alice.post(f"/jobs/{job['id']}/cancel"), 409)
     assert body["job_status"] == "succeeded"
@@ -390,9 +409,18 @@ def test_metrics_count_requests_and_jobs_by_status(env, alice):
 def test_openapi_declares_problem_json_for_every_error(env):
     doc = httpx.get(env.url + "/openapi.json").json()
     ops = [(p, m, op) for p, item in doc["paths"].items() for m, op in item.items()]
-    assert {"/artifacts", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/certificate",
-            "/jobs/{job_id}/mask", "/jobs/{job_id}/model", "/healthz", "/readyz",
-            "/metrics"} <= set(doc["paths"])
+    assert {
+        "/artifacts",
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/certificate",
+        "/jobs/{job_id}/mask",
+        "/jobs/{job_id}/model",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(doc["paths"])
     for path, method, op in ops:
         errors = {c: r for c, r in op["responses"].items() if c[0] in "45"}
         assert "500" in errors, (path, method)
@@ -434,8 +462,12 @@ def test_unexpected_error_is_500_problem_without_internals(env, tmp_path):
     from api.main import create_app
     from store.settings import Settings
 
-    settings = Settings(database_url=env.db_url, broker_url=env.env["CARCERT_BROKER_URL"],
-                        artifact_root=tmp_path / "a", work_root=tmp_path / "w")
+    settings = Settings(
+        database_url=env.db_url,
+        broker_url=env.env["CARCERT_BROKER_URL"],
+        artifact_root=tmp_path / "a",
+        work_root=tmp_path / "w",
+    )
     app = create_app(settings)
 
     def boom() -> None:
@@ -466,13 +498,35 @@ def test_schemathesis_finds_no_server_error_or_undeclared_response(env, tmp_path
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
         pytest.skip("schemathesis is not installed")
-    checks = ("not_a_server_error,status_code_conformance,content_type_conformance,"
-              "response_headers_conformance,response_schema_conformance,negative_data_rejection,"
-              "unsupported_method,allow_header_conformance,ignored_auth,missing_required_header")
-    cmd = [st, "run", env.url + "/openapi.json", "-H", f"Authorization: Bearer {env.keys['alice']}",
-           "--checks", checks, "--max-examples", "15", "--seed", "1", "--workers", "1",
-           "--request-timeout", "20", "--exclude-path-regex", "report|/ui", "--exclude-path", "/readyz",
-           "--phases", "examples,coverage,fuzzing", "--no-color"]
+    checks = (
+        "not_a_server_error,status_code_conformance,content_type_conformance,"
+        "response_headers_conformance,response_schema_conformance,negative_data_rejection,"
+        "unsupported_method,allow_header_conformance,ignored_auth,missing_required_header"
+    )
+    cmd = [
+        st,
+        "run",
+        env.url + "/openapi.json",
+        "-H",
+        f"Authorization: Bearer {env.keys['alice']}",
+        "--checks",
+        checks,
+        "--max-examples",
+        "15",
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "20",
+        "--exclude-path-regex",
+        "report|/ui",
+        "--exclude-path",
+        "/readyz",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--no-color",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
@@ -493,7 +547,8 @@ def test_broker_down_still_accepts_jobs_and_readyz_says_so(env, tmp_path):
             assert body["checks"] == {"database": "ok", "broker": "unreachable"}
         engine = create_engine(env.db_url)
         with engine.connect() as conn:
-            status = conn.execute(text("SELECT status FROM jobs WHERE id = :i"),
-                                  {"i": r.json()["id"]}).scalar_one()
+            status = conn.execute(
+                text("SELECT status FROM jobs WHERE id = :i"), {"i": r.json()["id"]}
+            ).scalar_one()
         engine.dispose()
         assert status == "queued"

@@ -44,8 +44,13 @@ def poll(client, job_id: str, timeout: float, done=("succeeded", "failed", "canc
 def stored_sha(db_url: str, job_id: str, column: str) -> str:
     engine = create_engine(db_url)
     with engine.connect() as c:
-        sha = c.execute(text(f"SELECT a.sha256 FROM job_results r JOIN artifacts a ON a.id = r.{column} "
-                             "WHERE r.job_id = :j"), {"j": job_id}).scalar_one()
+        sha = c.execute(
+            text(
+                f"SELECT a.sha256 FROM job_results r JOIN artifacts a ON a.id = r.{column} "
+                "WHERE r.job_id = :j"
+            ),
+            {"j": job_id},
+        ).scalar_one()
     engine.dispose()
     return sha
 
@@ -64,8 +69,11 @@ def test_upload_submit_run_and_download(api, settings_env):
         art = r.json()
         assert art["sha256"] == hashlib.sha256(data).hexdigest()
 
-        spec = {**TINY_JOB, "model": {"arch": "small_cnn", "weights": art["ref"]},
-                "pruning": {**TINY_JOB["pruning"], "method": "lmp", "pretrain_epochs": 0}}
+        spec = {
+            **TINY_JOB,
+            "model": {"arch": "small_cnn", "weights": art["ref"]},
+            "pruning": {**TINY_JOB["pruning"], "method": "lmp", "pretrain_epochs": 0},
+        }
         r = alice.post("/jobs", json=spec, headers={"Idempotency-Key": "happy-path"})
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
@@ -83,13 +91,18 @@ def test_upload_submit_run_and_download(api, settings_env):
         assert cert["job_id"] == job_id
         assert len(cert["samples"]) == TINY_JOB["certification"]["samples"]
         assert cert["params"]["n"] == TINY_JOB["certification"]["n"]
-        assert cert["pca"] == pytest.approx(sum(s["certified"] and s["pred"] == s["label"]
-                                                for s in cert["samples"]) / len(cert["samples"]))
+        assert cert["pca"] == pytest.approx(
+            sum(s["certified"] and s["pred"] == s["label"] for s in cert["samples"]) / len(cert["samples"])
+        )
         r2 = alice.get(f"/jobs/{job_id}/certificate")
         assert r2.content == r1.content and r2.headers["etag"] == r1.headers["etag"]
         assert r1.headers["etag"] == '"' + hashlib.sha256(r1.content).hexdigest() + '"'
-        assert alice.get(f"/jobs/{job_id}/certificate",
-                         headers={"If-None-Match": r1.headers["etag"]}).status_code == 304
+        assert (
+            alice.get(
+                f"/jobs/{job_id}/certificate", headers={"If-None-Match": r1.headers["etag"]}
+            ).status_code
+            == 304
+        )
         assert alice.get(f"/jobs/{job_id}/certificate", params={"variant": "lmp-0.50"}).json() == cert
         assert_problem(alice.get(f"/jobs/{job_id}/certificate", params={"variant": "car-0.90"}), 404)
         assert_problem(bob.get(f"/jobs/{job_id}/certificate"), 404)  # also once cached
@@ -126,9 +139,13 @@ def test_upload_submit_run_and_download(api, settings_env):
         root = Path(settings_env["CARCERT_ARTIFACT_ROOT"])
         engine = create_engine(settings_env["CARCERT_DATABASE_URL"])
         with engine.connect() as c:
-            key = c.execute(text("SELECT a.storage_key FROM job_results r JOIN artifacts a "
-                                 "ON a.id = r.mask_artifact_id WHERE r.job_id = :j"),
-                            {"j": job_id}).scalar_one()
+            key = c.execute(
+                text(
+                    "SELECT a.storage_key FROM job_results r JOIN artifacts a "
+                    "ON a.id = r.mask_artifact_id WHERE r.job_id = :j"
+                ),
+                {"j": job_id},
+            ).scalar_one()
         engine.dispose()
         (root / key).unlink()
         r = alice.get(f"/jobs/{job_id}/mask")
