@@ -164,3 +164,46 @@ def test_cancel_a_running_job(api):
         job = poll(alice, job_id, timeout=120)
         assert job["status"] == "cancelled", job
         assert_problem(alice.get(f"/jobs/{job_id}/certificate"), 409)
+
+
+def test_sweep_job_certificates_and_variant_downloads(api):
+    """A sweep (lmp at two prune ratios + unpruned vanilla): the certificate endpoint lists every
+    variant, ?variant= picks one, mask/model downloads need ?variant= and the masks keep
+    round((1 - r) n) weights per layer for their own ratio r."""
+    ratios = [0.3, 0.7]
+    spec = {
+        **TINY_JOB,
+        "pruning": {**TINY_JOB["pruning"], "method": "lmp", "pretrain_epochs": 1, "finetune_epochs": 0},
+        "sweep_methods": ["vanilla", "lmp"],
+        "sweep_prune_ratios": ratios,
+        "certification": {**TINY_JOB["certification"], "samples": 2},
+        "train_subset": 200,
+    }
+    with api.client("alice") as alice:
+        job_id = alice.post("/jobs", json=spec).json()["id"]
+        job = poll(alice, job_id, timeout=240)
+        assert job["status"] == "succeeded", (job, api.worker.log()[-3000:])
+        doc = alice.get(f"/jobs/{job_id}/certificate").json()
+        entries = {e["name"]: e for e in doc["certificates"]}
+        assert set(entries) == {"vanilla-0.00", "lmp-0.30", "lmp-0.70"}
+        for name, e in entries.items():
+            assert e["method"] == name.split("-")[0]
+            assert e["prune_ratio"] == pytest.approx(float(name.split("-")[1]))
+            assert len(e["certificate"]["samples"]) == 2 and e["certificate"]["job_id"] == job_id
+        one = alice.get(f"/jobs/{job_id}/certificate", params={"variant": "lmp-0.30"}).json()
+        assert one == entries["lmp-0.30"]["certificate"]
+
+        body = assert_problem(alice.get(f"/jobs/{job_id}/mask"), 422)
+        assert "lmp-0.30" in body["detail"] and "lmp-0.70" in body["detail"]
+        assert_problem(alice.get(f"/jobs/{job_id}/mask", params={"variant": "vanilla-0.00"}), 404)
+        for r in ratios:
+            name = f"lmp-{r:.2f}"
+            resp = alice.get(f"/jobs/{job_id}/mask", params={"variant": name})
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-content-sha256"] == hashlib.sha256(resp.content).hexdigest()
+            assert entries[name]["certificate"]["mask_sha256"] == resp.headers["x-content-sha256"]
+            for layer, m in st_load(resp.content).items():
+                assert int(m.bool().sum()) == round((1 - r) * m.numel()), (name, layer)
+        model = alice.get(f"/jobs/{job_id}/model", params={"variant": "vanilla-0.00"})
+        assert model.status_code == 200
+        assert model.headers["x-content-sha256"] == hashlib.sha256(model.content).hexdigest()
