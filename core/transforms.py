@@ -23,11 +23,13 @@ With s = spec.strength, the documented range at delta = 1 is (also in `PARAMETRI
 Factors are clipped where they would leave their domain (contrast factor >= 0).
 
 kind = "latent": x' = G(E(x) + delta * ||delta_max|| * s_dir) (METHOD.md).
-  * built-in PCA generator (spec.encoder is None): PCA fitted on (at most 5000 of) the training
-    split, sklearn PCA with random_state = 0. With the full orthonormal PCA basis E(x) = V(x - mu),
-    G(z) = mu + V^T z, so G(E(x) + a e_c) = x + a v_c exactly: the transform adds a times the
-    principal component v_c (c = spec.component; sign fixed so that sum(v_c) >= 0, i.e. +delta
-    mostly brightens). ||delta_max|| = 3 * std of the training codes along v_c * spec.strength.
+  * built-in PCA generator (spec.encoder is None): PCA fitted on the first training samples
+    (at most 5000, and at most 5e7 values: ~330 images at 3x224x224), sklearn PCA (exact SVD
+    when min(samples, dimension) <= 2000, else randomized SVD), random_state = 0. With the full
+    orthonormal PCA basis E(x) = V(x - mu), G(z) = mu + V^T z, so G(E(x) + a e_c) = x + a v_c
+    exactly: the transform adds a times the principal component v_c (c = spec.component; sign
+    fixed so that sum(v_c) >= 0, i.e. +delta mostly brightens).
+    ||delta_max|| = 3 * std of the training codes along v_c * spec.strength.
   * user generator: spec.encoder / spec.decoder are torch.export .pt2 files (loaded with
     torch.export.load under weights_only, pickled payloads refused). E maps (B, C, H, W) to
     codes (B, ...), G maps codes back to images (reshaped to x's shape, clamped); s_dir is the unit
@@ -78,7 +80,8 @@ PARAMETRIC: dict[str, str] = {
 }
 KINDS = ("parametric", "latent", "precomputed")
 WARM_CAST = (0.08, 0.03, -0.05)
-PCA_FIT_MAX = 5000
+PCA_FIT_MAX = 5000  # training samples used to fit the PCA / scale a user generator
+PCA_FIT_VALUES = 50_000_000  # and at most this many values (samples x dimension): large images
 
 
 def _as_delta(delta: Tensor | float, x: Tensor) -> Tensor:
@@ -237,7 +240,9 @@ class PCADirection(SemanticTransform):
     def fit(cls, train_x: Tensor, component: int = 0, strength: float = 1.0) -> PCADirection:
         from sklearn.decomposition import PCA
 
-        x = train_x[:PCA_FIT_MAX].detach().to(torch.float64).cpu()
+        dim = int(np.prod(train_x.shape[1:]))
+        keep = min(PCA_FIT_MAX, max(200, PCA_FIT_VALUES // max(1, dim)))
+        x = train_x[:keep].detach().to(torch.float64).cpu()
         flat = x.reshape(x.shape[0], -1).numpy()
         k = component + 1
         if k > min(flat.shape):
@@ -245,7 +250,9 @@ class PCADirection(SemanticTransform):
                 f"PCA component {component} does not exist: at most {min(flat.shape)} components "
                 f"from {flat.shape[0]} training samples of dimension {flat.shape[1]}"
             )
-        pca = PCA(n_components=k, svd_solver="full", random_state=0).fit(flat)
+        # exact SVD for small problems; seeded randomized SVD (a few components) for large images
+        solver = "full" if min(flat.shape) <= 2000 else "randomized"
+        pca = PCA(n_components=k, svd_solver=solver, random_state=0).fit(flat)
         v = pca.components_[component].astype(np.float64)
         if v.sum() < 0:
             v = -v
