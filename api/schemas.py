@@ -82,3 +82,8 @@ class SweepCertificates(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error codes (api.main declares them as problem+json)."""
+    return {c: {"model": Problem, "description": "Problem details (application/problem+json)"} for c in codes}

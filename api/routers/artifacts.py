@@ -11,16 +11,11 @@ from starlette.concurrency import run_in_threadpool
 from api.checks import check_uploaded_file
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import ApiProblem
-from api.schemas import UPLOAD_KINDS, ArtifactOut, Problem
+from api.schemas import UPLOAD_KINDS, ArtifactOut, problem_responses
 from api.uploads import receive_upload
 
 log = logging.getLogger("carcert.api")
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
-
-
-def problem_responses(*codes: int) -> dict[int | str, dict]:
-    """OpenAPI declaration of problem+json error responses (api.main moves them to that media type)."""
-    return {c: {"model": Problem, "description": "Problem details (application/problem+json)"} for c in codes}
 
 
 UPLOAD_BODY = {

@@ -23,8 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from api.checks import check_job_spec
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiProblem
-from api.routers.artifacts import problem_responses
-from api.schemas import JobOut, JobPage, JobStatus
+from api.schemas import JobOut, JobPage, JobStatus, problem_responses
 from core.spec import JobSpec
 
 log = logging.getLogger("carcert.api")
