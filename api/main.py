@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,6 +44,7 @@ def create_app(settings: Any = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=_warm_imports, name="carcert-warm-imports", daemon=True).start()
         yield
         engine.dispose()
 
@@ -74,6 +76,15 @@ def create_app(settings: Any = None) -> FastAPI:
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _warm_imports() -> None:
+    """Import the torch-backed checks (transform names, checkpoint loading) in the background at
+    start-up, so the first POST /jobs or weights upload does not pay the seconds of `import torch`."""
+    try:
+        importlib.import_module("core.transforms")
+    except Exception as exc:  # the checks import it again on demand and report any problem there
+        log.warning("warm-up import of core.transforms failed: %s", exc)
 
 
 def _version() -> str:
