@@ -30,13 +30,14 @@ FOOLBOX_DATA = SITE / "foolbox" / "data"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(("channels", "size"), [(1, 28), (3, 28), (1, 32), (3, 32), (1, 8)])
-def test_forward_shapes(arch: str, channels: int, size: int) -> None:
+@pytest.mark.parametrize("channels", [1, 3])
+def test_forward_shapes(arch: str, channels: int) -> None:
     model = build_model(arch, 7, channels).eval()
-    with torch.no_grad():
-        out = model(torch.rand(2, channels, size, size))
-    assert out.shape == (2, 7)
-    assert torch.isfinite(out).all()
+    for size in (28, 32, 8):
+        with torch.no_grad():
+            out = model(torch.rand(2, channels, size, size))
+        assert out.shape == (2, 7), size
+        assert torch.isfinite(out).all(), size
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.in_channels == channels
     if arch != "small_cnn":  # small_input: no stride-2 stem
@@ -97,16 +98,16 @@ def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_safetensors_round_trip_and_sha(tmp_path: Path) -> None:
-    src = build_model("resnet18", 10, 1)
+    src = build_model("mobilenet_v2", 10, 1)
     path = tmp_path / "m.safetensors"
-    sha = save_weights(src, path, metadata={"arch": "resnet18"})
+    sha = save_weights(src, path, metadata={"arch": "mobilenet_v2"})
     assert sha == hashlib.sha256(path.read_bytes()).hexdigest() == file_sha256(path)
-    dst = build_model("resnet18", 10, 1)
+    dst = build_model("mobilenet_v2", 10, 1)
     assert not _state_equal(src, dst)
     load_weights(dst, path)
     assert _state_equal(src, dst)
     # deterministic bytes: saving the same weights again gives the same hash
-    assert save_weights(src, tmp_path / "again.safetensors", metadata={"arch": "resnet18"}) == sha
+    assert save_weights(src, tmp_path / "again.safetensors", metadata={"arch": "mobilenet_v2"}) == sha
 
 
 def test_saved_bytes_do_not_depend_on_the_process(tmp_path: Path) -> None:
