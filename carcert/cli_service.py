@@ -222,7 +222,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         migrate()
     from worker.celery_app import app
 
-    argv = worker_command(args.pool, args.concurrency, args.loglevel)[4:]  # from "worker" on
+    cmd = worker_command(args.pool, args.concurrency, args.loglevel)
+    argv = cmd[cmd.index("-A") + 2 :]  # from "worker" on
     app.worker_main(argv)
     return 0
 
@@ -370,6 +371,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("embedded service stopped.", flush=True)
 
 
+def _fmt_p(p: Any) -> str:
+    return "-" if p is None else f"{float(p):.3g}"
+
+
 def _demo_report(http: Any, job: dict[str, Any], var: Path, seconds: float) -> int:
     out = var / "demo" / job["id"]
     out.mkdir(parents=True, exist_ok=True)
@@ -387,7 +392,7 @@ def _demo_report(http: Any, job: dict[str, Any], var: Path, seconds: float) -> i
     print(
         f"  PCA       {_fmt(v.get('pca', cert.get('pca')))}  (certified samples / samples, epsilon "
         f"{(cert.get('params') or {}).get('epsilon', '-')}, failure probability "
-        f"{cert.get('failure_probability', '-')})"
+        f"{_fmt_p(cert.get('failure_probability'))})"
     )
     print(f"  sparsity  {_fmt(sparsity)}")
     print(f"  certificate: {out / 'certificate.json'}   (GET /jobs/{job['id']}/certificate)")

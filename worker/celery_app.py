@@ -104,11 +104,16 @@ def _pin_child(**_: Any) -> None:
     log.info("worker process %s pinned to GPU %s", os.getpid(), gpu)
 
 
+_MAIN_RUNS_TASKS = False
+
+
 @signals.worker_init.connect
 def _pin_main(sender: Any = None, **_: Any) -> None:
     """solo / threads pools run tasks in the main process: pin it by settings.worker_index."""
+    global _MAIN_RUNS_TASKS
     pool = str(getattr(sender, "pool_cls", "")).lower()
     if "prefork" not in pool and "processes" not in pool:
+        _MAIN_RUNS_TASKS = True
         gpu = pin_gpu(get_settings().worker_index)
         log.info("worker %s pinned to GPU %s", os.getpid(), gpu)
 
@@ -121,10 +126,11 @@ _sweeper_stop = threading.Event()
 def _sweep_loop(interval: float) -> None:
     from worker.tasks import sweep_stale_jobs
 
-    try:
-        import worker.runner  # noqa: F401  (torch and core load here, not when the first job arrives)
-    except Exception:
-        log.exception("cannot import the job runner")
+    if _MAIN_RUNS_TASKS:  # solo / threads: load torch and core now, not when the first job arrives
+        try:
+            import worker.runner  # noqa: F401
+        except Exception:
+            log.exception("cannot import the job runner")
 
     while True:
         try:
