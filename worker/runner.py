@@ -145,8 +145,43 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def restore_refs(obj: Any, mapping: dict[str, str]) -> Any:
+    """Replace every string equal to a resolved local reference by the user's original one
+    ("npz:/work/<job>/inputs/..." -> "artifact:<id>"), so no server path reaches the user."""
+    if isinstance(obj, str):
+        return mapping.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: restore_refs(v, mapping) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [restore_refs(v, mapping) for v in obj]
+    return obj
+
+
+def ref_mapping(original: JobSpec, resolved: JobSpec) -> dict[str, str]:
+    pairs = [
+        (resolved.dataset, original.dataset),
+        (resolved.model.weights, original.model.weights),
+        (resolved.mask, original.mask),
+        (resolved.transform.encoder, original.transform.encoder),
+        (resolved.transform.decoder, original.transform.decoder),
+    ]
+    out = {}
+    for new, old in pairs:
+        if new and old and new != old:
+            out[new] = old
+            if ":" in new and new.split(":", 1)[0] in ("npz", "imagefolder"):
+                out[new.split(":", 1)[1]] = old
+    return out
+
+
 def persist_outputs(
-    job_id: str, tenant: str, worker_id: str, out_dir: Path, summary: dict[str, Any], store: ArtifactStore
+    job_id: str,
+    tenant: str,
+    worker_id: str,
+    out_dir: Path,
+    summary: dict[str, Any],
+    store: ArtifactStore,
+    refs: dict[str, str] | None = None,
 ) -> bool:
     """Store each variant's files as artifacts and a JobResult row, then mark the job succeeded,
     all in one transaction (blobs are deleted again if it fails). False if the lease was lost."""
@@ -155,8 +190,8 @@ def persist_outputs(
         with session_scope() as s:
             for name, info in _variant_dirs(out_dir, summary):
                 folder = out_dir / name
-                metrics = _read_json(folder / "metrics.json") or {}
-                cert = _read_json(folder / "certificate.json")
+                metrics = restore_refs(_read_json(folder / "metrics.json") or {}, refs or {})
+                cert = restore_refs(_read_json(folder / "certificate.json"), refs or {})
                 if cert is not None and not cert.get("job_id"):
                     cert["job_id"] = job_id
                 ids: dict[str, str | None] = {}
@@ -188,6 +223,7 @@ def persist_outputs(
                     mask_artifact_id=ids.get("mask"),
                     evidence_artifact_id=ids.get("evidence"),
                 )
+            summary = restore_refs(summary, refs or {})
             if not finish_job(s, job_id, "succeeded", summary=summary, worker_id=worker_id):
                 raise LeaseLost(job_id)
         return True
@@ -261,7 +297,8 @@ def execute_job(
             )
             if ctx.lease_lost:
                 return "lost"
-            if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store):
+            refs = ref_mapping(spec, resolved)
+            if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store, refs):
                 return "lost"
             status = "succeeded"
         except Cancelled:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from celery import Celery
+
 from store.db import session_scope
 from store.jobs import stale_jobs
 from store.settings import get_settings
@@ -23,25 +25,29 @@ def run_job(job_id: str) -> str:
     return execute_job(job_id)
 
 
-def _sync_broker() -> None:
-    """Follow a changed CARCERT_BROKER_URL (tests, `carcert up`) without re-importing the module."""
+_senders: dict[str, Celery] = {}
+
+
+def _sender() -> Celery:
+    """The module app, or (after CARCERT_BROKER_URL changed in this process: tests, `carcert up`)
+    a separate app for the current broker URL."""
     url = get_settings().broker_url
-    if app.conf.broker_url != url:
-        fresh = make_celery()
-        app.conf.update(broker_url=url, broker_transport_options=fresh.conf.broker_transport_options)
-        if app._pool is not None:
-            app._pool.force_close_all()
-            app._pool = None
+    if app.conf.broker_url == url:
+        return app
+    if url not in _senders:
+        _senders[url] = make_celery()
+    return _senders[url]
 
 
-def dispatch(job_id: str) -> bool:
-    """Send the run message for `job_id`. Never raises: if the broker is unreachable the job stays
-    queued and the workers' stale-job sweep sends it later. Returns whether the message went out."""
+def dispatch(job_id: str, queue: str | None = None) -> bool:
+    """Send the run message for `job_id` (to settings.queue unless `queue` is given). Never raises:
+    if the broker is unreachable the job stays queued and the workers' stale-job sweep sends it
+    later. Returns whether the message went out."""
     try:
-        _sync_broker()
-        run_job.apply_async(
+        _sender().send_task(
+            TASK_NAME,
             args=[job_id],
-            queue=get_settings().queue,
+            queue=queue or get_settings().queue,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
         )

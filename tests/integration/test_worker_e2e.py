@@ -21,7 +21,7 @@ from store.artifacts import get_artifact_store
 from store.db import session_scope
 from store.models import Artifact, Job, utcnow
 from tests.integration.service_helpers import TINY_JOB, wait_for
-from worker.tasks import dispatch, run_job
+from worker.tasks import dispatch
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +151,7 @@ def test_killed_worker_job_is_resumed_by_another(celery_worker_proc, start_worke
     job_id = submit(tenant, spec, send=False)
     with session_scope() as s:  # keep the main worker's sweep off the queued job: only the victim gets it
         s.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow() + timedelta(minutes=5)))
-    run_job.apply_async(args=[job_id], queue="victim-queue")
+    assert dispatch(job_id, queue="victim-queue")
     wait_for(
         lambda: job_row(job_id).stage in ("search", "finetune"), 180, what="the victim to reach the search"
     )

@@ -140,3 +140,27 @@ def test_shutdown_hands_the_job_back_to_the_queue(sqlite_env, tmp_path):
     with session_scope() as s:
         repo.request_cancel(s, "t", job.id)
     assert execute_job(job.id, worker_id="w2") == "skipped"
+
+
+def test_local_paths_are_mapped_back_to_the_users_references():
+    from worker.runner import ref_mapping, restore_refs
+
+    original = JobSpec(dataset="artifact:abc", model={"weights": "artifact:w1"})
+    resolved = original.model_copy(
+        update={
+            "dataset": "npz:/srv/work/j/inputs/dataset-abc.npz",
+            "model": original.model.model_copy(update={"weights": "/srv/work/j/inputs/weights-w1.pt"}),
+        }
+    )
+    mapping = ref_mapping(original, resolved)
+    cert = {
+        "dataset": {"ref": "npz:/srv/work/j/inputs/dataset-abc.npz", "sha256": "x"},
+        "model": {"arch": "small_cnn"},
+        "samples": [{"label": 1}],
+        "notes": ["/srv/work/j/inputs/weights-w1.pt"],
+    }
+    out = restore_refs(cert, mapping)
+    assert out["dataset"] == {"ref": "artifact:abc", "sha256": "x"}
+    assert out["notes"] == ["artifact:w1"] and out["samples"] == [{"label": 1}]
+    assert "/srv/work" not in str(out)
+    assert ref_mapping(JobSpec(), JobSpec()) == {}  # built-in datasets are left alone
