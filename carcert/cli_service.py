@@ -172,6 +172,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"carcert is up at {url}  (API docs: {url}/docs)", flush=True)
     print(f"API key (tenant {EMBEDDED_TENANT!r}, stored in {var / 'api_key'}): {key}", flush=True)
+    print(f"client: export CARCERT_URL={url} CARCERT_API_KEY={key}; carcert jobs", flush=True)
     print(f"data in {var}; worker log: {'console' if args.verbose else log_path}; Ctrl-C stops", flush=True)
 
     def on_term(signum: int, _frame: Any) -> None:
