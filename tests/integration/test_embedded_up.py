@@ -3,6 +3,7 @@ real job end to end through the REST API, reuses its API key, and stops API and 
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -111,3 +112,39 @@ def test_carcert_up_runs_a_job_and_stops_cleanly(tmp_path):
         assert printed and printed.group(1) == key
     finally:
         assert stop_up(proc2) == 0
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    """`carcert demo` (the README's main command, here its --quick size) starts the embedded service,
+    runs a real job, prints the numbers, saves the certificate and model, and shuts down."""
+    env = {k: v for k, v in python_env({}).items() if not k.startswith("CARCERT_")}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "carcert.cli",
+            "demo",
+            "--quick",
+            "--var",
+            str(tmp_path / "var"),
+            "--timeout",
+            "240",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    job_id = re.search(r"job ([0-9a-f]{32}) succeeded", out).group(1)
+    acc = float(re.search(r"accuracy\s+([\d.]+)%", out).group(1))
+    pca = float(re.search(r"PCA\s+([\d.]+)%", out).group(1))
+    assert 0 <= acc <= 100 and 0 <= pca <= 100
+    saved = tmp_path / "var" / "demo" / job_id
+    cert = json.loads((saved / "certificate.json").read_text())
+    assert cert["job_id"] == job_id
+    assert pca == pytest.approx(100 * cert["pca"], abs=0.051)  # printed with one decimal
+    assert (saved / "model.safetensors").stat().st_size > 1000
+    assert "embedded service stopped" in out
