@@ -69,17 +69,16 @@ app = make_celery()
 
 
 def visible_gpus(settings: Settings) -> list[str]:
-    """GPU ids to spread workers over: settings.gpus, else CUDA_VISIBLE_DEVICES, else the
-    /dev/nvidiaN device files (looked up without initialising CUDA)."""
+    """GPU ids to spread workers over: settings.gpus, else CUDA_VISIBLE_DEVICES, else ordinals
+    0..n-1 for the n /dev/nvidiaN device files (counted without initialising CUDA; in a container
+    the files keep the host numbers while CUDA numbers the visible devices from 0)."""
     if settings.gpus:
         return [str(g) for g in settings.gpus]
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    return sorted(
-        (m.group(1) for p in Path("/dev").glob("nvidia*") if (m := re.fullmatch(r"nvidia(\d+)", p.name))),
-        key=int,
-    )
+    count = sum(1 for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name))
+    return [str(i) for i in range(count)]
 
 
 def pin_gpu(index: int, settings: Settings | None = None) -> str | None:

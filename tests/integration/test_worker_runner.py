@@ -164,3 +164,20 @@ def test_local_paths_are_mapped_back_to_the_users_references():
     assert out["notes"] == ["artifact:w1"] and out["samples"] == [{"label": 1}]
     assert "/srv/work" not in str(out)
     assert ref_mapping(JobSpec(), JobSpec()) == {}  # built-in datasets are left alone
+
+
+def test_one_gpu_per_worker_process_round_robin(monkeypatch):
+    from worker.celery_app import pin_gpu, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")
+    settings = get_settings().model_copy(update={"gpus": None})
+    assert visible_gpus(settings) == ["2", "5", "7"]
+    chosen = []
+    for index in range(5):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5,7")  # what the parent process sees
+        chosen.append(pin_gpu(index, settings))
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == chosen[-1]
+    assert chosen == ["2", "5", "7", "2", "5"]
+    assert pin_gpu(3, settings.model_copy(update={"gpus": ["a", "b"]})) == "b"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus(settings) == [] and pin_gpu(0, settings) is None
