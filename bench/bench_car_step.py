@@ -5,13 +5,14 @@ passes (noisy mask C_m on x, noisy mask C_n on x, C_m on T(x), hard mask C* on x
 backward through all four, a vanilla step one forward and one backward.
 
 vanilla step = train mode, SGD (momentum 0.9): zero_grad, CE forward, backward, step.
-CAR step     = core.car.car_step inside core.car.frozen_eval (exactly what search_mask runs):
+CAR step     = core.car.car_step on core.car.fold_batchnorm(model) inside core.car.frozen_eval
+               (exactly what search_mask runs):
                T(x, 1) under no_grad, Eq. 9 with all four terms, one backward, Adam on m,
                projection onto [0, 1].
 
 Usage: .venv/bin/python bench/bench_car_step.py [--arch resnet18] [--batch 128] [--size 32]
        [--threads 2] [--warmup 2] [--steps 7] [--device cpu]
-Prints one JSON line with the medians (seconds) and the ratio.
+Prints one JSON line: medians of wall time (and of process CPU time) per step and their ratios.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from core.car import car_step, frozen_eval, init_scores  # noqa: E402
+from core.car import car_step, fold_batchnorm, frozen_eval, init_scores, mask_optimizer  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.spec import CarSpec  # noqa: E402
 
@@ -44,14 +45,16 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, n: int, dev: torch.device) -> list[float]:
+def timed(fn, n: int, dev: torch.device) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of n calls. On a shared machine the CPU time (all
+    threads of this process) is the steadier of the two."""
     out = []
     for _ in range(n):
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(dev)
-        out.append(time.perf_counter() - t0)
+        out.append((time.perf_counter() - t0, time.process_time() - c0))
     return out
 
 
@@ -85,12 +88,14 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = CarSpec()
     scores = {n: s.to(dev).requires_grad_(True) for n, s in init_scores(model, spec).items()}
-    adam = torch.optim.Adam(list(scores.values()), lr=spec.mask_lr)
+    adam = mask_optimizer(list(scores.values()), spec.mask_lr)
+    with frozen_eval(model):
+        net = fold_batchnorm(model)  # once per search, as in search_mask
 
     def car() -> None:
         with torch.no_grad():
             x_t = brightness(x, torch.ones(len(x), device=dev))
-        car_step(model, scores, adam, x, x_t, spec, prune_ratio=args.prune_ratio, scope="layer")
+        car_step(net, scores, adam, x, x_t, spec, prune_ratio=args.prune_ratio, scope="layer")
 
     # interleave the two so that load changes on a shared machine hit both alike
     v_times, c_times = [], []
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         v_times += timed(vanilla, 1, dev)
         with frozen_eval(model):
             c_times += timed(car, 1, dev)
-    v, c = statistics.median(v_times), statistics.median(c_times)
+    v, c = statistics.median(t for t, _ in v_times), statistics.median(t for t, _ in c_times)
+    vc, cc = statistics.median(t for _, t in v_times), statistics.median(t for _, t in c_times)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     res = {
         "arch": args.arch,
@@ -113,8 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         "vanilla_s": round(v, 4),
         "car_s": round(c, 4),
         "ratio": round(c / v, 3),
-        "vanilla_all_s": [round(t, 4) for t in v_times],
-        "car_all_s": [round(t, 4) for t in c_times],
+        "vanilla_cpu_s": round(vc, 4),
+        "car_cpu_s": round(cc, 4),
+        "ratio_cpu": round(cc / vc, 3),
+        "vanilla_all_s": [round(t, 4) for t, _ in v_times],
+        "car_all_s": [round(t, 4) for t, _ in c_times],
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "loadavg_1m": load,

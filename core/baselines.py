@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.car import run_car
+from core.car import mask_optimizer, run_car
 from core.errors import InvalidInput
 from core.masking import apply_masks_, masked_forward, partial_scaled_init, prunable_weights, topk_mask
 from core.masking import straight_through_mask as st_mask
@@ -162,7 +162,7 @@ def hydra_search(
         n: s.to(dev).clone().requires_grad_(True)
         for n, s in partial_scaled_init(prunable_weights(model), 0.0).items()
     }
-    opt = torch.optim.Adam(list(scores.values()), lr=spec.car.mask_lr)
+    opt = mask_optimizer(list(scores.values()), spec.car.mask_lr)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
 
     def step(idx: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from core.car import (
     stability_loss,
 )
 from core.data import load_dataset
-from core.errors import Cancelled
+from core.errors import Cancelled, TrainingDiverged
 from core.masking import masked_forward, partial_scaled_init, prunable_weights, topk_mask
 from core.models import build_model
 from core.pipeline import LocalContext
@@ -293,3 +293,52 @@ def test_run_car_on_digits_exact_sparsity_and_accuracy_close_to_unpruned():
             assert bool((w[~masks[n]] == 0).all())
         acc = evaluate(model, d.test_x, d.test_y)
         assert acc >= acc_dense - 0.05, (pr, scope, acc, acc_dense)
+
+
+def test_search_nan_raises_training_diverged_and_writes_nothing(tmp_path):
+    net = tiny_net()
+    with torch.no_grad():
+        net[3].weight[0, 0] = float("nan")
+    ctx = LocalContext(tmp_path)
+    x = torch.rand(32, 1, 8, 8)
+    with pytest.raises(TrainingDiverged):
+        search_mask(net, x, torch.zeros(32, dtype=torch.long), brightness, CarSpec(), prune_ratio=0.5,
+                    epochs=1, batch_size=16, seed=0, ctx=ctx)  # fmt: skip
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_fold_batchnorm_is_the_same_masked_function():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 1)
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.1, 0.1)
+    x = torch.rand(3, 1, 8, 8)
+    scores = partial_scaled_init(prunable_weights(model), 0.3)
+    from core.car import fold_batchnorm, frozen_eval
+
+    with frozen_eval(model):
+        net = fold_batchnorm(model)
+        assert net is not model
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        for masks in (scores, topk_mask(scores, 0.5)):
+            with torch.no_grad():
+                ref = masked_forward(model, x, masks)
+                got = masked_forward(net, x, masks)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert model.training  # restored
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    u = Untraceable()
+    assert fold_batchnorm(u) is u
