@@ -198,7 +198,8 @@ def db(settings_env: dict[str, str]) -> Iterator[Any]:
 
 @pytest.fixture
 def tenant(settings_env: dict[str, str]) -> Iterator[str]:
-    """A fresh tenant; its unfinished jobs are cancelled afterwards so no worker picks them up."""
+    """A fresh tenant; its unfinished jobs (and those of tenants named tenant + suffix) are
+    cancelled afterwards so no worker picks them up."""
     from sqlalchemy import update
 
     from store.db import session_scope
@@ -209,6 +210,6 @@ def tenant(settings_env: dict[str, str]) -> Iterator[str]:
     with session_scope() as s:
         s.execute(
             update(Job)
-            .where(Job.tenant == name, Job.status.in_(("queued", "running")))
+            .where(Job.tenant.startswith(name), Job.status.in_(("queued", "running")))
             .values(status="cancelled", cancel_requested=True, finished_at=utcnow())
         )
