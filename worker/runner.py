@@ -269,6 +269,11 @@ def execute_job(
 
     settings = settings or get_settings()
     worker_id = worker_id or new_worker_id()
+    if SHUTTING_DOWN.is_set():  # a message consumed during a warm shutdown: leave it to the next worker
+        from worker.tasks import dispatch
+
+        dispatch(job_id)
+        return "released"
     with session_scope() as s:
         job = claim_job(s, job_id, worker_id)
         if job is None:

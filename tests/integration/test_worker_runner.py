@@ -126,16 +126,25 @@ def test_time_limit_stops_the_job(sqlite_env, tmp_path):
 def test_shutdown_hands_the_job_back_to_the_queue(sqlite_env, tmp_path):
     with session_scope() as s:
         job, _ = repo.create_job(s, "t", JobSpec(train_subset=50))
+    with session_scope() as s:
+        assert repo.claim_job(s, job.id, "w1") is not None
+    with session_scope() as s:  # what execute_job does once the running pipeline saw the shutdown
+        s.execute(update(Job).where(Job.id == job.id).values(status="queued", lease_owner=None))
     SHUTTING_DOWN.set()
     try:
-        assert execute_job(job.id, worker_id="w1") == "released"
+        assert execute_job(job.id, worker_id="w1") == "released"  # not even claimed while stopping
+        with session_scope() as s:
+            assert repo.claim_job(s, job.id, "w1") is not None
+        from worker.runner import _release
+
+        assert _release(job.id, "w1") == "released"
     finally:
         SHUTTING_DOWN.clear()
     j = row(job.id)
-    assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
-    # and it was sent again: one message waits in the broker database
+    assert (j.status, j.attempts, j.lease_owner) == ("queued", 1, None)
+    # and it was sent again each time: two messages wait in the broker database
     with sqlite3.connect(tmp_path / "broker.sqlite") as con:
-        assert con.execute("SELECT count(*) FROM kombu_message WHERE visible = 1").fetchone()[0] == 1
+        assert con.execute("SELECT count(*) FROM kombu_message WHERE visible = 1").fetchone()[0] == 2
     # a finished or cancelled job is never run
     with session_scope() as s:
         repo.request_cancel(s, "t", job.id)
@@ -181,3 +190,33 @@ def test_one_gpu_per_worker_process_round_robin(monkeypatch):
     assert pin_gpu(3, settings.model_copy(update={"gpus": ["a", "b"]})) == "b"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus(settings) == [] and pin_gpu(0, settings) is None
+
+
+def test_shutdown_during_a_run_releases_the_job_with_its_checkpoints(sqlite_env, tmp_path):
+    import threading
+
+    with session_scope() as s:
+        job, _ = repo.create_job(
+            s, "t", JobSpec(train_subset=200, pruning={"pretrain_epochs": 50}, certification={"samples": 5})
+        )
+    out: list[str] = []
+    runner = threading.Thread(target=lambda: out.append(execute_job(job.id, worker_id="w1")))
+    runner.start()
+    try:
+        checkpoints = tmp_path / "work" / job.id / "checkpoints"
+        wait = time.monotonic() + 120
+        while not list(checkpoints.glob("*.pt")) and time.monotonic() < wait:  # an epoch was saved
+            time.sleep(0.1)
+        saved = sorted(p.name for p in checkpoints.glob("*.pt"))
+        assert saved and row(job.id).stage == "pretrain"
+        SHUTTING_DOWN.set()
+        runner.join(60)
+    finally:
+        SHUTTING_DOWN.set()
+        runner.join(60)
+        SHUTTING_DOWN.clear()
+    assert out == ["released"]
+    j = row(job.id)
+    assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
+    # kept, so the next worker resumes instead of starting over
+    assert set(saved) <= {p.name for p in checkpoints.glob("*.pt")}
