@@ -16,7 +16,11 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carcert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="carcert",
+        description="Prune image classifiers with CAR and certify them against semantic "
+        "perturbations (CC-Cert).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
