@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.car import mask_optimizer, run_car
+from core.car import frozen_params, mask_optimizer, run_car, score_checkpoint, score_params
 from core.errors import InvalidInput
-from core.masking import apply_masks_, masked_forward, partial_scaled_init, prunable_weights, topk_mask
+from core.masking import masked_forward, partial_scaled_init, prunable_weights, topk_mask
 from core.masking import straight_through_mask as st_mask
 from core.pipeline import StageContext
 from core.spec import PruningSpec
@@ -46,9 +46,9 @@ from core.training import (
     ce_loss,
     check_finite,
     model_device,
-    recalibrate_batchnorm,
+    pretrain,
+    prune_and_finetune,
     run_epochs,
-    train_epochs,
 )
 
 if TYPE_CHECKING:
@@ -158,12 +158,8 @@ def hydra_search(
     """HYDRA's score optimisation: scores s (scaled init, tau = 0), forward f(x; theta * C*(s))
     with C* the straight-through top-k mask, TRADES loss, weights frozen, Adam on s. Returns s."""
     dev = model_device(model)
-    scores = {
-        n: s.to(dev).clone().requires_grad_(True)
-        for n, s in partial_scaled_init(prunable_weights(model), 0.0).items()
-    }
+    scores = score_params(partial_scaled_init(prunable_weights(model), 0.0), dev)
     opt = mask_optimizer(list(scores.values()), spec.car.mask_lr)
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
 
     def step(idx: Tensor) -> Tensor:
         xb, yb = x[idx].to(dev), y[idx].to(dev)
@@ -183,18 +179,8 @@ def hydra_search(
         opt.step()
         return loss.detach()
 
-    def state() -> dict[str, Any]:
-        return {"scores": {n: s.detach().cpu() for n, s in scores.items()}, "opt": opt.state_dict()}
-
-    def load_state(st: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for n, s in scores.items():
-                s.copy_(st["scores"][n].to(dev))
-        opt.load_state_dict(st["opt"])
-
-    try:
-        for p, _ in frozen:
-            p.requires_grad_(False)
+    state, load_state = score_checkpoint(scores, opt)
+    with frozen_params(model):
         run_epochs(
             len(x),
             epochs=spec.search_epochs,
@@ -207,9 +193,6 @@ def hydra_search(
             stage="search",
             checkpoint_key=checkpoint_key,
         )
-    finally:
-        for p, req in frozen:
-            p.requires_grad_(req)
     return {n: s.detach() for n, s in scores.items()}
 
 
@@ -234,20 +217,7 @@ def run_method(
     key = f"{method}-{spec.prune_ratio:.4f}-{spec.scope}"
     adv = method in ("advtrain", "advtrain+lmp")
     loss = advtrain_loss(spec.adv_eps, spec.adv_steps) if adv else ce_loss
-    if spec.pretrain_epochs > 0:
-        train_epochs(
-            model,
-            x,
-            y,
-            epochs=spec.pretrain_epochs,
-            lr=spec.lr,
-            batch_size=spec.batch_size,
-            seed=seed,
-            loss_fn=loss,
-            ctx=ctx,
-            stage="pretrain",
-            checkpoint_key=f"{key}-pretrain",
-        )
+    pretrain(model, x, y, spec, seed=seed, key=key, loss_fn=loss, ctx=ctx)
     if method in ("vanilla", "advtrain"):
         return None
     weights = prunable_weights(model)
@@ -257,20 +227,4 @@ def run_method(
         loss = trades_loss(spec.adv_eps, spec.adv_steps)
     else:
         hard = topk_mask(weights, spec.prune_ratio, spec.scope)
-    apply_masks_(model, hard)
-    recalibrate_batchnorm(model, x, seed=seed)
-    train_epochs(
-        model,
-        x,
-        y,
-        epochs=spec.finetune_epochs,
-        lr=spec.finetune_lr,
-        batch_size=spec.batch_size,
-        seed=seed + 1,
-        loss_fn=loss,
-        masks=hard,
-        ctx=ctx,
-        stage="finetune",
-        checkpoint_key=f"{key}-finetune",
-    )
-    return {n: m.cpu() for n, m in hard.items()}
+    return prune_and_finetune(model, x, y, hard, spec, seed=seed, key=key, loss_fn=loss, ctx=ctx)

@@ -22,7 +22,7 @@ Decisions the paper leaves open (documented here and in the final report):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from core.errors import InvalidInput
 from core.masking import (
-    apply_masks_,
     masked_forward,
     partial_scaled_init,
     prunable_weights,
@@ -46,9 +45,9 @@ from core.training import (
     augment_with_transform,
     check_finite,
     model_device,
-    recalibrate_batchnorm,
+    pretrain,
+    prune_and_finetune,
     run_epochs,
-    train_epochs,
 )
 
 if TYPE_CHECKING:
@@ -155,18 +154,28 @@ def init_scores(model: nn.Module, spec: CarSpec, seed: int = 0) -> dict[str, Ten
 
 
 @contextmanager
-def frozen_eval(model: nn.Module):
-    """The mask search's view of theta_pre: eval mode and no parameter gradients (restored after)."""
+def frozen_params(model: nn.Module) -> Iterator[nn.Module]:
+    """No parameter gradients inside (each parameter's requires_grad restored after): theta_pre
+    stays fixed while a score search optimises the mask (CAR here, HYDRA in core.baselines)."""
     frozen = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     try:
-        model.eval()
         for p, _ in frozen:
             p.requires_grad_(False)
         yield model
     finally:
         for p, req in frozen:
             p.requires_grad_(req)
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """The mask search's view of theta_pre: eval mode and no parameter gradients (restored after)."""
+    was_training = model.training
+    try:
+        model.eval()
+        with frozen_params(model):
+            yield model
+    finally:
         model.train(was_training)
 
 
@@ -176,6 +185,29 @@ def mask_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
+
+
+def score_params(init: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The optimised scores: leaf copies of the initial scores on `device`, requiring grad."""
+    return {n: s.to(device).clone().requires_grad_(True) for n, s in init.items()}
+
+
+def score_checkpoint(
+    scores: Mapping[str, Tensor], opt: torch.optim.Optimizer
+) -> tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]]:
+    """run_epochs' (state, load_state) for a score search: the scores (saved on the CPU, restored
+    in place on their device) and the optimiser state."""
+
+    def state() -> dict[str, Any]:
+        return {"scores": {n: s.detach().cpu() for n, s in scores.items()}, "opt": opt.state_dict()}
+
+    def load_state(st: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, s in scores.items():
+                s.copy_(st["scores"][n].to(s.device))
+        opt.load_state_dict(st["opt"])
+
+    return state, load_state
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -250,7 +282,7 @@ def search_mask(
     at delta = 1; `index` (default arange) are the dataset indices passed to it.
     Resumable per epoch through ctx (key `checkpoint_key`)."""
     dev = model_device(model)
-    scores = {n: s.to(dev).clone().requires_grad_(True) for n, s in init_scores(model, spec, seed).items()}
+    scores = score_params(init_scores(model, spec, seed), dev)
     opt = mask_optimizer(list(scores.values()), spec.mask_lr)
     if index is None:
         index = torch.arange(len(x))
@@ -264,15 +296,7 @@ def search_mask(
                 x_t = transform(xb, ones, index=index[idx].to(dev))
         return car_step(net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope)
 
-    def state() -> dict[str, Any]:
-        return {"scores": {n: s.detach().cpu() for n, s in scores.items()}, "opt": opt.state_dict()}
-
-    def load_state(st: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for n, s in scores.items():
-                s.copy_(st["scores"][n].to(dev))
-        opt.load_state_dict(st["opt"])
-
+    state, load_state = score_checkpoint(scores, opt)
     with frozen_eval(model):
         net = fold_batchnorm(model)
         run_epochs(
@@ -307,19 +331,7 @@ def run_car(
     masks (bool)."""
     x, y, index = augment_with_transform(data.train_x, data.train_y, transform, spec.augment_q, seed)
     key = f"car-{spec.prune_ratio:.4f}-{spec.scope}"
-    if spec.pretrain_epochs > 0:
-        train_epochs(
-            model,
-            x,
-            y,
-            epochs=spec.pretrain_epochs,
-            lr=spec.lr,
-            batch_size=spec.batch_size,
-            seed=seed,
-            ctx=ctx,
-            stage="pretrain",
-            checkpoint_key=f"{key}-pretrain",
-        )
+    pretrain(model, x, y, spec, seed=seed, key=key, ctx=ctx)
     scores = search_mask(
         model,
         x,
@@ -337,19 +349,4 @@ def run_car(
         checkpoint_key=f"{key}-search",
     )
     hard = topk_mask(scores, spec.prune_ratio, spec.scope, tiebreak=prunable_weights(model))
-    apply_masks_(model, hard)
-    recalibrate_batchnorm(model, x, seed=seed)
-    train_epochs(
-        model,
-        x,
-        y,
-        epochs=spec.finetune_epochs,
-        lr=spec.finetune_lr,
-        batch_size=spec.batch_size,
-        seed=seed + 1,
-        masks=hard,
-        ctx=ctx,
-        stage="finetune",
-        checkpoint_key=f"{key}-finetune",
-    )
-    return {n: m.cpu() for n, m in hard.items()}
+    return prune_and_finetune(model, x, y, hard, spec, seed=seed, key=key, ctx=ctx)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import Cancelled, TrainingDiverged
-from core.masking import masked_forward, prunable_weights
+from core.masking import apply_masks_, masked_forward, prunable_weights
 from core.pipeline import StageContext
+
+if TYPE_CHECKING:
+    from core.spec import PruningSpec
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Augment = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -197,6 +200,71 @@ def train_epochs(
         checkpoint_key=checkpoint_key,
     )
     model.eval()
+
+
+def pretrain(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: PruningSpec,
+    *,
+    seed: int,
+    key: str,
+    loss_fn: LossFn | None = None,
+    ctx: StageContext | None = None,
+) -> None:
+    """Algorithm 1 line 1 (and every baseline's first stage): spec.pretrain_epochs of
+    `loss_fn` (default cross-entropy) at spec.lr; skipped when spec.pretrain_epochs == 0 (user
+    weights). Stage "pretrain", checkpoint key f"{key}-pretrain"."""
+    if spec.pretrain_epochs > 0:
+        train_epochs(
+            model,
+            x,
+            y,
+            epochs=spec.pretrain_epochs,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            seed=seed,
+            loss_fn=loss_fn,
+            ctx=ctx,
+            stage="pretrain",
+            checkpoint_key=f"{key}-pretrain",
+        )
+
+
+def prune_and_finetune(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    hard: Mapping[str, Tensor],
+    spec: PruningSpec,
+    *,
+    seed: int,
+    key: str,
+    loss_fn: LossFn | None = None,
+    ctx: StageContext | None = None,
+) -> dict[str, Tensor]:
+    """Algorithm 1 line 5 (and every pruning baseline's last stage): apply the hard mask to the
+    weights, re-estimate BatchNorm statistics of the pruned net, then spec.finetune_epochs of
+    `loss_fn` at spec.finetune_lr under the fixed mask (seed + 1). Stage "finetune", checkpoint key
+    f"{key}-finetune". Returns the hard mask on the CPU."""
+    apply_masks_(model, hard)
+    recalibrate_batchnorm(model, x, seed=seed)
+    train_epochs(
+        model,
+        x,
+        y,
+        epochs=spec.finetune_epochs,
+        lr=spec.finetune_lr,
+        batch_size=spec.batch_size,
+        seed=seed + 1,
+        loss_fn=loss_fn,
+        masks=hard,
+        ctx=ctx,
+        stage="finetune",
+        checkpoint_key=f"{key}-finetune",
+    )
+    return {n: m.cpu() for n, m in hard.items()}
 
 
 @torch.no_grad()
