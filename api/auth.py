@@ -9,15 +9,13 @@ key -> 401 problem+json with `WWW-Authenticate: Bearer`."""
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
-from collections import OrderedDict
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiProblem
+from api.lru import LruCache
 
 KEY_CACHE_TTL_S = 30.0
 KEY_CACHE_SIZE = 4096
@@ -26,37 +24,11 @@ DISABLED_TENANT = "default"
 bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer cc_...`")
 
 
-class KeyCache:
-    """Thread-safe TTL + LRU map sha256(key) -> tenant."""
+class KeyCache(LruCache[str]):
+    """sha256(key) -> tenant, for KEY_CACHE_TTL_S seconds, at most KEY_CACHE_SIZE keys."""
 
     def __init__(self, ttl_s: float = KEY_CACHE_TTL_S, size: int = KEY_CACHE_SIZE) -> None:
-        self.ttl_s = ttl_s
-        self.size = size
-        self._data: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, digest: str) -> str | None:
-        with self._lock:
-            hit = self._data.get(digest)
-            if hit is None:
-                return None
-            tenant, expires = hit
-            if expires < time.monotonic():
-                del self._data[digest]
-                return None
-            self._data.move_to_end(digest)
-            return tenant
-
-    def put(self, digest: str, tenant: str) -> None:
-        with self._lock:
-            self._data[digest] = (tenant, time.monotonic() + self.ttl_s)
-            self._data.move_to_end(digest)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
+        super().__init__(size, ttl_s)
 
 
 def _unauthorized(detail: str, error: str = "invalid_token") -> ApiProblem:

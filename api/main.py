@@ -20,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from api.auth import KeyCache
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from api.fastpath import CertificateFastPath
+from api.lru import LruCache
 from api.metrics import ApiMetrics, JobsCollector, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.routers import artifacts, health, jobs
@@ -54,7 +55,7 @@ def create_app(settings: Any = None) -> FastAPI:
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.artifact_store = make_artifact_store(settings)
     app.state.key_cache = KeyCache()
-    app.state.cert_cache = jobs.CertificateCache()
+    app.state.cert_cache = LruCache(jobs.CERT_CACHE_SIZE)
     app.state.metrics = ApiMetrics()
     app.state.metrics.registry.register(JobsCollector(app.state.sessionmaker))
 

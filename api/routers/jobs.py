@@ -1,16 +1,16 @@
 """Jobs: submit (idempotent), list (keyset cursor), get, cancel, and the results: certificate,
 mask and model files.
 
-The certificate of a succeeded job never changes, so its rendered JSON bytes are cached per job id
-(`CertificateCache`) and returned with a plain Response: a hot GET costs no database round trip and
-no pydantic re-validation of the document. Another tenant's job answers 404, never 403."""
+The certificate of a succeeded job never changes, so its rendered JSON bytes are cached per
+job id (and variant) in an `api.lru.LruCache` and returned with a plain Response: a hot GET costs no
+database round trip and no pydantic re-validation of the document. Another tenant's job answers
+404, never 403."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from api.checks import check_job_spec
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiProblem
+from api.lru import LruCache
 from api.schemas import JobOut, JobPage, JobStatus, problem_responses
 from core.spec import JobSpec
 
@@ -31,10 +32,43 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 FINAL = ("succeeded", "failed", "cancelled")
 CERT_CACHE_SIZE = 512
+CERT_CACHE_CONTROL = "private, max-age=0, must-revalidate"
 
 
-def _not_found(job_id: str) -> ApiProblem:
+def job_not_found(job_id: str) -> ApiProblem:
     return ApiProblem(404, "not-found", f"job {job_id!r} not found", title="Not Found")
+
+
+def succeeded_job(session: Any, tenant: str, job_id: str, what: str = "results exist") -> Any:
+    """The tenant's job if it has succeeded; 404 when it is not the tenant's (or does not exist),
+    409 problem "job-not-succeeded" (with job_status) otherwise. `what` names what the caller wanted."""
+    from store.jobs import get_job as repo_get
+
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise job_not_found(job_id)
+    if job.status != "succeeded":
+        raise ApiProblem(
+            409,
+            "job-not-succeeded",
+            f"job {job_id} is {job.status}; {what} only once it has succeeded",
+            title="Conflict",
+            extra={"job_status": job.status},
+        )
+    return job
+
+
+def select_variant(results: list[Any], job_id: str, variant: str | None) -> list[Any]:
+    """All results (variant None) or the one named `variant` (404 naming the variants there are)."""
+    if variant is None:
+        return results
+    chosen = [r for r in results if r.name == variant]
+    if not chosen:
+        names = ", ".join(r.name for r in results) or "(none)"
+        raise ApiProblem(
+            404, "not-found", f"job {job_id} has no variant {variant!r}; variants: {names}", title="Not Found"
+        )
+    return chosen
 
 
 def job_out(job: Any) -> JobOut:
@@ -184,7 +218,7 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 
     job = repo_get(session, tenant, job_id)
     if job is None:
-        raise _not_found(job_id)
+        raise job_not_found(job_id)
     return job_out(job)
 
 
@@ -206,12 +240,12 @@ def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: Sess
 
     job = repo_get(session, tenant, job_id)
     if job is None:
-        raise _not_found(job_id)
+        raise job_not_found(job_id)
     if job.status not in FINAL:
         job = request_cancel(session, tenant, job_id)
         session.commit()
         if job is None:
-            raise _not_found(job_id)
+            raise job_not_found(job_id)
     if job.status in ("succeeded", "failed"):
         raise ApiProblem(
             409,
@@ -233,44 +267,6 @@ class RenderedCertificate:
     tenant: str
     body: bytes
     etag: str
-
-
-class CertificateCache:
-    """LRU job id -> rendered certificate bytes; only succeeded (immutable) jobs are cached.
-    Touched only from the event loop thread, so no lock."""
-
-    def __init__(self, size: int = CERT_CACHE_SIZE) -> None:
-        self.size = size
-        self._data: OrderedDict[str, RenderedCertificate] = OrderedDict()
-
-    def get(self, job_id: str) -> RenderedCertificate | None:
-        hit = self._data.get(job_id)
-        if hit is not None:
-            self._data.move_to_end(job_id)
-        return hit
-
-    def put(self, job_id: str, value: RenderedCertificate) -> None:
-        self._data[job_id] = value
-        self._data.move_to_end(job_id)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-
-
-def _succeeded_job(session: Any, tenant: str, job_id: str) -> Any:
-    from store.jobs import get_job as repo_get
-
-    job = repo_get(session, tenant, job_id)
-    if job is None:
-        raise _not_found(job_id)
-    if job.status != "succeeded":
-        raise ApiProblem(
-            409,
-            "job-not-succeeded",
-            f"job {job_id} is {job.status}; results exist only once it has succeeded",
-            title="Conflict",
-            extra={"job_status": job.status},
-        )
-    return job
 
 
 def render_certificate(results: list[Any]) -> bytes:
@@ -297,18 +293,8 @@ def _load_certificate(request: Request, tenant: str, job_id: str, variant: str |
     from store.jobs import get_results
 
     with request.app.state.sessionmaker() as s:
-        job = _succeeded_job(s, tenant, job_id)
-        results = get_results(s, job.id)
-        if variant is not None:
-            names = [r.name for r in results]
-            results = [r for r in results if r.name == variant]
-            if not results:
-                raise ApiProblem(
-                    404,
-                    "not-found",
-                    f"job {job_id} has no variant {variant!r}; variants: {', '.join(names) or '(none)'}",
-                    title="Not Found",
-                )
+        job = succeeded_job(s, tenant, job_id)
+        results = select_variant(get_results(s, job.id), job_id, variant)
         if not any(r.certificate is not None for r in results):
             raise ApiProblem(404, "not-found", f"job {job_id} has no certificate", title="Not Found")
         body = render_certificate(results)
@@ -347,15 +333,15 @@ async def get_certificate(
     variant: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     """One run: the certificate; a sweep: {"certificates": [...]}, or one of them with ?variant=name."""
-    cache: CertificateCache = request.app.state.cert_cache
+    cache: LruCache[RenderedCertificate] = request.app.state.cert_cache
     key = job_id if variant is None else f"{job_id}?{variant}"
     hit = cache.get(key)
     if hit is None:
         hit = await run_in_threadpool(_load_certificate, request, tenant, job_id, variant)
         cache.put(key, hit)
     elif hit.tenant != tenant:
-        raise _not_found(job_id)
-    headers = {"ETag": hit.etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+        raise job_not_found(job_id)
+    headers = {"ETag": hit.etag, "Cache-Control": CERT_CACHE_CONTROL}
     if request.headers.get("if-none-match") == hit.etag:
         return Response(status_code=304, headers=headers)
     return Response(hit.body, media_type="application/json", headers=headers)
@@ -370,28 +356,17 @@ def _result_file(
     from store.artifacts import ArtifactMissing, get_artifact
     from store.jobs import get_results
 
-    job = _succeeded_job(session, tenant, job_id)
+    job = succeeded_job(session, tenant, job_id)
     results = get_results(session, job.id)
-    names = [r.name for r in results]
-    if variant is not None:
-        chosen = [r for r in results if r.name == variant]
-        if not chosen:
-            raise ApiProblem(
-                404,
-                "not-found",
-                f"job {job_id} has no variant {variant!r}; variants: {', '.join(names) or '(none)'}",
-                title="Not Found",
-            )
-        result = chosen[0]
-    elif len(results) == 1:
-        result = results[0]
-    else:
+    chosen = select_variant(results, job_id, variant)
+    if len(chosen) != 1:
         raise ApiProblem(
             422,
             "variant-required",
-            f"job {job_id} has several variants; pass ?variant= one of {', '.join(names)}",
+            f"job {job_id} has several variants; pass ?variant= one of {', '.join(r.name for r in results)}",
             title="Invalid request",
         )
+    result = chosen[0]
     art_id = result.mask_artifact_id if what == "mask" else result.model_artifact_id
     art = get_artifact(session, tenant, art_id) if art_id else None
     if art is None:

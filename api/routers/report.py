@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -20,6 +19,8 @@ from fastapi.responses import HTMLResponse
 
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import PROBLEM_MEDIA_TYPE, ApiProblem
+from api.lru import LruCache
+from api.routers.jobs import succeeded_job
 from core import report as core_report
 
 log = logging.getLogger("carcert.api")
@@ -31,55 +32,12 @@ CACHE_SIZE = 64
 _RENDER_LOCK = threading.Lock()  # matplotlib is not documented thread-safe: render one at a time
 
 
-class ReportCache:
-    """Thread-safe LRU (job_id, variant of output) -> (tenant, bytes)."""
-
-    def __init__(self, size: int = CACHE_SIZE) -> None:
-        self.size = size
-        self._data: OrderedDict[tuple, tuple[str, bytes]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> tuple[str, bytes] | None:
-        with self._lock:
-            hit = self._data.get(key)
-            if hit is not None:
-                self._data.move_to_end(key)
-            return hit
-
-    def put(self, key: tuple, value: tuple[str, bytes]) -> None:
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
-
-
-def _cache(request: Request) -> ReportCache:
+def _cache(request: Request) -> LruCache[tuple[str, bytes]]:
+    """(job_id, output variant...) -> (tenant, rendered bytes)."""
     cache = getattr(request.app.state, "report_cache", None)
     if cache is None:
-        cache = request.app.state.report_cache = ReportCache()
+        cache = request.app.state.report_cache = LruCache(CACHE_SIZE)
     return cache
-
-
-def _not_found(job_id: str) -> ApiProblem:
-    return ApiProblem(404, "not-found", f"job {job_id!r} not found", title="Not Found")
-
-
-def _succeeded(session: Any, tenant: str, job_id: str) -> Any:
-    from store.jobs import get_job
-
-    job = get_job(session, tenant, job_id)
-    if job is None:
-        raise _not_found(job_id)
-    if job.status != "succeeded":
-        raise ApiProblem(
-            409,
-            "job-not-succeeded",
-            f"job {job_id} is {job.status}; the report exists only once it has succeeded",
-            title="Conflict",
-            extra={"job_status": job.status},
-        )
-    return job
 
 
 def result_dicts(rows: list[Any]) -> list[dict[str, Any]]:
@@ -146,7 +104,7 @@ def _inputs(
 ) -> tuple[list[dict[str, Any]], core_report.ExampleImages | None]:
     from store.jobs import get_results
 
-    job = _succeeded(session, tenant, job_id)
+    job = succeeded_job(session, tenant, job_id, "the report exists")
     results = result_dicts(get_results(session, job.id))
     if not results:
         raise ApiProblem(404, "not-found", f"job {job_id} has no results", title="Not Found")
