@@ -56,7 +56,7 @@ class CertificateFastPath:
         if scope["type"] == "http" and scope["method"] == "GET" and not scope.get("query_string"):
             m = CERT_PATH.match(scope["path"])
             if m is not None:
-                hit = self.state.cert_cache.get(m.group(1))
+                hit = self.state.cert_cache.get((m.group(1), None))  # the route's key without ?variant
                 if hit is not None:
                     tenant = self._tenant(scope)
                     if tenant is not None and tenant == hit.tenant:

@@ -2,7 +2,7 @@
 mask and model files.
 
 The certificate of a succeeded job never changes, so its rendered JSON bytes are cached per
-job id (and variant) in an `api.lru.LruCache` and returned with a plain Response: a hot GET costs no
+(job id, variant) in an `api.lru.LruCache` and returned with a plain Response: a hot GET costs no
 database round trip and no pydantic re-validation of the document. Another tenant's job answers
 404, never 403."""
 
@@ -334,7 +334,7 @@ async def get_certificate(
 ) -> Response:
     """One run: the certificate; a sweep: {"certificates": [...]}, or one of them with ?variant=name."""
     cache: LruCache[RenderedCertificate] = request.app.state.cert_cache
-    key = job_id if variant is None else f"{job_id}?{variant}"
+    key = (job_id, variant)  # api.fastpath looks up (job_id, None)
     hit = cache.get(key)
     if hit is None:
         hit = await run_in_threadpool(_load_certificate, request, tenant, job_id, variant)
