@@ -390,26 +390,31 @@ def render_pdf(results: Sequence[Mapping[str, Any]], examples: Examples = None) 
     return buf.getvalue()
 
 
+SUMMARY_COLUMNS = ["name", "method", "prune ratio", "test accuracy", "PCA", "sparsity", "certified"]
+
+
+def _summary_cells(r: Mapping[str, Any]) -> list[Any]:
+    """One summary_rows row as table cells: SUMMARY_COLUMNS, then the failure probability."""
+    return [
+        r["name"],
+        r["method"],
+        _fmt(r["prune_ratio"], 2),
+        _fmt(r["accuracy"]),
+        _fmt(r["pca"]),
+        _fmt(r["sparsity"]),
+        "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}",
+        _fmt(r["failure_probability"]),
+    ]
+
+
 def _summary_figure(results: Sequence[Mapping[str, Any]]) -> Figure:
     rows = summary_rows(results)
     fig = Figure(figsize=(11, 1.5 + 0.35 * max(1, len(rows))), layout="constrained")
     ax = fig.subplots()
     ax.set_axis_off()
     ax.set_title("carcert report: summary")
-    header = ["name", "method", "prune ratio", "test accuracy", "PCA", "sparsity", "certified", "fail. prob."]
-    cells = [
-        [
-            r["name"],
-            r["method"],
-            _fmt(r["prune_ratio"], 2),
-            _fmt(r["accuracy"]),
-            _fmt(r["pca"]),
-            _fmt(r["sparsity"]),
-            "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}",
-            _fmt(r["failure_probability"]),
-        ]
-        for r in rows
-    ] or [["-"] * len(header)]
+    header = [*SUMMARY_COLUMNS, "fail. prob."]
+    cells = [_summary_cells(r) for r in rows] or [["-"] * len(header)]
     ax.table(cellText=cells, colLabels=header, loc="center")
     return fig
 
@@ -440,22 +445,10 @@ def render_report(
     figs = build_figures(results, examples)
     parts = [f'<div class="carcert-report"><h1>{html.escape(title)}</h1>']
     parts.append('<section id="summary"><h2>Summary</h2><table><tr>')
-    header = ["name", "method", "prune ratio", "test accuracy", "PCA", "sparsity", "certified"]
-    header.append("failure prob.")
+    header = [*SUMMARY_COLUMNS, "failure prob."]
     parts.append("".join(f"<th>{h}</th>" for h in header) + "</tr>")
     for r in summary_rows(results):
-        cert = "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}"
-        cells = [
-            r["name"],
-            r["method"],
-            _fmt(r["prune_ratio"], 2),
-            _fmt(r["accuracy"]),
-            _fmt(r["pca"]),
-            _fmt(r["sparsity"]),
-            cert,
-            _fmt(r["failure_probability"]),
-        ]
-        parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        parts.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in _summary_cells(r)) + "</tr>")
     parts.append("</table></section>")
     parts.append(_parameters_section(results))
     for name in FIGURES:
