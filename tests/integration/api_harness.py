@@ -106,8 +106,14 @@ def server_env(db_url: str, tmp: Path, **overrides: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_server(env: dict[str, str], log_path: Path, startup_s: float = 60.0) -> Iterator[Server]:
-    """uvicorn subprocess (one worker) on a free port; waits for /healthz; SIGTERM at the end."""
+def run_server(
+    env: dict[str, str],
+    log_path: Path,
+    startup_s: float = 60.0,
+    keys: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """uvicorn subprocess (`--factory api.main:create_app`, one worker) on a free port; waits for
+    /healthz; SIGTERM at the end. `keys` (tenant -> API key) become server.keys."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -126,7 +132,7 @@ def run_server(env: dict[str, str], log_path: Path, startup_s: float = 60.0) -> 
     ]
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", proc, env, log_path)
+    server = Server(f"http://127.0.0.1:{port}", proc, env, log_path, dict(keys or {}))
     try:
         deadline = time.monotonic() + startup_s
         while True:
