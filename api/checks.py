@@ -1,7 +1,8 @@
 """Input checks the API does before it keeps anything: uploaded files (weights must be a valid
-safetensors file or a torch checkpoint loadable with `weights_only=True`; pickled code is never
-executed) and the references inside a JobSpec (artifacts of the caller's tenant only, server paths
-(datasets, or weights given as paths) only inside `settings.data_roots`, known transform names)."""
+safetensors file or a torch checkpoint loadable with `weights_only=True`, every floating-point
+tensor finite; pickled code is never executed) and the references inside a JobSpec (artifacts of
+the caller's tenant only, server paths (datasets, or weights given as paths) only inside
+`settings.data_roots`, known transform names)."""
 
 from __future__ import annotations
 
@@ -88,10 +89,24 @@ def _check_safetensors(path: Path) -> None:
     try:  # the reference parser must agree (dtype names, shapes x dtype size == byte ranges)
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="numpy") as sf:
-            list(sf.keys())
+        with safe_open(str(path), framework="pt") as sf:
+            non_finite = [k for k in sf.keys() if not _finite(sf.get_tensor(k))]  # noqa: SIM118
     except Exception as exc:
         raise _invalid(f"not a valid safetensors file: {str(exc).splitlines()[0]}") from None
+    _refuse_non_finite(non_finite)
+
+
+def _finite(t) -> bool:
+    """False for a floating-point tensor holding NaN or +-inf (other dtypes are always finite)."""
+    import torch
+
+    return not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all())
+
+
+def _refuse_non_finite(names: Sequence[str]) -> None:
+    if names:
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        raise _invalid(f"the weights hold NaN or inf values in: {', '.join(names[:10])}{more}")
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -131,6 +146,7 @@ def _check_torch_checkpoint(path: Path) -> None:
     bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise _invalid(f"checkpoint entries that are not tensors: {', '.join(bad[:10])}")
+    _refuse_non_finite([str(k) for k, v in obj.items() if not _finite(v)])
 
 
 def _check_npz(path: Path) -> None:
