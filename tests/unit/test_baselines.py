@@ -16,18 +16,7 @@ from core.masking import prunable_weights
 from core.models import build_model
 from core.spec import PruningSpec
 from core.training import evaluate, train_epochs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def brightness(x, delta, index=None):
-    return x * (1 - 0.5 * delta.view(-1, 1, 1, 1))
+from tests.unit.helpers import brightness, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")

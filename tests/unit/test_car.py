@@ -29,21 +29,9 @@ from core.models import build_model
 from core.pipeline import LocalContext
 from core.spec import CarSpec, PruningSpec
 from core.training import evaluate, train_epochs
+from tests.unit.helpers import brightness, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 TERMS = ("stab", "ratio", "consis", "l1")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small nets: one thread is faster than two on a shared 2-core machine (no spin contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def brightness(x, delta, index=None):
-    return x * (1 - 0.5 * delta.view(-1, 1, 1, 1))
 
 
 def tiny_net() -> nn.Module:

@@ -10,14 +10,7 @@ from core.errors import Cancelled, TrainingDiverged
 from core.masking import prunable_weights, topk_mask
 from core.pipeline import LocalContext
 from core.training import augment_with_transform, evaluate, recalibrate_batchnorm, train_epochs
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.unit.helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
 def net() -> nn.Module:
