@@ -200,28 +200,34 @@ def figure_sparsity(results: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
+def _result_panels(results: Sequence[Mapping[str, Any]], panel_height: float) -> tuple[Figure, list]:
+    """A figure with one 4 x panel_height panel per result that has certificate samples (_grid
+    layout) and its (axes, result) pairs; the spare panels are turned off, and when no result has
+    samples they say so."""
+    with_samples = [r for r in results if _samples(r)]
+    rows, cols = _grid(len(with_samples) or 1)
+    fig = Figure(figsize=(4 * cols, panel_height * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[len(with_samples) :]:
+        ax.set_axis_off()
+        if not with_samples:
+            ax.text(0.5, 0.5, "no certified samples", ha="center", va="center")
+    return fig, list(zip(axes, with_samples, strict=False))
+
+
 def figure_epsilon(results: Sequence[Mapping[str, Any]], bins: int = 30) -> Figure:
     """One panel per result (title = name): histogram of epsilon_log_bounds with `bins` equal bins
     spanning the min..max over all results (shared edges), plus a vertical line at log10(epsilon)."""
-    with_samples = [r for r in results if _samples(r)]
-    all_logs = [epsilon_log_bounds(r) for r in with_samples]
-    rows, cols = _grid(len(with_samples) or 1)
-    fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    if with_samples:
+    fig, panels = _result_panels(results, 3.2)
+    all_logs = [epsilon_log_bounds(r) for _, r in panels]
+    if panels:
         lo = min(float(v.min()) for v in all_logs)
         hi = max(float(v.max()) for v in all_logs)
         if hi - lo < 1e-9:
             lo, hi = lo - 0.5, hi + 0.5
         edges = np.linspace(lo, hi, bins + 1)
-    for i, ax in enumerate(axes):
-        if i >= len(with_samples):
-            ax.set_axis_off()
-            if not with_samples:
-                ax.text(0.5, 0.5, "no certified samples", ha="center", va="center")
-            continue
-        r = with_samples[i]
-        ax.hist(all_logs[i], bins=edges, color="tab:blue", alpha=0.8)
+    for (ax, r), logs in zip(panels, all_logs, strict=True):
+        ax.hist(logs, bins=edges, color="tab:blue", alpha=0.8)
         threshold = _threshold(r)
         if threshold is not None:
             ax.axvline(math.log10(threshold), color="tab:red", linestyle="--", label="log10 epsilon")
@@ -236,17 +242,8 @@ def figure_margins(results: Sequence[Mapping[str, Any]]) -> Figure:
     """One panel per result (title = name): scatter of (d, max_z) per sample, certified samples
     (collection label 'certified') and the others ('not certified') separately, plus the line Z = d
     (label 'Z = d')."""
-    with_samples = [r for r in results if _samples(r)]
-    rows, cols = _grid(len(with_samples) or 1)
-    fig = Figure(figsize=(4 * cols, 3.6 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        if i >= len(with_samples):
-            ax.set_axis_off()
-            if not with_samples:
-                ax.text(0.5, 0.5, "no certified samples", ha="center", va="center")
-            continue
-        r = with_samples[i]
+    fig, panels = _result_panels(results, 3.6)
+    for ax, r in panels:
         samples = _samples(r)
         d = np.array([float(s["d"]) for s in samples])
         z = np.array([float(s["max_z"]) for s in samples])
