@@ -24,7 +24,16 @@ from core.pipeline import LocalContext
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, get_artifact_store, store_artifact
 from store.db import session_scope
-from store.jobs import LeaseLost, add_result, claim_job, finish_job, release_job, renew_lease, update_progress
+from store.jobs import (
+    LeaseLost,
+    add_result,
+    check_lease,
+    claim_job,
+    finish_job,
+    release_job,
+    renew_lease,
+    update_progress,
+)
 from store.settings import Settings, get_settings
 from worker.inputs import InputResolver, allowed_roots
 from worker.shutdown import SHUTTING_DOWN
@@ -39,11 +48,16 @@ def new_worker_id() -> str:
 
 
 class DbStageContext:
-    """StageContext backed by the jobs table: progress() writes stage + progress at most every
+    """StageContext backed by the jobs table: progress() records stage + progress at most every
     settings.progress_interval_s (and on every stage change) and renews the lease; should_cancel()
     reflects cancel_requested (read at most every progress_interval_s) or a lost lease; a heartbeat
     thread renews the lease every lease_seconds / 3 even when a stage reports nothing for a while.
-    Checkpoints are files under <job dir>/checkpoints (core.pipeline.LocalContext)."""
+    Checkpoints are files under <job dir>/checkpoints (core.pipeline.LocalContext).
+
+    Inside `with ctx:` the heartbeat thread also does the progress writes: progress() only hands
+    the latest (stage, fraction) over and returns, so the pipeline never waits for a commit (an
+    UPDATE + commit is ~4-8 ms on Postgres; a tiny job has ~7 of them). Outside `with`, progress()
+    writes synchronously. The cancel check is a read-only SELECT (store.jobs.check_lease)."""
 
     def __init__(self, job_id: str, worker_id: str, job_dir: Path, settings: Settings) -> None:
         self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
@@ -57,6 +71,9 @@ class DbStageContext:
         self.timed_out = False
         self._deadline = time.monotonic() + settings.job_time_limit_s
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._closing = False  # set by stop_writes(): no more progress writes
+        self._pending: tuple[str, float] | None = None
         self._thread: threading.Thread | None = None
 
     # -- database --
@@ -66,6 +83,8 @@ class DbStageContext:
                 cancel = update_progress(s, self.job_id, self.worker_id, stage, fraction)
             self.cancel_requested = self.cancel_requested or cancel
         except LeaseLost:
+            if self._closing:  # a last write racing the job's own finish_job: expected
+                return
             log.warning("job %s: lease lost by %s; stopping", self.job_id, self.worker_id)
             self.lease_lost = True
         except Exception:  # a database hiccup must not kill a long job; the next write retries
@@ -75,11 +94,16 @@ class DbStageContext:
         now = time.monotonic()
         with self._lock:
             due = stage != self._stage or now - self._last_write >= self.settings.progress_interval_s
-            if not due:
+            if not due or self._closing:
                 return
             self._stage, self._last_write = stage, now
             self._last_check = now
-            self._write(stage, min(max(float(fraction), 0.0), 1.0))
+            value = min(max(float(fraction), 0.0), 1.0)
+            if self._thread is not None:  # the heartbeat thread writes it (latest value wins)
+                self._pending = (stage, value)
+                self._wake.set()
+                return
+            self._write(stage, value)
 
     def should_cancel(self) -> bool:
         if SHUTTING_DOWN.is_set():
@@ -89,12 +113,30 @@ class DbStageContext:
             self.timed_out = True
             return True
         with self._lock:
-            if not (self.cancel_requested or self.lease_lost) and (
+            check = not (self.cancel_requested or self.lease_lost) and (
                 now - self._last_check >= self.settings.progress_interval_s
-            ):
+            )
+            if check:
                 self._last_check = now
-                self._write(None, None)
+        if check:
+            try:
+                with session_scope() as s:
+                    cancel = check_lease(s, self.job_id, self.worker_id)
+                self.cancel_requested = self.cancel_requested or cancel
+            except LeaseLost:
+                log.warning("job %s: lease lost by %s; stopping", self.job_id, self.worker_id)
+                self.lease_lost = True
+            except Exception:
+                log.exception("job %s: cancel check failed", self.job_id)
         return self.cancel_requested or self.lease_lost
+
+    def stop_writes(self) -> None:
+        """No more progress writes: the job is about to be finished (finish_job sets stage "done"
+        and progress 1.0 itself); a pending write is dropped. The lease heartbeat goes on until
+        __exit__, so a slow upload of the results keeps the lease."""
+        with self._lock:
+            self._closing = True
+            self._pending = None
 
     # -- checkpoints --
     def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
@@ -103,11 +145,21 @@ class DbStageContext:
     def load_checkpoint(self, key: str) -> dict[str, Any] | None:
         return self._files.load_checkpoint(key)
 
-    # -- heartbeat --
+    # -- heartbeat + progress writer --
     def _beat(self) -> None:
         interval = max(1.0, self.settings.lease_seconds / 3)
-        while not self._stop.wait(interval):
+        last = time.monotonic()
+        while True:
+            self._wake.wait(max(0.0, last + interval - time.monotonic()))
+            if self._stop.is_set():
+                return
+            self._wake.clear()
             with self._lock:
+                pending, self._pending = self._pending, None
+            if pending is not None:
+                self._write(*pending)  # also renews the lease
+                last = time.monotonic()
+            elif time.monotonic() - last >= interval:
                 try:
                     with session_scope() as s:
                         self.cancel_requested = (
@@ -115,9 +167,11 @@ class DbStageContext:
                         )
                 except LeaseLost:
                     self.lease_lost = True
-                    return
                 except Exception:
                     log.exception("job %s: lease renewal failed", self.job_id)
+                last = time.monotonic()
+            if self.lease_lost:
+                return
 
     def __enter__(self) -> DbStageContext:
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.job_id[:8]}", daemon=True)
@@ -125,7 +179,9 @@ class DbStageContext:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.stop_writes()
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -300,6 +356,7 @@ def execute_job(
                 job_id=job_id,
                 allowed_roots=allowed_roots(settings, job_dir),
             )
+            ctx.stop_writes()  # persist_outputs -> finish_job sets stage "done" / progress 1.0
             if ctx.lease_lost:
                 return "lost"
             refs = ref_mapping(spec, resolved)
