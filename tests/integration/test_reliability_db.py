@@ -189,7 +189,7 @@ def test_worker_retries_its_writes_through_a_database_outage(proxied_db, start_w
     )
     spec = {
         **TINY,
-        "pruning": {**TINY["pruning"], "pretrain_epochs": 12, "batch_size": 32},
+        "pruning": {**TINY["pruning"], "pretrain_epochs": 8, "batch_size": 32},
         "train_subset": 300,
         "model": {"arch": "small_cnn"},
     }

@@ -26,12 +26,13 @@ from store import jobs as repo
 from store.artifacts import get_artifact_store
 from store.db import session_scope
 from store.models import Artifact, Job, utcnow
-from tests.integration.service_helpers import TINY_JOB, wait_for
+from tests.integration.service_helpers import TINY_JOB, WorkerProc, launch_worker, wait_for
 from worker.tasks import dispatch
 
 pytestmark = pytest.mark.integration
 
 FINAL = ("succeeded", "failed", "cancelled")
+STAGES = ("search", "certify")
 # long enough stages to land a kill in (a few seconds each on one core), still a tiny job
 SPEC = {
     **TINY_JOB,
@@ -90,16 +91,35 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(celery_worker_proc) -> dict:
-    """The uninterrupted run of SPEC through the same service (main worker, attempt 1)."""
+def setup(settings_env, celery_worker_proc, tmp_path_factory):
+    """(outcome of the uninterrupted run of SPEC through the same service (main worker, attempt 1),
+    {stage: victim worker on its own queue}); the victims start while the reference runs."""
     with session_scope() as s:
         job, _ = repo.create_job(s, "reliability-reference", JobSpec.model_validate(SPEC))
     assert dispatch(job.id)
+    logs = tmp_path_factory.mktemp("victims")
+    victims: dict[str, WorkerProc] = {}
+
+    def start(stage: str) -> None:
+        env = {**settings_env, "CARCERT_QUEUE": f"victim-{stage}", "CARCERT_SWEEP_INTERVAL_S": "0"}
+        victims[stage] = launch_worker(env, logs / f"{stage}.log", f"carcert-test-victim-{stage}")
+
+    starters = [threading.Thread(target=start, args=(stage,)) for stage in STAGES]
+    for t in starters:
+        t.start()
     try:
         done = wait_final(job.id, 300, celery_worker_proc)
         assert done.status == "succeeded" and done.attempts == 1, done.error
-        return outcome(job.id)
+        reference = outcome(job.id)
+        for t in starters:
+            t.join(120)
+        assert set(victims) == set(STAGES)
+        yield reference, victims
     finally:
+        for t in starters:
+            t.join(120)
+        for w in victims.values():
+            w.stop()
         with session_scope() as s:
             repo.request_cancel(s, "reliability-reference", job.id)
 
@@ -108,11 +128,12 @@ def checkpoints(service_dirs, job_id: str) -> list[str]:
     return sorted(p.name for p in (service_dirs["work"] / job_id / "checkpoints").glob("*.pt"))
 
 
-@pytest.mark.parametrize("stage", ["search", "certify"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_mid_stage_resumes_to_the_same_certificate(
-    stage, reference, celery_worker_proc, start_worker, tenant, service_dirs
+    stage, setup, celery_worker_proc, tenant, service_dirs
 ):
-    victim = start_worker(f"victim-{stage}", CARCERT_QUEUE=f"victim-{stage}", CARCERT_SWEEP_INTERVAL_S="0")
+    reference, victims = setup
+    victim = victims[stage]
     with session_scope() as s:
         job, _ = repo.create_job(s, tenant, JobSpec.model_validate(SPEC))
         job_id = job.id
