@@ -145,8 +145,14 @@ def test_sigkill_mid_stage_resumes_to_the_same_certificate(
         j = job_row(job_id)
         assert j.status not in FINAL, f"the job ended before the kill: {j.status} {j.error}"
         names = checkpoints(service_dirs, job_id)
-        if stage == "search":  # at least one search epoch checkpointed, the search still running
-            return j.stage == "search" and any("search" in n for n in names)
+        if stage == "search":  # >= 1 search epoch checkpointed and >= 2 still to run (no race
+            # with the last epoch's save between this poll and the kill)
+            saved = [n for n in names if "search" in n]
+            if j.stage != "search" or not saved:
+                return False
+            ck_path = service_dirs["work"] / job_id / "checkpoints" / saved[0]
+            epoch = int(torch.load(ck_path, map_location="cpu", weights_only=True)["epoch"])
+            return epoch + 1 <= SPEC["pruning"]["search_epochs"] - 2
         return j.stage == "certify" and any("result" in n for n in names)
 
     wait_for(in_stage, 240, interval=0.05, what=f"the victim to be in stage {stage}")
