@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import torch
+from safetensors.torch import save as st_save
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -163,6 +165,11 @@ def test_api_answers_503_while_the_database_is_down_and_recovers(proxied_db, tmp
             assert "database" in body["detail"].lower()
             assert int(r.headers["retry-after"]) > 0
             assert str(proxy.port) not in r.text and "psycopg" not in r.text
+        # an upload during the outage: 503 and no blob left behind (nor a temporary file)
+        blobs = sorted(p for p in (tmp_path / "artifacts").rglob("*") if p.is_file())
+        r = c.post("/artifacts", files={"file": ("w.safetensors", st_save({"w": torch.ones(3)}))})
+        assert "database" in assert_problem(r, 503)["detail"].lower()
+        assert sorted(p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()) == blobs
         assert time.monotonic() - t0 < 20  # answered, not hung
         assert c.get("/healthz").status_code == 200  # liveness does not need the database
         assert assert_problem(c.get("/readyz"), 503)["checks"]["database"] == "unreachable"
