@@ -51,7 +51,8 @@ PG_URL = os.environ.get("CARCERT_BENCH_PG_URL", "postgresql+psycopg://root@127.0
 REDIS_BASE = os.environ.get("CARCERT_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 TENANT = "bench"
 
-# the tiny job: small_cnn on 300 digits, one epoch per stage, CC-Cert n=20, l=5 on 20 test samples
+# the tiny job: small_cnn on 500 digits (8x8), CAR at 50 %, 2 epochs per stage (--epochs, --train-subset),
+# CC-Cert n=20, l=5 on 20 test samples
 TINY_SPEC: dict[str, Any] = {
     "kind": "prune",
     "model": {"arch": "small_cnn"},
@@ -60,14 +61,14 @@ TINY_SPEC: dict[str, Any] = {
     "pruning": {
         "method": "car",
         "prune_ratio": 0.5,
-        "pretrain_epochs": 1,
-        "search_epochs": 1,
-        "finetune_epochs": 1,
-        "augment_q": 50,
+        "pretrain_epochs": 2,
+        "search_epochs": 2,
+        "finetune_epochs": 2,
+        "augment_q": 100,
         "batch_size": 64,
     },
     "certification": {"n": 20, "l": 5, "samples": 20},
-    "train_subset": 300,
+    "train_subset": 500,
     "seed": 0,
 }
 FINAL = ("succeeded", "failed", "cancelled")
@@ -160,8 +161,22 @@ def service(env: dict[str, str], tmp: Path, threads: int) -> Iterator[tuple[str,
     wcmd = worker_command(pool="solo", concurrency=1, loglevel="info", queue=env["CARCERT_QUEUE"])
     wcmd[wcmd.index("--hostname") + 1] = f"bench-{uuid.uuid4().hex[:6]}@%h"
     port = free_port()
-    acmd = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1", "--log-level", "warning", "--no-access-log"]
+    acmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     wlog, alog = tmp / "worker.log", tmp / "api.log"
     with open(wlog, "wb") as wf, open(alog, "wb") as af:
         worker = subprocess.Popen(wcmd, cwd=str(ROOT), env=full, stdout=wf, stderr=subprocess.STDOUT)
@@ -275,6 +290,10 @@ def bench_backend(backend: str, args: argparse.Namespace, spec: Any, tmp: Path) 
         )
         print(f"[{backend}] warm-up", flush=True)
         run_service_job(client, args.poll, api_pid, worker_pid)
+        time.sleep(0.5)
+        c0, t0 = cpu_seconds(worker_pid), time.perf_counter()
+        time.sleep(args.idle)  # what an idle worker costs (broker polling, heartbeat, sweep)
+        idle_cpu = (cpu_seconds(worker_pid) - c0) / (time.perf_counter() - t0)
         direct, jobs = [], []
         for i in range(args.jobs):
             d = run_direct(spec, tmp)
@@ -282,8 +301,9 @@ def bench_backend(backend: str, args: argparse.Namespace, spec: Any, tmp: Path) 
             direct.append(d)
             jobs.append(j)
             print(
-                f"[{backend}] {i}: direct {d['wall']:.3f}s  e2e {j['e2e']:.3f}s  queue {j['queue'] * 1e3:.0f}ms"
-                f"  pipeline {j['pipeline']:.3f}s  worker overhead {j['worker_overhead'] * 1e3:.0f}ms"
+                f"[{backend}] {i}: direct {d['wall']:.3f}s  e2e {j['e2e']:.3f}s"
+                f"  queue {j['queue'] * 1e3:.0f}ms  pipeline {j['pipeline']:.3f}s"
+                f"  worker overhead {j['worker_overhead'] * 1e3:.0f}ms"
                 f"  load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
@@ -296,6 +316,9 @@ def bench_backend(backend: str, args: argparse.Namespace, spec: Any, tmp: Path) 
         "ratio_pairwise": stats([j["e2e"] / d["wall"] for j, d in zip(jobs, direct, strict=True)]),
         "ratio_cpu": statistics.median([j["worker_cpu"] + j["api_cpu"] for j in jobs])
         / statistics.median([d["cpu"] for d in direct]),
+        "ratio_cpu_worker": statistics.median([j["worker_cpu"] for j in jobs])
+        / statistics.median([d["cpu"] for d in direct]),
+        "idle_worker_cpu": idle_cpu,
         "raw": {"direct": direct, "jobs": jobs},
     }
     return out
@@ -307,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the worker")
     p.add_argument("--backends", default="postgres,embedded")
     p.add_argument("--poll", type=float, default=0.02, help="client polling interval of GET /jobs/{id} (s)")
+    p.add_argument("--epochs", type=int, default=2, help="pretrain = search = finetune epochs")
+    p.add_argument("--train-subset", type=int, default=500)
+    p.add_argument("--idle", type=float, default=3.0, help="seconds to measure the idle worker's CPU")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -316,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from core.spec import JobSpec
 
+    TINY_SPEC["train_subset"] = args.train_subset
+    TINY_SPEC["pruning"].update(
+        pretrain_epochs=args.epochs, search_epochs=args.epochs, finetune_epochs=args.epochs
+    )
     spec = JobSpec.model_validate(TINY_SPEC)
     load0 = os.getloadavg()
     results: dict[str, Any] = {
@@ -333,20 +363,26 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg"] = {"start": load0, "end": os.getloadavg()}
 
     print(f"\n{results['machine']}; load average {load0[0]:.1f} -> {os.getloadavg()[0]:.1f}")
-    hdr = ("backend | direct s | e2e s (client) | ratio | pairwise ratio | queue ms | server e2e s | "
-           "pipeline s | worker overhead ms | CPU ratio | polls")
+    hdr = (
+        "| backend | direct s | e2e s (client) | ratio e2e/direct | pairwise | server e2e s | ratio server | "
+        "queue ms | pipeline in worker s | worker overhead ms | CPU ratio worker / +API | idle worker CPU "
+        "| polls |"
+    )
     print(hdr)
+    print("|" + "---|" * hdr.count(" | ") + "---|")
     for b in args.backends.split(","):
         r = results[b]
 
         def mp(k: str, scale: float = 1.0, fmt: str = "{:.3f}", r: dict = r) -> str:
             return f"{fmt.format(r[k]['median'] * scale)} / {fmt.format(r[k]['p90'] * scale)}"
 
+        server_ratio = r["server_e2e"]["median"] / r["direct_wall"]["median"]
         print(
-            f"{b} | {mp('direct_wall')} | {mp('e2e')} | {r['ratio_e2e_direct']:.3f} | "
-            f"{r['ratio_pairwise']['median']:.3f} | {mp('queue', 1e3, '{:.0f}')} | {mp('server_e2e')} | "
-            f"{mp('pipeline')} | {mp('worker_overhead', 1e3, '{:.0f}')} | {r['ratio_cpu']:.3f} | "
-            f"{r['polls']['median']:.0f}"
+            f"| {b} | {mp('direct_wall')} | {mp('e2e')} | **{r['ratio_e2e_direct']:.3f}** | "
+            f"{r['ratio_pairwise']['median']:.3f} | {mp('server_e2e')} | {server_ratio:.3f} | "
+            f"**{mp('queue', 1e3, '{:.0f}')}** | {mp('pipeline')} | {mp('worker_overhead', 1e3, '{:.0f}')} | "
+            f"{r['ratio_cpu_worker']:.3f} / {r['ratio_cpu']:.3f} | {r['idle_worker_cpu'] * 100:.1f}% | "
+            f"{r['polls']['median']:.0f} |"
         )
     print("(median / p90)")
     if args.json:
