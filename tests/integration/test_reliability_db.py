@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -29,7 +29,7 @@ from store import jobs as repo
 from store.db import init_db, make_engine
 from store.models import Job
 from tests.integration.api_harness import assert_problem, create_key, free_port, run_server, server_env
-from tests.integration.service_helpers import wait_for
+from tests.integration.service_helpers import launch_worker, wait_for
 from worker.tasks import dispatch
 
 pytestmark = pytest.mark.integration
@@ -184,23 +184,36 @@ def test_api_answers_503_while_the_database_is_down_and_recovers(proxied_db, tmp
         assert n_jobs(direct) == 2
 
 
-def test_worker_retries_its_writes_through_a_database_outage(proxied_db, start_worker, tenant):
-    direct, via_proxy, proxy = proxied_db
-    queue = f"carcert-reliability-db-{uuid.uuid4().hex[:8]}"
-    worker = start_worker(
-        "db-outage",
-        CARCERT_DATABASE_URL=via_proxy,
-        CARCERT_QUEUE=queue,
-        CARCERT_LEASE_SECONDS="9",
-        CARCERT_SWEEP_INTERVAL_S="1",
-    )
-    spec = {
-        **TINY,
-        "pruning": {**TINY["pruning"], "pretrain_epochs": 8, "batch_size": 32},
-        "train_subset": 300,
-        "model": {"arch": "small_cnn"},
-    }
-    engine = make_engine(direct)
+@pytest.fixture(scope="module")
+def outage_worker(settings_env, fresh_pg_db, tmp_path_factory):
+    """A real worker (own queue) whose database (fresh, migrated) goes through a TCP proxy:
+    (direct engine, proxy, worker, queue)."""
+    with fresh_pg_db() as url:
+        engine = make_engine(url)
+        init_db(engine)
+        proxy = TcpProxy(upstream_of(url))
+        queue = f"carcert-reliability-db-{uuid.uuid4().hex[:8]}"
+        env = {
+            **settings_env,
+            "CARCERT_DATABASE_URL": proxied(url, proxy),
+            "CARCERT_QUEUE": queue,
+            "CARCERT_LEASE_SECONDS": "9",
+            "CARCERT_SWEEP_INTERVAL_S": "1",
+        }
+        worker = launch_worker(
+            env, tmp_path_factory.mktemp("outage") / "worker.log", "carcert-test-db-outage"
+        )
+        try:
+            yield engine, proxy, worker, queue
+        finally:
+            if proxy._listener is None:
+                proxy.restore()  # let the worker stop cleanly
+            worker.stop()
+            proxy.cut()
+            engine.dispose()
+
+
+def submit(engine, tenant: str, spec: dict, queue: str) -> Callable[[], Job]:
     with Session(engine) as s:
         job, _ = repo.create_job(s, tenant, JobSpec.model_validate(spec))
         s.commit()
@@ -210,22 +223,78 @@ def test_worker_retries_its_writes_through_a_database_outage(proxied_db, start_w
         with Session(engine) as s:
             return s.get(Job, job_id)
 
-    try:
-        assert dispatch(job_id, queue=queue)
-        wait_for(lambda: row().stage == "pretrain" and row().progress > 0, 120, interval=0.1, what="pretrain")
-        proxy.cut()
-        cut_at = row().progress
-        time.sleep(4)  # several progress writes and one lease renewal fall into the outage
-        assert row().progress == cut_at  # nothing got through
-        proxy.restore()
-        wait_for(lambda: row().progress > cut_at, 60, interval=0.1, what="progress after the outage")
-        done = wait_for(
-            lambda: (j := row()).status in ("succeeded", "failed", "cancelled") and j, 240, what="the job"
-        )
-        log = worker.log()
-        assert done.status == "succeeded", (done.error, log[-3000:])
-        assert done.attempts == 1  # the same run went on: no restart, no second claim
-        assert log.count(f"job {job_id} claimed by") == 1
-        assert "progress update failed" in log or "lease renewal failed" in log
-    finally:
-        engine.dispose()
+    assert dispatch(job_id, queue=queue)
+    return row
+
+
+def final(row: Callable[[], Job], timeout: float = 240) -> Job:
+    return wait_for(
+        lambda: (j := row()).status in ("succeeded", "failed", "cancelled") and j, timeout, what="job"
+    )
+
+
+def test_worker_retries_its_writes_through_a_database_outage(outage_worker, tenant):
+    engine, proxy, worker, queue = outage_worker
+    spec = {
+        **TINY,
+        "pruning": {**TINY["pruning"], "pretrain_epochs": 8, "batch_size": 32},
+        "train_subset": 300,
+        "model": {"arch": "small_cnn"},
+    }
+    row = submit(engine, tenant, spec, queue)
+    job_id = row().id
+    wait_for(lambda: row().stage == "pretrain" and row().progress > 0, 120, interval=0.1, what="pretrain")
+    proxy.cut()
+    cut_at = row().progress
+    time.sleep(4)  # several progress writes and one lease renewal fall into the outage
+    assert row().progress == cut_at  # nothing got through
+    proxy.restore()
+    wait_for(lambda: row().progress > cut_at, 60, interval=0.1, what="progress after the outage")
+    done = final(row)
+    log = worker.log()
+    assert done.status == "succeeded", (done.error, log[-3000:])
+    assert done.attempts == 1  # the same run went on: no restart, no second claim
+    assert log.count(f"job {job_id} claimed by") == 1
+    assert "progress update failed" in log or "lease renewal failed" in log
+
+
+def test_results_lost_to_an_outage_at_the_end_are_saved_by_the_next_attempt(
+    outage_worker, tenant, service_dirs
+):
+    """The database is cut during the certification and stays down while the worker tries to save
+    the results: that attempt dies (nothing half-written: blobs removed, one transaction), its
+    work folder stays, and after the outage the expired lease sends the job round again; attempt
+    2 finds the finished variant on disk and only saves it."""
+    engine, proxy, worker, queue = outage_worker
+    spec = {
+        **TINY,
+        "certification": {"samples": 200, "n": 50, "l": 2},
+        "train_subset": 300,
+        "model": {"arch": "small_cnn"},
+    }
+    row = submit(engine, tenant, spec, queue)
+    job_id = row().id
+    wait_for(lambda: row().stage == "certify", 120, interval=0.03, what="the certification")
+    proxy.cut()
+    out = service_dirs["work"] / job_id / "out"
+    wait_for(lambda: list(out.glob("*/certificate.json")), 120, interval=0.05, what="the finished variant")
+    wait_for(
+        lambda: "Traceback" in worker.log().split(f"job {job_id} claimed by", 1)[1],
+        30,
+        what="the failed save",
+    )
+    time.sleep(1)
+    assert row().status == "running" and row().attempts == 1  # the row could not be touched
+    assert out.is_dir()  # the work is kept for the next attempt
+    proxy.restore()
+    done = final(row)
+    assert done.status == "succeeded", (done.error, worker.log()[-3000:])
+    assert done.attempts == 2
+    with Session(engine) as s:
+        (res,) = repo.get_results(s, job_id)
+        assert res.certificate["job_id"] == job_id and len(res.certificate["samples"]) == 200
+        n_arts = s.execute(
+            text("SELECT count(*) FROM artifacts WHERE filename LIKE :p"), {"p": f"{job_id}-%"}
+        ).scalar_one()
+    assert n_arts == 3  # model, mask, evidence: none left over from the failed attempt
+    assert not (service_dirs["work"] / job_id).exists()
