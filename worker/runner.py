@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
 from core.pipeline import LocalContext
 from core.spec import JobSpec
@@ -37,6 +39,8 @@ from store.jobs import (
 from store.settings import Settings, get_settings
 from worker.inputs import InputResolver, allowed_roots
 from worker.shutdown import SHUTTING_DOWN
+
+DATABASE_ERRORS = (OperationalError, InterfaceError)  # connection-level: retry, never fail the job
 
 log = logging.getLogger("carcert.worker")
 
@@ -302,15 +306,16 @@ def _fail(
         finish_job(s, job_id, status, error=error, worker_id=worker_id)
 
 
-def _release(job_id: str, worker_id: str) -> str:
-    """Worker shutdown: requeue the job (checkpoints stay in the work folder) and re-send it."""
+def _release(job_id: str, worker_id: str, reason: str = "shutdown") -> str:
+    """Requeue the job (checkpoints stay in the work folder) and re-send it: on worker shutdown,
+    or after a database error that made this attempt's writes fail."""
     from worker.tasks import dispatch
 
     with session_scope() as s:
         released = release_job(s, job_id, worker_id)
     if released:
         dispatch(job_id)
-        log.warning("job %s released for another worker (shutdown)", job_id)
+        log.warning("job %s released for another attempt (%s)", job_id, reason)
     return "released"
 
 
@@ -399,6 +404,15 @@ def execute_job(
                 "Time limit exceeded",
                 f"the job ran longer than {settings.job_time_limit_s} s",
             )
+        except DATABASE_ERRORS as exc:
+            # The database went away (e.g. while saving the results): not the job's fault. Keep the
+            # work folder and hand the job back; it resumes from its checkpoints. If the database is
+            # still away, the lease expires and the stale-job sweep sends it round again.
+            log.warning("job %s: database error, retrying later: %s", job_id, exc)
+            try:
+                return _release(job_id, worker_id, reason="database error")
+            except DATABASE_ERRORS:
+                return "lost"
         except Exception as exc:
             log.exception("job %s failed", job_id)
             _fail(job_id, worker_id, "failed", "Internal error", f"{type(exc).__name__}: {exc}")

@@ -3,6 +3,7 @@ progress writes, cancel, lease heartbeat, lost lease, time limit, hand-back on w
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -220,3 +221,39 @@ def test_shutdown_during_a_run_releases_the_job_with_its_checkpoints(sqlite_env,
     assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
     # kept, so the next worker resumes instead of starting over
     assert set(saved) <= {p.name for p in checkpoints.glob("*.pt")}
+
+
+def test_a_database_error_at_the_final_save_hands_the_job_back(sqlite_env, tmp_path, monkeypatch):
+    """A connection error while saving the results is not the job's fault: the attempt releases
+    the job (queued, outputs kept) instead of failing it, and the next attempt only saves."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.runner as runner
+
+    with session_scope() as s:
+        job, _ = repo.create_job(
+            s, "t", JobSpec(train_subset=100, pruning={"method": "lmp"}, certification={"samples": 3, "n": 5})
+        )
+    real_persist, calls = runner.persist_outputs, []
+
+    def persist_once_failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT INTO job_results", {}, Exception("server closed the connection"))
+        return real_persist(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "persist_outputs", persist_once_failing)
+    assert execute_job(job.id, worker_id="w1") == "released"
+    j = row(job.id)
+    assert (j.status, j.lease_owner, j.error) == ("queued", None, None)
+    certificate = tmp_path / "work" / job.id / "out" / "lmp-0.50" / "certificate.json"
+    assert certificate.exists()  # outputs kept for the next attempt
+    first = json.loads(certificate.read_text())
+
+    assert execute_job(job.id, worker_id="w2") == "succeeded"
+    assert len(calls) == 2
+    with session_scope() as s:
+        results = repo.get_results(s, job.id)
+        assert [r.name for r in results] == ["lmp-0.50"]
+        assert results[0].certificate["created_at"] == first["created_at"]  # saved, not recomputed
+    assert row(job.id).status == "succeeded"
