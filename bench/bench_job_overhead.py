@@ -224,6 +224,37 @@ def run_direct(spec: Any, tmp: Path) -> dict[str, float]:
     return {"wall": wall, "cpu": cpu}
 
 
+POLLER = """
+import sys, time, httpx
+url, key, job_id, poll = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+with httpx.Client(base_url=url, headers={"Authorization": "Bearer " + key}) as c:
+    c.get("/jobs/" + job_id).raise_for_status()
+    print("polling", flush=True)
+    while True:
+        c.get("/jobs/" + job_id)
+        time.sleep(poll)
+"""
+
+
+def run_direct_polled(spec: Any, tmp: Path, url: str, key: str, job_id: str, poll: float) -> dict[str, float]:
+    """Control: the direct call while a client process polls GET /jobs/{id} (of a finished job) at
+    the same interval, i.e. the CPU that the client + API + database spend on polling is taken
+    from the pipeline here as well."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    poller = subprocess.Popen(
+        [sys.executable, "-c", POLLER, url, key, job_id, str(poll)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert poller.stdout is not None and poller.stdout.readline().strip() == "polling"
+        return run_direct(spec, tmp)
+    finally:
+        poller.terminate()
+        poller.wait(10)
+
+
 def run_service_job(client: Any, poll: float, api_pid: int, worker_pid: int) -> dict[str, float]:
     cw0, ca0 = cpu_seconds(worker_pid), cpu_seconds(api_pid)
     t0 = time.perf_counter()
@@ -245,6 +276,7 @@ def run_service_job(client: Any, poll: float, api_pid: int, worker_pid: int) -> 
     created, started, finished = (parse_ts(body[k]) for k in ("created_at", "started_at", "finished_at"))
     pipeline = float(body["summary"]["seconds"])
     return {
+        "job_id": job_id,
         "e2e": e2e,
         "post": t_post,
         "queue": started - created,
@@ -289,17 +321,19 @@ def bench_backend(backend: str, args: argparse.Namespace, spec: Any, tmp: Path) 
             httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         )
         print(f"[{backend}] warm-up", flush=True)
-        run_service_job(client, args.poll, api_pid, worker_pid)
+        warm = run_service_job(client, args.poll, api_pid, worker_pid)
         time.sleep(0.5)
         c0, t0 = cpu_seconds(worker_pid), time.perf_counter()
         time.sleep(args.idle)  # what an idle worker costs (broker polling, heartbeat, sweep)
         idle_cpu = (cpu_seconds(worker_pid) - c0) / (time.perf_counter() - t0)
-        direct, jobs = [], []
+        direct, polled, jobs = [], [], []
         for i in range(args.jobs):
             d = run_direct(spec, tmp)
             j = run_service_job(client, args.poll, api_pid, worker_pid)
             direct.append(d)
             jobs.append(j)
+            if args.control:
+                polled.append(run_direct_polled(spec, tmp, url, key, str(warm["job_id"]), args.poll))
             print(
                 f"[{backend}] {i}: direct {d['wall']:.3f}s  e2e {j['e2e']:.3f}s"
                 f"  queue {j['queue'] * 1e3:.0f}ms  pipeline {j['pipeline']:.3f}s"
@@ -311,7 +345,7 @@ def bench_backend(backend: str, args: argparse.Namespace, spec: Any, tmp: Path) 
     out: dict[str, Any] = {
         "direct_wall": stats(dw),
         "direct_cpu": stats([d["cpu"] for d in direct]),
-        **{k: stats([j[k] for j in jobs]) for k in jobs[0]},
+        **{k: stats([j[k] for j in jobs]) for k in jobs[0] if k != "job_id"},
         "ratio_e2e_direct": statistics.median([j["e2e"] for j in jobs]) / statistics.median(dw),
         "ratio_pairwise": stats([j["e2e"] / d["wall"] for j, d in zip(jobs, direct, strict=True)]),
         "ratio_cpu": statistics.median([j["worker_cpu"] + j["api_cpu"] for j in jobs])
@@ -319,8 +353,13 @@ def bench_backend(backend: str, args: argparse.Namespace, spec: Any, tmp: Path) 
         "ratio_cpu_worker": statistics.median([j["worker_cpu"] for j in jobs])
         / statistics.median([d["cpu"] for d in direct]),
         "idle_worker_cpu": idle_cpu,
-        "raw": {"direct": direct, "jobs": jobs},
+        "raw": {"direct": direct, "jobs": jobs, "direct_polled": polled},
     }
+    if polled:
+        out["direct_polled_wall"] = stats([d["wall"] for d in polled])
+        out["ratio_e2e_direct_polled"] = statistics.median([j["e2e"] for j in jobs]) / statistics.median(
+            [d["wall"] for d in polled]
+        )
     return out
 
 
@@ -333,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="pretrain = search = finetune epochs")
     p.add_argument("--train-subset", type=int, default=500)
     p.add_argument("--idle", type=float, default=3.0, help="seconds to measure the idle worker's CPU")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="also time the direct call while a client process polls the API at --poll",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -384,6 +428,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ratio_cpu_worker']:.3f} / {r['ratio_cpu']:.3f} | {r['idle_worker_cpu'] * 100:.1f}% | "
             f"{r['polls']['median']:.0f} |"
         )
+    for b in args.backends.split(","):
+        r = results[b]
+        if "direct_polled_wall" in r:
+            dp = r["direct_polled_wall"]
+            print(
+                f"{b}: direct while a client polls every {args.poll} s:"
+                f" {dp['median']:.3f} / {dp['p90']:.3f} s;"
+                f" e2e / that = {r['ratio_e2e_direct_polled']:.3f}"
+            )
     print("(median / p90)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
