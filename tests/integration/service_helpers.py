@@ -6,7 +6,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,55 @@ def launch_worker(env: dict[str, str], log_path: Path, name: str, ready_timeout:
 def python_env(extra: dict[str, str]) -> dict[str, str]:
     """os.environ + `extra` + PYTHONPATH on the repository (for subprocesses)."""
     return {**os.environ, **extra, "PYTHONPATH": str(ROOT)}
+
+
+@contextmanager
+def sqlite_service(tmp_path: Path, **overrides: str) -> Iterator[dict[str, str]]:
+    """In-process service settings on a fresh migrated SQLite database and SQLite broker under
+    `tmp_path` (CARCERT_* env vars, restored afterwards); `overrides` adds or replaces variables."""
+    from store.db import get_engine, init_db, reset_caches
+
+    env = {
+        "CARCERT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "CARCERT_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+        "CARCERT_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
+        "CARCERT_WORK_ROOT": str(tmp_path / "work"),
+        "CARCERT_PROGRESS_INTERVAL_S": "0.5",
+        **overrides,
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_caches()
+    init_db()
+    try:
+        yield env
+    finally:
+        get_engine().dispose()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_caches()
+
+
+def claimed_job(worker: str = "w1") -> str:
+    """A small queued job created and claimed by `worker` on the current database; its id."""
+    from core.spec import JobSpec
+    from store import jobs as repo
+    from store.db import session_scope
+
+    with session_scope() as s:
+        job, _ = repo.create_job(s, "t", JobSpec(train_subset=50))
+    with session_scope() as s:
+        assert repo.claim_job(s, job.id, worker) is not None
+    return job.id
+
+
+def job_row(job_id: str):
+    """The Job row as it is in the database now."""
+    from store.db import session_scope
+    from store.models import Job
+
+    with session_scope() as s:
+        return s.get(Job, job_id)

@@ -4,7 +4,6 @@ embedded SQLAlchemy broker is polled every settings.broker_poll_interval_s (not 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -12,11 +11,11 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import event
 
-from core.spec import JobSpec
 from store import jobs as repo
-from store.db import get_engine, init_db, reset_caches, session_scope
+from store.db import get_engine, session_scope
 from store.models import Job
 from store.settings import get_settings
+from tests.integration.service_helpers import claimed_job, job_row, sqlite_service
 from worker.runner import DbStageContext
 
 pytestmark = pytest.mark.integration
@@ -24,40 +23,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sqlite_env(tmp_path) -> Iterator[dict[str, str]]:
-    env = {
-        "CARCERT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "CARCERT_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-        "CARCERT_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-        "CARCERT_WORK_ROOT": str(tmp_path / "work"),
-        "CARCERT_PROGRESS_INTERVAL_S": "0.5",
-        "CARCERT_LEASE_SECONDS": "30",
-        "CARCERT_BROKER_POLL_INTERVAL_S": "0.07",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_caches()
-    init_db()
-    yield env
-    get_engine().dispose()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reset_caches()
-
-
-def claimed_job(worker: str = "w1") -> str:
-    with session_scope() as s:
-        job, _ = repo.create_job(s, "t", JobSpec(train_subset=50))
-    with session_scope() as s:
-        assert repo.claim_job(s, job.id, worker) is not None
-    return job.id
-
-
-def row(job_id: str) -> Job:
-    with session_scope() as s:
-        return s.get(Job, job_id)
+    with sqlite_service(tmp_path, CARCERT_LEASE_SECONDS="30", CARCERT_BROKER_POLL_INTERVAL_S="0.07") as env:
+        yield env
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:
@@ -83,13 +50,13 @@ def test_progress_does_not_wait_for_the_database(sqlite_env, tmp_path):
             ctx.progress("search", 0.4)  # a stage change: due at once, replaces the pending value
             elapsed = time.monotonic() - t0
             time.sleep(0.3)
-            assert row(job_id).stage is None  # nothing could be written yet (reads still work: WAL)
+            assert job_row(job_id).stage is None  # nothing could be written yet (reads still work: WAL)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert elapsed < 0.2, elapsed
-        assert wait_until(lambda: row(job_id).stage == "search")
-        assert row(job_id).progress == pytest.approx(0.4)
+        assert wait_until(lambda: job_row(job_id).stage == "search")
+        assert job_row(job_id).progress == pytest.approx(0.4)
         assert not ctx.lease_lost and not ctx.should_cancel()
 
 
@@ -103,7 +70,7 @@ def test_stop_writes_drops_later_progress_and_the_race_with_finish_is_not_a_lost
 
     with DbStageContext(job_id, "w1", tmp_path / "job", get_settings()) as ctx:
         ctx.progress("certify", 0.9)
-        assert wait_until(lambda: row(job_id).stage == "certify")
+        assert wait_until(lambda: job_row(job_id).stage == "certify")
         event.listen(get_engine(), "before_cursor_execute", count)
         try:
             ctx.stop_writes()
@@ -116,7 +83,7 @@ def test_stop_writes_drops_later_progress_and_the_race_with_finish_is_not_a_lost
             assert not ctx.lease_lost
         finally:
             event.remove(get_engine(), "before_cursor_execute", count)
-    j = row(job_id)
+    j = job_row(job_id)
     assert (j.status, j.stage, j.progress) == ("succeeded", "done", 1.0)
 
 
@@ -127,7 +94,7 @@ def test_check_lease_reads_cancel_and_detects_a_lost_lease(sqlite_env):
         assert repo.check_lease(s, job_id, "w1") is False
         with pytest.raises(repo.LeaseLost):
             repo.check_lease(s, job_id, "w2")
-    assert row(job_id).updated_at == before  # read-only: nothing renewed
+    assert job_row(job_id).updated_at == before  # read-only: nothing renewed
     with session_scope() as s:
         repo.request_cancel(s, "t", job_id)
     with session_scope() as s:

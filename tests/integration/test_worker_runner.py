@@ -15,9 +15,10 @@ from sqlalchemy import event, update
 
 from core.spec import JobSpec
 from store import jobs as repo
-from store.db import get_engine, init_db, reset_caches, session_scope
+from store.db import get_engine, session_scope
 from store.models import Job, utcnow
 from store.settings import get_settings
+from tests.integration.service_helpers import claimed_job, job_row, sqlite_service
 from worker.runner import DbStageContext, execute_job
 from worker.shutdown import SHUTTING_DOWN
 
@@ -26,39 +27,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sqlite_env(tmp_path) -> Iterator[dict[str, str]]:
-    env = {
-        "CARCERT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "CARCERT_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-        "CARCERT_ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-        "CARCERT_WORK_ROOT": str(tmp_path / "work"),
-        "CARCERT_PROGRESS_INTERVAL_S": "0.5",
-        "CARCERT_LEASE_SECONDS": "3",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    reset_caches()
-    init_db()
-    yield env
-    get_engine().dispose()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    reset_caches()
-
-
-def claimed_job(worker: str = "w1") -> str:
-    with session_scope() as s:
-        job, _ = repo.create_job(s, "t", JobSpec(train_subset=50))
-    with session_scope() as s:
-        assert repo.claim_job(s, job.id, worker) is not None
-    return job.id
-
-
-def row(job_id: str) -> Job:
-    with session_scope() as s:
-        return s.get(Job, job_id)
+    with sqlite_service(tmp_path, CARCERT_LEASE_SECONDS="3") as env:
+        yield env
 
 
 def test_progress_writes_are_throttled(sqlite_env, tmp_path):
@@ -80,10 +50,10 @@ def test_progress_writes_are_throttled(sqlite_env, tmp_path):
     assert len(writes) == 1  # only the first call of the burst
     ctx.progress("search", 0.6)  # a new stage is written at once
     assert len(writes) == 2
-    assert (row(job_id).stage, row(job_id).progress) == ("search", 0.6)
+    assert (job_row(job_id).stage, job_row(job_id).progress) == ("search", 0.6)
     time.sleep(0.55)
     ctx.progress("search", 0.7)
-    assert len(writes) == 3 and row(job_id).progress == 0.7
+    assert len(writes) == 3 and job_row(job_id).progress == 0.7
     event.remove(get_engine(), "before_cursor_execute", count)
 
 
@@ -99,10 +69,10 @@ def test_should_cancel_follows_the_database(sqlite_env, tmp_path):
 
 def test_heartbeat_renews_the_lease_and_notices_a_lost_one(sqlite_env, tmp_path):
     job_id = claimed_job()
-    first = row(job_id).lease_expires_at
+    first = job_row(job_id).lease_expires_at
     with DbStageContext(job_id, "w1", tmp_path / "job", get_settings()) as ctx:
         time.sleep(2.3)  # heartbeat every max(1, lease/3) = 1 s
-        renewed = row(job_id).lease_expires_at
+        renewed = job_row(job_id).lease_expires_at
         assert renewed > first
         with session_scope() as s:  # another worker takes the job over after an expiry
             s.execute(
@@ -112,7 +82,7 @@ def test_heartbeat_renews_the_lease_and_notices_a_lost_one(sqlite_env, tmp_path)
             assert repo.claim_job(s, job_id, "w2") is not None
         time.sleep(0.55)
         assert ctx.should_cancel() is True and ctx.lease_lost
-    assert row(job_id).lease_owner == "w2"
+    assert job_row(job_id).lease_owner == "w2"
 
 
 def test_time_limit_stops_the_job(sqlite_env, tmp_path):
@@ -141,7 +111,7 @@ def test_shutdown_hands_the_job_back_to_the_queue(sqlite_env, tmp_path):
         assert _release(job.id, "w1") == "released"
     finally:
         SHUTTING_DOWN.clear()
-    j = row(job.id)
+    j = job_row(job.id)
     assert (j.status, j.attempts, j.lease_owner) == ("queued", 1, None)
     # and it was sent again each time: two messages wait in the broker database
     with sqlite3.connect(tmp_path / "broker.sqlite") as con:
@@ -209,7 +179,7 @@ def test_shutdown_during_a_run_releases_the_job_with_its_checkpoints(sqlite_env,
         while not list(checkpoints.glob("*.pt")) and time.monotonic() < wait:  # an epoch was saved
             time.sleep(0.1)
         saved = sorted(p.name for p in checkpoints.glob("*.pt"))
-        assert saved and row(job.id).stage == "pretrain"
+        assert saved and job_row(job.id).stage == "pretrain"
         SHUTTING_DOWN.set()
         runner.join(60)
     finally:
@@ -217,7 +187,7 @@ def test_shutdown_during_a_run_releases_the_job_with_its_checkpoints(sqlite_env,
         runner.join(60)
         SHUTTING_DOWN.clear()
     assert out == ["released"]
-    j = row(job.id)
+    j = job_row(job.id)
     assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
     # kept, so the next worker resumes instead of starting over
     assert set(saved) <= {p.name for p in checkpoints.glob("*.pt")}
@@ -244,7 +214,7 @@ def test_a_database_error_at_the_final_save_hands_the_job_back(sqlite_env, tmp_p
 
     monkeypatch.setattr(runner, "persist_outputs", persist_once_failing)
     assert execute_job(job.id, worker_id="w1") == "released"
-    j = row(job.id)
+    j = job_row(job.id)
     assert (j.status, j.lease_owner, j.error) == ("queued", None, None)
     certificate = tmp_path / "work" / job.id / "out" / "lmp-0.50" / "certificate.json"
     assert certificate.exists()  # outputs kept for the next attempt
@@ -256,4 +226,4 @@ def test_a_database_error_at_the_final_save_hands_the_job_back(sqlite_env, tmp_p
         results = repo.get_results(s, job.id)
         assert [r.name for r in results] == ["lmp-0.50"]
         assert results[0].certificate["created_at"] == first["created_at"]  # saved, not recomputed
-    assert row(job.id).status == "succeeded"
+    assert job_row(job.id).status == "succeeded"
