@@ -237,7 +237,9 @@ def test_worker_retries_its_writes_through_a_database_outage(outage_worker, tena
     engine, proxy, worker, queue = outage_worker
     spec = {
         **TINY,
-        "pruning": {**TINY["pruning"], "pretrain_epochs": 8, "batch_size": 32},
+        # long enough that the 4 s outage falls inside the pretraining on a quiet machine too (8
+        # epochs could end within the outage there, and the final save then met the outage instead)
+        "pruning": {**TINY["pruning"], "pretrain_epochs": 400, "batch_size": 32},
         "train_subset": 300,
         "model": {"arch": "small_cnn"},
     }
@@ -250,6 +252,7 @@ def test_worker_retries_its_writes_through_a_database_outage(outage_worker, tena
     assert row().progress == cut_at  # nothing got through
     proxy.restore()
     wait_for(lambda: row().progress > cut_at, 60, interval=0.1, what="progress after the outage")
+    assert row().stage == "pretrain"  # the outage fell inside the run, not at its final save
     done = final(row)
     log = worker.log()
     assert done.status == "succeeded", (done.error, log[-3000:])
