@@ -147,7 +147,9 @@ def test_killed_worker_job_is_resumed_by_another(celery_worker_proc, start_worke
     """A second worker (own queue) takes the job and is killed with SIGKILL mid-run; its lease
     expires, the main worker's sweep dispatches the job again and it finishes (attempt 2)."""
     victim = start_worker("victim", CARCERT_QUEUE="victim-queue", CARCERT_SWEEP_INTERVAL_S="0")
-    spec = {**TINY_JOB, "pruning": {**TINY_JOB["pruning"], "pretrain_epochs": 3}}
+    # a search of seconds: progress reaches the database every progress_interval_s, so a stage
+    # shorter than that (1 epoch on 300 digits) may never be seen there
+    spec = {**TINY_JOB, "pruning": {**TINY_JOB["pruning"], "pretrain_epochs": 3, "search_epochs": 60}}
     job_id = submit(tenant, spec, send=False)
     with session_scope() as s:  # keep the main worker's sweep off the queued job: only the victim gets it
         s.execute(update(Job).where(Job.id == job_id).values(updated_at=utcnow() + timedelta(minutes=5)))
