@@ -33,11 +33,11 @@ pytestmark = pytest.mark.integration
 
 FINAL = ("succeeded", "failed", "cancelled")
 STAGES = ("search", "certify")
-# long enough stages to land a kill in (a few seconds each on one core), still a tiny job
+# stages long enough to land a kill in, also on an idle machine (seconds each), still a tiny job
 SPEC = {
     **TINY_JOB,
-    "pruning": {**TINY_JOB["pruning"], "search_epochs": 4},
-    "certification": {**TINY_JOB["certification"], "samples": 40, "n": 20},
+    "pruning": {**TINY_JOB["pruning"], "search_epochs": 12},
+    "certification": {**TINY_JOB["certification"], "samples": 80, "n": 20},
     "seed": 3,
 }
 
