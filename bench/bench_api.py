@@ -33,6 +33,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from carcert.cli_service import api_command, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("CARCERT_BENCH_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 
@@ -142,12 +144,6 @@ def seed_job(db_url: str, samples: int) -> tuple[str, str]:
     return key, job_id
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(db_url: str, tmp: Path) -> Iterator[tuple[str, int, str]]:
     port = free_port()
@@ -161,26 +157,7 @@ def server(db_url: str, tmp: Path) -> Iterator[tuple[str, int, str]]:
     )
     loop = "uvloop" if _has("uvloop") else "asyncio"
     http = "httptools" if _has("httptools") else "h11"
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "api.main:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--loop",
-        loop,
-        "--http",
-        http,
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    cmd = api_command(port, "127.0.0.1", "--loop", loop, "--http", http, "--no-access-log")
     log = open(tmp / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -154,29 +154,14 @@ def make_key(db_url: str) -> str:
 @contextlib.contextmanager
 def service(env: dict[str, str], tmp: Path, threads: int) -> Iterator[tuple[str, int, int]]:
     """uvicorn (one process) + Celery worker (solo pool); yields (base url, api pid, worker pid)."""
-    from carcert.cli_service import free_port, stop_process, worker_command
+    from carcert.cli_service import api_command, free_port, stop_process, worker_command
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
     full.update(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     wcmd = worker_command(pool="solo", concurrency=1, loglevel="info", queue=env["CARCERT_QUEUE"])
     wcmd[wcmd.index("--hostname") + 1] = f"bench-{uuid.uuid4().hex[:6]}@%h"
     port = free_port()
-    acmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "api.main:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
+    acmd = api_command(port, "127.0.0.1", "--no-access-log")
     wlog, alog = tmp / "worker.log", tmp / "api.log"
     with open(wlog, "wb") as wf, open(alog, "wb") as af:
         worker = subprocess.Popen(wcmd, cwd=str(ROOT), env=full, stdout=wf, stderr=subprocess.STDOUT)

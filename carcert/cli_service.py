@@ -108,6 +108,27 @@ def worker_command(
     ]
 
 
+def api_command(port: int, host: str = "127.0.0.1", *extra: str) -> list[str]:
+    """`uvicorn` argv serving api.main:create_app in one process for this interpreter; `extra`
+    are further uvicorn options (e.g. "--loop", "uvloop", "--no-access-log")."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "api.main:create_app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+        *extra,
+    ]
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
     """SIGTERM (Celery: warm shutdown), then SIGKILL after `timeout` seconds."""
     if proc.poll() is None:

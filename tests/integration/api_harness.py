@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,15 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from carcert.cli_service import api_command, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("CARCERT_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("CARCERT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _admin_dsn() -> str:
@@ -115,21 +109,7 @@ def run_server(
     """uvicorn subprocess (`--factory api.main:create_app`, one worker) on a free port; waits for
     /healthz; SIGTERM at the end. `keys` (tenant -> API key) become server.keys."""
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "api.main:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--log-level",
-        "warning",
-    ]
+    cmd = api_command(port)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=logf, stderr=subprocess.STDOUT)
     server = Server(f"http://127.0.0.1:{port}", proc, env, log_path, dict(keys or {}))
