@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,18 +95,15 @@ def database() -> Iterator[str]:
     try:
         import psycopg
 
-        admin = psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True, connect_timeout=3)
+        psycopg.connect(PG_URL.replace("+psycopg", ""), connect_timeout=3).close()
     except Exception:
         with tempfile.TemporaryDirectory() as tmp:
             yield f"sqlite:///{tmp}/bench.db"
         return
-    name = f"carcert_bench_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    from store.db import scratch_database
+
+    with scratch_database(PG_URL, "carcert_bench", migrate=False) as url:  # seed_job migrates
+        yield url
 
 
 def seed_job(db_url: str, samples: int) -> tuple[str, str]:

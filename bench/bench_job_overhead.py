@@ -96,25 +96,11 @@ def parse_ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-@contextlib.contextmanager
-def postgres_db() -> Iterator[str]:
+def postgres_db() -> contextlib.AbstractContextManager[str]:
     """A fresh Postgres database migrated to head; dropped afterwards."""
-    import psycopg
+    from store.db import scratch_database
 
-    from store.db import init_db, make_engine
-
-    admin = psycopg.connect(PG_URL.replace("+psycopg", ""), autocommit=True, connect_timeout=3)
-    name = f"carcert_bench_oh_{uuid.uuid4().hex[:8]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_URL.rsplit("/", 1)[0] + "/" + name
-    try:
-        engine = make_engine(url)
-        init_db(engine)
-        engine.dispose()
-        yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    return scratch_database(PG_URL, "carcert_bench_oh")
 
 
 @contextlib.contextmanager

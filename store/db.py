@@ -105,3 +105,33 @@ def downgrade_db(engine: Engine | None = None, revision: str = "base") -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
+
+
+@contextmanager
+def scratch_database(
+    server_url: str, prefix: str = "carcert_scratch", *, migrate: bool = True
+) -> Iterator[str]:
+    """CREATE DATABASE <prefix>_<random> on the Postgres server of `server_url` (migrated to head
+    unless migrate=False), yield its URL, DROP DATABASE ... WITH (FORCE) afterwards. For tests and
+    benchmarks that need a database of their own."""
+    import uuid
+
+    from sqlalchemy import text
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+            if migrate:
+                engine = make_engine(url)
+                init_db(engine)
+                engine.dispose()
+            yield url
+        finally:
+            with admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

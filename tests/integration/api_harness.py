@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,25 +32,16 @@ def _admin_dsn() -> str:
 
 @contextlib.contextmanager
 def fresh_database() -> Iterator[str]:
-    """CREATE DATABASE carcert_api_<random>, migrate it to head, yield its SQLAlchemy URL, drop it."""
+    """A throwaway Postgres database carcert_api_<random> migrated to head; its SQLAlchemy URL."""
     psycopg = pytest.importorskip("psycopg")
     try:
-        admin = psycopg.connect(_admin_dsn(), autocommit=True, connect_timeout=3)
+        psycopg.connect(_admin_dsn(), connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         pytest.skip(f"Postgres not reachable at {PG_URL}: {exc}")
-    name = f"carcert_api_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_URL.rsplit("/", 1)[0] + "/" + name
-    try:
-        from store.db import init_db, make_engine
+    from store.db import scratch_database
 
-        engine = make_engine(url)
-        init_db(engine)
-        engine.dispose()
+    with scratch_database(PG_URL, "carcert_api") as url:
         yield url
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
 
 
 def create_key(db_url: str, tenant: str) -> str:

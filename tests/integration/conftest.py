@@ -65,23 +65,10 @@ def pg_admin_url() -> str:
 
 @pytest.fixture(scope="session")
 def fresh_pg_db(pg_admin_url: str) -> Callable[[], contextlib.AbstractContextManager[str]]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    """A factory of empty throwaway databases (not migrated), dropped on exit."""
+    from store.db import scratch_database
 
-    @contextlib.contextmanager
-    def make() -> Iterator[str]:
-        name = f"carcert_test_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
-
-    return make
+    return lambda: scratch_database(pg_admin_url, "carcert_test", migrate=False)
 
 
 @pytest.fixture(scope="session")
