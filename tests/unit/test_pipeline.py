@@ -259,5 +259,15 @@ def test_precomputed_variants_from_npz(tmp_path: Path) -> None:
     assert json.loads(cert_path.read_text())["transform"]["kind"] == "precomputed"
     ev = np.load(out / "vanilla-0.00" / "evidence.npz")
     z, deltas = ev["z"], ev["deltas"]
-    assert np.all(z[deltas < 0.5] == 0.0)  # nearest variant is the test image itself: Z = 0 exactly
-    assert np.all(z[deltas > 0.5] > 0.0)
+    # below delta 0.5 the nearest variant is the test image itself, exactly ...
+    from core.spec import TransformSpec
+    from core.transforms import build_transform
+
+    data = load_dataset(f"npz:{path}", seed=0)
+    t = build_transform(TransformSpec(kind="precomputed"), data=data, split="test")
+    idx = torch.arange(len(data.test_x))
+    assert torch.equal(t(data.test_x, torch.full((len(idx),), 0.3), index=idx), data.test_x)
+    # ... so its Z is 0 up to float32 rounding: the clean pass and the variants run in batches of
+    # other sizes, and CPU conv kernels may round differently per batch size (AVX-512 oneDNN)
+    assert np.all(z[deltas < 0.5] < 1e-6)
+    assert np.all(z[deltas > 0.5] > 1e-3)
