@@ -63,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=float, help="CAR partial-scaled init fraction (default 0.3)")
     for term in ("stab", "ratio", "consis", "l1"):
         p.add_argument(f"--lambda-{term}", type=float, help=f"CAR Eq. 9 weight of L_{term} (default 1)")
+    p.add_argument("--mask-lr", type=float, help="CAR mask-search learning rate (default 0.01)")
+    p.add_argument("--mask-optimizer", choices=("adam", "sgd"), help="CAR mask optimiser (default adam)")
+    p.add_argument("--ratio-mask", choices=("soft", "hard"),
+                   help="CAR: L_ratio under the noisy soft mask or the hard top-k mask (default soft)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast in training (CUDA; CPUs with bf16)")
     p.add_argument("--n", type=int, default=100, help="certification: deltas per repeat (default 100)")
     p.add_argument("--l", type=int, default=10, help="certification: repeats (default 10)")
     p.add_argument("--samples", type=int, default=100, help="test samples certified (default 100)")
@@ -140,8 +145,11 @@ def build_spec(args: argparse.Namespace):
     for key in ("lr", "finetune_lr", "batch_size", "augment_q"):
         if getattr(args, key) is not None:
             pruning[key] = getattr(args, key)
-    car = {k: getattr(args, k) for k in ("tau", "lambda_stab", "lambda_ratio", "lambda_consis", "lambda_l1")
-           if getattr(args, k) is not None}
+    if args.amp:
+        pruning["amp"] = True
+    car_keys = ("tau", "lambda_stab", "lambda_ratio", "lambda_consis", "lambda_l1", "mask_lr",
+                "mask_optimizer", "ratio_mask")
+    car = {k: getattr(args, k) for k in car_keys if getattr(args, k) is not None}
     if car:
         pruning["car"] = car
     body = {

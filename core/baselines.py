@@ -43,6 +43,7 @@ from core.spec import PruningSpec
 from core.training import (
     LossFn,
     augment_with_transform,
+    autocast,
     ce_loss,
     check_finite,
     model_device,
@@ -166,14 +167,15 @@ def hydra_search(
         model.train()
         opt.zero_grad(set_to_none=True)
         mask = st_mask(scores, spec.prune_ratio, spec.scope)
-        loss = trades_loss_fwd(
-            lambda inp: masked_forward(model, inp, mask),
-            model,
-            xb,
-            yb,
-            eps=spec.adv_eps,
-            steps=spec.adv_steps,
-        )
+        with autocast(dev, spec.amp):
+            loss = trades_loss_fwd(
+                lambda inp: masked_forward(model, inp, mask),
+                model,
+                xb,
+                yb,
+                eps=spec.adv_eps,
+                steps=spec.adv_steps,
+            )
         check_finite(loss)
         loss.backward()
         opt.step()

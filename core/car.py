@@ -43,6 +43,7 @@ from core.pipeline import StageContext
 from core.spec import CarSpec, PruningSpec
 from core.training import (
     augment_with_transform,
+    autocast,
     check_finite,
     model_device,
     pretrain,
@@ -114,7 +115,8 @@ def car_loss(
     """Eq. 9 on one batch, sharing forward passes (module docstring). x_t = T(x, 1) (needed only
     when lambda_ratio > 0). Returns (total loss, {term: value}) with only the active terms."""
     parts: dict[str, Tensor] = {}
-    need_m = spec.lambda_stab > 0 or spec.lambda_ratio > 0 or spec.lambda_consis > 0
+    ratio_soft = spec.lambda_ratio > 0 and spec.ratio_mask == "soft"
+    need_m = spec.lambda_stab > 0 or spec.lambda_consis > 0 or ratio_soft
     logits_m = p_m = None
     if need_m:
         mask_m = noisy_masks(scores, spec.noise)
@@ -123,14 +125,21 @@ def car_loss(
     if spec.lambda_stab > 0:
         p_n = F.softmax(masked_forward(model, x, noisy_masks(scores, spec.noise)), dim=-1)
         parts["stab"] = stability_loss(p_m, p_n)
+    hard = logits_h = None
+    if spec.lambda_consis > 0 or (spec.lambda_ratio > 0 and spec.ratio_mask == "hard"):
+        hard = straight_through_mask(scores, prune_ratio, scope)
+        logits_h = masked_forward(model, x, hard)
     if spec.lambda_ratio > 0:
         if x_t is None:
             raise InvalidInput("lambda_ratio > 0 needs the transformed batch x_t")
-        p_t = F.softmax(masked_forward(model, x_t, mask_m), dim=-1)
-        parts["ratio"] = ratio_loss(p_m, p_t, spec.eta)
+        if spec.ratio_mask == "hard":  # Z and d of the deployed network C* (Eq. 3), as certified
+            p_r, mask_r = F.softmax(logits_h, dim=-1), hard
+        else:
+            p_r, mask_r = p_m, mask_m
+        p_t = F.softmax(masked_forward(model, x_t, mask_r), dim=-1)
+        parts["ratio"] = ratio_loss(p_r, p_t, spec.eta)
     if spec.lambda_consis > 0:
-        hard = straight_through_mask(scores, prune_ratio, scope)
-        parts["consis"] = consistency_loss(logits_m, masked_forward(model, x, hard))
+        parts["consis"] = consistency_loss(logits_m, logits_h)
     if spec.lambda_l1 > 0:
         parts["l1"] = l1_loss(scores)
     lam = {
@@ -179,12 +188,21 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def mask_optimizer(params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam on the mask scores (fused kernel where the device supports it: one pass over m)."""
+def mask_optimizer(params: list[Tensor], lr: float, kind: str = "adam") -> torch.optim.Optimizer:
+    """The optimiser of the mask scores: Adam, or SGD with momentum 0.9 (`kind` "sgd"); fused
+    kernels where the device supports them (one pass over m)."""
+    if kind not in ("adam", "sgd"):
+        raise InvalidInput(f"unknown mask optimizer {kind!r}; valid: adam, sgd")
+
+    def make(**fused: bool) -> torch.optim.Optimizer:
+        if kind == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, **fused)
+        return torch.optim.Adam(params, lr=lr, **fused)
+
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return make(fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        return make()
 
 
 def score_params(init: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -242,12 +260,15 @@ def car_step(
     *,
     prune_ratio: float,
     scope: str = "layer",
+    amp: bool = False,
 ) -> Tensor:
     """One mask-search step (inside `frozen_eval`): Eq. 9 on the batch (four shared forward
     passes), one backward of the summed loss, an optimiser step on m, projection onto [0, 1].
-    Raises TrainingDiverged before updating on a NaN/inf loss. Returns the detached loss."""
+    Raises TrainingDiverged before updating on a NaN/inf loss. Returns the detached loss. amp: the
+    forward passes under bf16 autocast (the mask and its update stay float32)."""
     opt.zero_grad(set_to_none=True)
-    loss, _ = car_loss(model, scores, x, x_t, spec, prune_ratio=prune_ratio, scope=scope)
+    with autocast(x.device, amp):
+        loss, _ = car_loss(model, scores, x, x_t, spec, prune_ratio=prune_ratio, scope=scope)
     check_finite(loss)
     if loss.requires_grad:
         loss.backward()
@@ -274,6 +295,7 @@ def search_mask(
     index: Tensor | None = None,
     stage: str = "search",
     checkpoint_key: str = "search",
+    amp: bool = False,
 ) -> dict[str, Tensor]:
     """Algorithm 1 lines 2-3: initialise the soft mask and minimise Eq. 9 over it for `epochs`
     epochs with the model frozen (eval mode, no weight gradients). Returns the soft mask m
@@ -283,7 +305,7 @@ def search_mask(
     Resumable per epoch through ctx (key `checkpoint_key`)."""
     dev = model_device(model)
     scores = score_params(init_scores(model, spec, seed), dev)
-    opt = mask_optimizer(list(scores.values()), spec.mask_lr)
+    opt = mask_optimizer(list(scores.values()), spec.mask_lr, spec.mask_optimizer)
     if index is None:
         index = torch.arange(len(x))
 
@@ -294,7 +316,7 @@ def search_mask(
             with torch.no_grad():
                 ones = torch.ones(len(xb), device=dev)
                 x_t = transform(xb, ones, index=index[idx].to(dev))
-        return car_step(net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope)
+        return car_step(net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp)
 
     state, load_state = score_checkpoint(scores, opt)
     with frozen_eval(model):
@@ -347,6 +369,7 @@ def run_car(
         index=index,
         stage="search",
         checkpoint_key=f"{key}-search",
+        amp=spec.amp,
     )
     hard = topk_mask(scores, spec.prune_ratio, spec.scope, tiebreak=prunable_weights(model))
     return prune_and_finetune(model, x, y, hard, spec, seed=seed, key=key, ctx=ctx)

@@ -435,7 +435,7 @@ def _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots) -> dict:
         x, y, _ = augment_with_transform(data.train_x, data.train_y, train_t, q, spec.seed)
         train_epochs(model, x, y, epochs=pretrain_epochs, lr=spec.pruning.lr,
                      batch_size=spec.pruning.batch_size, seed=spec.seed, ctx=jctx, stage="pretrain",
-                     checkpoint_key="pretrain")
+                     checkpoint_key="pretrain", amp=spec.pruning.amp)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     for name, v in variants:

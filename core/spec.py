@@ -58,6 +58,13 @@ class CarSpec(_Strict):
     lambda_consis: float = Field(default=1.0, ge=0.0)
     lambda_l1: float = Field(default=1.0, ge=0.0)
     mask_lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    mask_optimizer: Literal["adam", "sgd"] = Field(
+        default="adam", description="optimiser of the mask scores (sgd: momentum 0.9)"
+    )
+    ratio_mask: Literal["soft", "hard"] = Field(
+        default="soft",
+        description="mask under which L_ratio is evaluated: the noisy soft mask C_m or the hard C*",
+    )
 
 
 class PruningSpec(_Strict):
@@ -73,6 +80,11 @@ class PruningSpec(_Strict):
     augment_q: int = Field(default=1000, ge=0, le=10_000_000, description="transformed samples added")
     adv_eps: float = Field(default=0.5, ge=0.0, le=100.0)
     adv_steps: int = Field(default=10, ge=1, le=1000)
+    amp: bool = Field(
+        default=False,
+        description="bf16 autocast for the training forward passes (CUDA, or CPUs with bf16); "
+        "certification always runs in float32 with the bound in float64",
+    )
     car: CarSpec = CarSpec()
 
     @model_validator(mode="after")

@@ -34,6 +34,12 @@ def ce_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """Mixed precision for a training forward pass: bf16 autocast on `device` when enabled (no
+    loss scaling needed with bf16); a no-op context otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -133,6 +139,7 @@ def train_epochs(
     stage: str = "train",
     checkpoint_key: str = "train",
     weight_decay: float = WEIGHT_DECAY,
+    amp: bool = False,
 ) -> None:
     """Train `model` in place: SGD (momentum 0.9, weight decay 5e-4), cosine learning-rate decay
     from `lr` to 0 over all steps, `loss_fn(model, xb, yb)` (default cross-entropy).
@@ -141,7 +148,8 @@ def train_epochs(
     gradient of every pruned entry is zeroed and the weights re-masked after every step, so pruned
     weights stay exactly 0. augment(xb, yb) -> (xb, yb) is applied to every batch. x, y stay on
     their device; batches are moved to the model's device. Raises TrainingDiverged on a NaN/inf
-    loss (nothing is updated or saved for that step), Cancelled on ctx.should_cancel()."""
+    loss (nothing is updated or saved for that step), Cancelled on ctx.should_cancel(). amp: the
+    loss's forward pass under bf16 autocast (`autocast`)."""
     loss_fn = loss_fn or ce_loss
     dev = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -165,7 +173,8 @@ def train_epochs(
             xb, yb = augment(xb, yb)
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, xb, yb)
+        with autocast(dev, amp):
+            loss = loss_fn(model, xb, yb)
         check_finite(loss)
         loss.backward()
         with torch.no_grad():
@@ -229,6 +238,7 @@ def pretrain(
             ctx=ctx,
             stage="pretrain",
             checkpoint_key=f"{key}-pretrain",
+            amp=spec.amp,
         )
 
 
@@ -263,6 +273,7 @@ def prune_and_finetune(
         ctx=ctx,
         stage="finetune",
         checkpoint_key=f"{key}-finetune",
+        amp=spec.amp,
     )
     return {n: m.cpu() for n, m in hard.items()}
 

@@ -13,9 +13,11 @@ from torch import nn
 from core.car import (
     RATIO_EPS,
     car_loss,
+    car_step,
     consistency_loss,
     init_scores,
     l1_loss,
+    mask_optimizer,
     noisy_masks,
     ratio_loss,
     run_car,
@@ -23,8 +25,8 @@ from core.car import (
     stability_loss,
 )
 from core.data import load_dataset
-from core.errors import Cancelled, TrainingDiverged
-from core.masking import masked_forward, partial_scaled_init, prunable_weights, topk_mask
+from core.errors import Cancelled, InvalidInput, TrainingDiverged
+from core.masking import apply_masks_, masked_forward, partial_scaled_init, prunable_weights, topk_mask
 from core.models import build_model
 from core.pipeline import LocalContext
 from core.spec import CarSpec, PruningSpec
@@ -230,6 +232,71 @@ def test_search_runs_with_a_single_term_on(term):
     assert (len(seen) > 0 and all(seen)) == (term == "ratio")
     if term == "l1":
         assert float(l1_loss(scores)) < float(l1_loss(init))
+
+
+def test_ratio_under_the_hard_mask_is_eq6_of_the_top_k_network():
+    """ratio_mask "hard": L_ratio is Eq. 6-7 computed from p_C*(x) and p_C*(T(x)), C* the top-k mask
+    (checked against a forward of the in-place pruned network), and its gradient reaches the soft
+    mask through the straight-through estimator; no noisy-mask pass is run when nothing needs it."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x = d.train_x[:64]
+    x_t = brightness(x, torch.ones(len(x)))
+    scores = {n: s.requires_grad_(True) for n, s in init_scores(net, CarSpec()).items()}
+    spec = CarSpec(eta=0.0, ratio_mask="hard", lambda_stab=0.0, lambda_consis=0.0, lambda_l1=0.0)
+    calls = []
+    hook = net.register_forward_hook(lambda m, i, o: calls.append(1))
+    loss, parts = car_loss(net, scores, x, x_t, spec, prune_ratio=0.5)
+    hook.remove()
+    assert len(calls) == 2  # C* on x and on T(x) only
+    pruned = copy.deepcopy(net)
+    apply_masks_(pruned, topk_mask(scores, 0.5))
+    with torch.no_grad():
+        p, p_t = pruned(x).softmax(-1), pruned(x_t).softmax(-1)
+    top2 = p.topk(2, dim=-1).values
+    r = (p - p_t).abs().amax(-1) / ((top2[:, 0] - top2[:, 1]) / 2 + RATIO_EPS)
+    want = torch.nn.functional.softplus(torch.relu(r - 0.0)).mean()
+    assert parts["ratio"] == pytest.approx(float(want), rel=1e-4)
+    loss.backward()
+    assert any(float(s.grad.abs().sum()) > 0 for s in scores.values())
+
+
+def test_sgd_mask_optimizer_steps_along_the_gradient():
+    """mask_optimizer "sgd": the first step is m - lr * grad (momentum buffer empty), then [0, 1]."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x = d.train_x[:64]
+    spec = CarSpec(lambda_stab=0.0, lambda_ratio=0.0, lambda_consis=0.0, lambda_l1=1.0, mask_lr=0.5)
+    scores = {n: s.clone().requires_grad_(True) for n, s in init_scores(net, spec).items()}
+    init = {n: s.detach().clone() for n, s in scores.items()}
+    opt = mask_optimizer(list(scores.values()), spec.mask_lr, "sgd")
+    car_step(net, scores, opt, x, None, spec, prune_ratio=0.5)
+    count = sum(s.numel() for s in init.values())  # dL1/dm = 1 / count for every entry (m >= 0)
+    for n, s in scores.items():
+        torch.testing.assert_close(s.detach(), (init[n] - 0.5 / count).clamp(0, 1))
+    with pytest.raises(InvalidInput, match="mask optimizer"):
+        mask_optimizer(list(scores.values()), 0.1, "lbfgs")
+
+
+def test_amp_search_runs_the_passes_in_bf16_and_keeps_the_mask_fp32():
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1)
+    seen = []
+    net.features[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    scores = search_mask(
+        net,
+        d.train_x[:128],
+        d.train_y[:128],
+        brightness,
+        CarSpec(eta=0.0),
+        prune_ratio=0.5,
+        epochs=1,
+        batch_size=64,
+        seed=0,
+        amp=True,
+    )
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(s.dtype == torch.float32 and s.min() >= 0 and s.max() <= 1 for s in scores.values())
 
 
 def test_search_all_lambdas_zero_is_a_no_op():

@@ -139,3 +139,19 @@ def test_augment_with_transform_appends_transformed_samples_and_caps_q():
     assert len(xa) == 80 and sorted(idx[40:].tolist()) == list(range(40))
     xa, _, _ = augment_with_transform(x, y, t, 0, seed=3)
     assert xa is x
+
+
+def test_amp_runs_the_loss_forward_in_bf16_and_still_trains():
+    x, y = data()
+    model = net()
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = evaluate(model, x, y)
+    seen.clear()
+    train_epochs(model, x, y, epochs=6, lr=0.1, batch_size=32, seed=0, amp=True)
+    assert set(seen) == {torch.bfloat16}  # every training forward ran under bf16 autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert evaluate(model, x, y) > max(before, 0.8)
+    seen.clear()
+    evaluate(model, x, y)
+    assert seen == [torch.float32]  # evaluation is not autocast
