@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from core.car import car_step, fold_batchnorm, frozen_eval, init_scores, mask_optimizer  # noqa: E402
+from core.car import batch_stat_copy, car_step, fold_batchnorm, frozen_eval, init_scores, mask_optimizer  # noqa: E402
 from core.models import build_model  # noqa: E402
 from core.spec import CarSpec  # noqa: E402
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prune-ratio", type=float, default=0.5)
+    ap.add_argument("--search-bn", choices=("frozen", "batch"), default="frozen", help="CarSpec.search_bn")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -86,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         F.cross_entropy(model(x), y).backward()
         sgd.step()
 
-    spec = CarSpec()
+    spec = CarSpec(search_bn=args.search_bn)
     scores = {n: s.to(dev).requires_grad_(True) for n, s in init_scores(model, spec).items()}
     adam = mask_optimizer(list(scores.values()), spec.mask_lr)
     with frozen_eval(model):
-        net = fold_batchnorm(model)  # once per search, as in search_mask
+        # once per search, as in search_mask
+        net = batch_stat_copy(model) if args.search_bn == "batch" else fold_batchnorm(model)
 
     def car() -> None:
         with torch.no_grad():
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     res = {
         "arch": args.arch,
+        "search_bn": args.search_bn,
         "batch": args.batch,
         "size": args.size,
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),

@@ -41,6 +41,7 @@ def build_spec(a: argparse.Namespace) -> JobSpec:
     car = CarSpec(
         tau=a.tau, noise=a.noise, eta=a.eta, lambda_stab=a.lambda_stab, lambda_ratio=a.lambda_ratio,
         lambda_consis=a.lambda_consis, lambda_l1=a.lambda_l1, mask_lr=a.mask_lr,
+        mask_optimizer=a.mask_optimizer, ratio_mask=a.ratio_mask, search_bn=a.search_bn,
     )
     pruning = PruningSpec(
         method=a.methods[0], prune_ratio=a.ratios[0], scope=a.scope, pretrain_epochs=a.pretrain_epochs,
@@ -92,7 +93,8 @@ def render_table(spec: JobSpec, out: Path, summary: dict, command: str, seconds:
         f"fine-tune {p.finetune_epochs} (lr {p.finetune_lr}), batch {p.batch_size}, scope {p.scope}; "
         f"CAR tau {p.car.tau}, delta_n {p.car.noise}, eta {p.car.eta}, lambdas stab/ratio/consis/l1 "
         f"{p.car.lambda_stab}/{p.car.lambda_ratio}/{p.car.lambda_consis}/{p.car.lambda_l1}, "
-        f"mask lr {p.car.mask_lr}; HYDRA TRADES L2 PGD eps {p.adv_eps}, {p.adv_steps} steps; "
+        f"mask lr {p.car.mask_lr} ({p.car.mask_optimizer}), L_ratio mask {p.car.ratio_mask}, search BN "
+        f"{p.car.search_bn}; HYDRA TRADES L2 PGD eps {p.adv_eps}, {p.adv_steps} steps; "
         f"CC-Cert n {c.n}, l {c.l}, alpha {c.alpha}, epsilon {c.epsilon}, {c.bound_order} bound, "
         f"first {c.samples} test samples, seed {spec.seed}.",
         "",
@@ -201,6 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lambda-consis", type=float, default=1.0)
     ap.add_argument("--lambda-l1", type=float, default=1.0)
     ap.add_argument("--mask-lr", type=float, default=0.01)
+    ap.add_argument("--mask-optimizer", choices=("adam", "sgd"), default="adam")
+    ap.add_argument("--ratio-mask", choices=("soft", "hard"), default="soft")
+    ap.add_argument("--search-bn", choices=("frozen", "batch"), default="frozen")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--l", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.9)

@@ -67,6 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-optimizer", choices=("adam", "sgd"), help="CAR mask optimiser (default adam)")
     p.add_argument("--ratio-mask", choices=("soft", "hard"),
                    help="CAR: L_ratio under the noisy soft mask or the hard top-k mask (default soft)")
+    p.add_argument("--search-bn", choices=("frozen", "batch"),
+                   help="CAR: BatchNorm statistics in the mask search (default frozen)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast in training (CUDA; CPUs with bf16)")
     p.add_argument("--n", type=int, default=100, help="certification: deltas per repeat (default 100)")
     p.add_argument("--l", type=int, default=10, help="certification: repeats (default 10)")
@@ -148,7 +150,7 @@ def build_spec(args: argparse.Namespace):
     if args.amp:
         pruning["amp"] = True
     car_keys = ("tau", "lambda_stab", "lambda_ratio", "lambda_consis", "lambda_l1", "mask_lr",
-                "mask_optimizer", "ratio_mask")
+                "mask_optimizer", "ratio_mask", "search_bn")
     car = {k: getattr(args, k) for k in car_keys if getattr(args, k) is not None}
     if car:
         pruning["car"] = car

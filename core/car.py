@@ -11,17 +11,22 @@ Decisions the paper leaves open (documented here and in the final report):
   pass under C_m is shared by L_stab, L_ratio and L_consis: one step costs four forward passes
   (C_m on x, C_n on x, C_m on T(x), C* on x) and one backward of the summed loss; a term whose
   lambda is 0 is not computed and its forward pass is skipped (ablations, Tables 3-5);
-- the search runs the network in eval mode (BatchNorm running statistics and dropout of the
-  pretrained model, i.e. all of theta_pre frozen): batch statistics would normalise away
-  global intensity transforms (brightness, illumination) and make Z meaningless. Frozen BN is
-  folded into the preceding conv for the search (`fold_batchnorm`, the same function, cheaper);
-- the optimiser is Adam on m at CarSpec.mask_lr, and m is projected back to [0, 1] after every
-  step (a mask lives in [0, 1], Sec. 2.2);
+- BatchNorm (CarSpec.search_bn): "frozen" runs the network in eval mode (the pretrained running
+  statistics, i.e. all of theta_pre frozen; BN folded into the preceding conv, `fold_batchnorm`,
+  the same function, cheaper); "batch" lets each masked network normalise with its own batch
+  statistics (`batch_stat_copy`), as the pruned network does once its statistics are re-estimated
+  after binarization, and then runs x and T(x) as one batch so the statistics cannot normalise the
+  transformation away (three passes over 2B rows instead of four over B);
+- the optimiser is Adam (or SGD, CarSpec.mask_optimizer) on m at CarSpec.mask_lr, and m is
+  projected back to [0, 1] after every step (a mask lives in [0, 1], Sec. 2.2);
+- L_ratio is evaluated under C_m (CarSpec.ratio_mask "soft") or under the straight-through hard
+  mask C* whose Z the certificate bounds ("hard");
 - eps of Eq. 6 is RATIO_EPS = 1e-3.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -113,31 +118,35 @@ def car_loss(
     scope: str = "layer",
 ) -> tuple[Tensor, dict[str, float]]:
     """Eq. 9 on one batch, sharing forward passes (module docstring). x_t = T(x, 1) (needed only
-    when lambda_ratio > 0). Returns (total loss, {term: value}) with only the active terms."""
+    when lambda_ratio > 0). With spec.search_bn "batch" every pass runs on x and x_t as one batch
+    (shared BatchNorm statistics, so Z is not normalised away; L_stab and L_consis then cover x and
+    x_T, terms (A) and (C) of Eq. 4). Returns (total loss, {term: value}) with the active terms."""
     parts: dict[str, Tensor] = {}
-    ratio_soft = spec.lambda_ratio > 0 and spec.ratio_mask == "soft"
-    need_m = spec.lambda_stab > 0 or spec.lambda_consis > 0 or ratio_soft
-    logits_m = p_m = None
-    if need_m:
+    if spec.lambda_ratio > 0 and x_t is None:
+        raise InvalidInput("lambda_ratio > 0 needs the transformed batch x_t")
+    ratio_hard = spec.lambda_ratio > 0 and spec.ratio_mask == "hard"
+    ratio_soft = spec.lambda_ratio > 0 and not ratio_hard
+    joint = spec.search_bn == "batch" and x_t is not None
+    xb = torch.cat([x, x_t]) if joint else x
+    logits_m = p_m = mask_m = None
+    if spec.lambda_stab > 0 or spec.lambda_consis > 0 or ratio_soft:
         mask_m = noisy_masks(scores, spec.noise)
-        logits_m = masked_forward(model, x, mask_m)
+        logits_m = masked_forward(model, xb, mask_m)
         p_m = F.softmax(logits_m, dim=-1)
     if spec.lambda_stab > 0:
-        p_n = F.softmax(masked_forward(model, x, noisy_masks(scores, spec.noise)), dim=-1)
+        p_n = F.softmax(masked_forward(model, xb, noisy_masks(scores, spec.noise)), dim=-1)
         parts["stab"] = stability_loss(p_m, p_n)
     hard = logits_h = None
-    if spec.lambda_consis > 0 or (spec.lambda_ratio > 0 and spec.ratio_mask == "hard"):
+    if spec.lambda_consis > 0 or ratio_hard:
         hard = straight_through_mask(scores, prune_ratio, scope)
-        logits_h = masked_forward(model, x, hard)
+        logits_h = masked_forward(model, xb, hard)
     if spec.lambda_ratio > 0:
-        if x_t is None:
-            raise InvalidInput("lambda_ratio > 0 needs the transformed batch x_t")
-        if spec.ratio_mask == "hard":  # Z and d of the deployed network C* (Eq. 3), as certified
-            p_r, mask_r = F.softmax(logits_h, dim=-1), hard
+        # Z and d under the noisy soft mask C_m, or under the deployed network C* (Eq. 3)
+        p_r, mask_r = (F.softmax(logits_h, dim=-1), hard) if ratio_hard else (p_m, mask_m)
+        if joint:
+            parts["ratio"] = ratio_loss(p_r[: len(x)], p_r[len(x) :], spec.eta)
         else:
-            p_r, mask_r = p_m, mask_m
-        p_t = F.softmax(masked_forward(model, x_t, mask_r), dim=-1)
-        parts["ratio"] = ratio_loss(p_r, p_t, spec.eta)
+            parts["ratio"] = ratio_loss(p_r, F.softmax(masked_forward(model, x_t, mask_r), dim=-1), spec.eta)
     if spec.lambda_consis > 0:
         parts["consis"] = consistency_loss(logits_m, logits_h)
     if spec.lambda_l1 > 0:
@@ -250,6 +259,20 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return fused
 
 
+def batch_stat_copy(model: nn.Module) -> nn.Module:
+    """The network a `search_bn="batch"` search runs: a copy of `model` (parameters frozen) in eval
+    mode except its BatchNorm layers, which normalise with the statistics of each forward's own
+    batch, as the pruned network will once its statistics are re-estimated after binarization
+    (`core.training.recalibrate_batchnorm`); the running statistics this updates are the copy's."""
+    net = copy.deepcopy(model).eval()
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 def car_step(
     model: nn.Module,
     scores: Mapping[str, Tensor],
@@ -320,7 +343,7 @@ def search_mask(
 
     state, load_state = score_checkpoint(scores, opt)
     with frozen_eval(model):
-        net = fold_batchnorm(model)
+        net = batch_stat_copy(model) if spec.search_bn == "batch" else fold_batchnorm(model)
         run_epochs(
             len(x),
             epochs=epochs,

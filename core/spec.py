@@ -65,6 +65,11 @@ class CarSpec(_Strict):
         default="soft",
         description="mask under which L_ratio is evaluated: the noisy soft mask C_m or the hard C*",
     )
+    search_bn: Literal["frozen", "batch"] = Field(
+        default="frozen",
+        description="BatchNorm in the mask search: the pretrained running statistics (frozen) or each "
+        "masked network's own batch statistics over x and T(x) together (batch)",
+    )
 
 
 class PruningSpec(_Strict):

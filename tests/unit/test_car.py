@@ -12,6 +12,7 @@ from torch import nn
 
 from core.car import (
     RATIO_EPS,
+    batch_stat_copy,
     car_loss,
     car_step,
     consistency_loss,
@@ -259,6 +260,45 @@ def test_ratio_under_the_hard_mask_is_eq6_of_the_top_k_network():
     assert parts["ratio"] == pytest.approx(float(want), rel=1e-4)
     loss.backward()
     assert any(float(s.grad.abs().sum()) > 0 for s in scores.values())
+
+
+def test_batch_statistics_search_runs_x_and_t_x_as_one_batch():
+    """search_bn "batch": every pass sees x and T(x) together (2B rows) and normalises with that
+    batch's statistics; L_ratio then equals Eq. 6-7 on the two halves of one forward of the network
+    with weights theta * m and BatchNorm in training mode (noise 0, so C_m = m)."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x = d.train_x[:32]
+    x_t = brightness(x, torch.ones(len(x)))
+    spec = CarSpec(eta=0.0, noise=0.0, search_bn="batch", lambda_l1=0.0)
+    scores = init_scores(net, spec)
+    rows = []
+    bnet = batch_stat_copy(net)
+    bnet.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    _, parts = car_loss(bnet, scores, x, x_t, spec, prune_ratio=0.5)
+    assert rows == [64, 64, 64]  # C_m, C_n, C* over x and x_t together
+    ref = copy.deepcopy(net)
+    apply_masks_(ref, scores)
+    ref.train()
+    with torch.no_grad():
+        p = ref(torch.cat([x, x_t])).softmax(-1)
+    assert parts["ratio"] == pytest.approx(float(ratio_loss(p[:32], p[32:], 0.0)), rel=1e-4)
+    assert parts["stab"] == pytest.approx(0.0, abs=1e-12)  # noise 0: C_m = C_n
+    # the search leaves the pretrained model's BatchNorm statistics and mode alone
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    search_mask(
+        net,
+        d.train_x[:128],
+        d.train_y[:128],
+        brightness,
+        spec,
+        prune_ratio=0.5,
+        epochs=1,
+        batch_size=64,
+        seed=0,
+    )
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not net.training
 
 
 def test_sgd_mask_optimizer_steps_along_the_gradient():

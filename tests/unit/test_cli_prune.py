@@ -147,10 +147,15 @@ def test_transform_spec_parsing() -> None:
 def test_build_spec_maps_options() -> None:
     spec = build_spec(_args("--dataset", "digits", "--method", "car", "--prune-ratio", "0.7", "--epochs", "3",
                             "--finetune-epochs", "5", "--lambda-ratio", "0", "--tau", "0.2", "--n", "7",
-                            "--seed", "4", "--scope", "global"))
+                            "--seed", "4", "--scope", "global", "--mask-lr", "0.002",
+                            "--mask-optimizer", "sgd", "--ratio-mask", "hard", "--search-bn", "batch",
+                            "--amp"))
     assert spec.pruning.method == "car" and spec.pruning.prune_ratio == 0.7 and spec.pruning.scope == "global"
     p = spec.pruning
     assert (p.pretrain_epochs, p.search_epochs, p.finetune_epochs) == (3, 3, 5)
     assert spec.pruning.car.lambda_ratio == 0.0 and spec.pruning.car.tau == 0.2
+    c = spec.pruning.car
+    assert (c.mask_lr, c.mask_optimizer, c.ratio_mask, c.search_bn) == (0.002, "sgd", "hard", "batch")
+    assert spec.pruning.amp and not build_spec(_args("--dataset", "digits")).pruning.amp
     assert spec.certification.n == 7 and spec.seed == 4 and spec.sweep_methods is None
     assert [(v.method, v.prune_ratio) for v in spec.variants()] == [("car", 0.7)]
