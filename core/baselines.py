@@ -123,17 +123,20 @@ def trades_loss_fwd(
     beta: float = TRADES_BETA,
 ) -> Tensor:
     """TRADES (Zhang et al. 2019): CE(f(x), y) + beta KL(p(x) || p(x_adv)), x_adv = L2 PGD
-    maximising that KL from x + 0.001 N(0, 1) (attack in eval mode)."""
+    maximising that KL from x + 0.001 N(0, 1) (attack in eval mode). The KL is computed from
+    log-probabilities on both sides: a probability that underflows to 0 (a confident net) would
+    make the gradient of p log p NaN."""
     with _eval_mode(model), torch.no_grad():
-        p_clean_attack = F.softmax(forward(x), dim=-1)
+        logp_clean_attack = F.log_softmax(forward(x), dim=-1)
 
     def kl_obj(lo: Tensor) -> Tensor:
-        return F.kl_div(F.log_softmax(lo, dim=-1), p_clean_attack, reduction="sum")
+        return F.kl_div(F.log_softmax(lo, dim=-1), logp_clean_attack, reduction="sum", log_target=True)
 
     with _eval_mode(model):
         x_adv = pgd_l2(forward, x, kl_obj, eps=eps, steps=steps, random_start=0.001)
     logits = forward(x)
-    kl = F.kl_div(F.log_softmax(forward(x_adv), dim=-1), F.softmax(logits, dim=-1), reduction="batchmean")
+    log_p, log_p_adv = F.log_softmax(logits, dim=-1), F.log_softmax(forward(x_adv), dim=-1)
+    kl = F.kl_div(log_p_adv, log_p, reduction="batchmean", log_target=True)
     return F.cross_entropy(logits, y) + beta * kl
 
 

@@ -96,6 +96,23 @@ def test_trades_and_advtrain_losses_reduce_to_ce_at_eps_zero():
     assert advtrain_loss(0.5, 3)(m, x, y) >= 2 * ce - 1e-6
 
 
+def test_trades_gradient_stays_finite_for_a_confident_net():
+    """Logit gaps of ~200 underflow softmax to exact zeros; the KL of TRADES must still have a finite
+    gradient (p log p with p = 0 has a NaN derivative) and equal KL computed in float64."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 10)
+    with torch.no_grad():
+        lin.weight.mul_(400.0)
+    m = nn.Sequential(nn.Flatten(), lin)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    assert bool((F.softmax(m(x), -1) == 0).any())  # the case that used to give NaN
+    loss = trades_loss(0.5, 2)(m, x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())
+    # the KL term against a float64 recomputation at eps = 0 (x_adv = x): exactly 0
+    torch.testing.assert_close(trades_loss(0.0, 2)(m, x, y), F.cross_entropy(m(x), y))
+
+
 def test_unknown_method():
     with pytest.raises(InvalidInput, match="valid"):
         run_method("prune-it", nn.Linear(2, 2), None, brightness, PruningSpec(), seed=0)
