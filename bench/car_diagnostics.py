@@ -78,16 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             "vanilla", base, data, train_t, spec.pruning.model_copy(update={"method": "vanilla"}), seed=a.seed
         )
         torch.save(base.state_dict(), cache)
-    rows = [
-        (
-            "vanilla",
-            0.0,
-            evaluate(base, data.test_x, data.test_y),
-            proxy_pca(base, xs, ys, test_t),
-            float("nan"),
-            0.0,
-        )
-    ]
+
+    def row(name: str, ratio: float, model: torch.nn.Module, ov: float, sec: float) -> tuple:
+        acc = evaluate(model, data.test_x, data.test_y)
+        return name, ratio, acc, proxy_pca(model, xs, ys, test_t), ov, sec
+
+    rows = [row("vanilla", 0.0, base, float("nan"), 0.0)]
 
     def prune(method: str, ratio: float, car: dict[str, object]) -> tuple[object, dict, float]:
         model = copy.deepcopy(base)
@@ -106,30 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     for ratio in a.ratios:
         model, lmp_mask, sec = prune("lmp", ratio, {})
         if not own.no_lmp:
-            rows.append(
-                (
-                    "lmp",
-                    ratio,
-                    evaluate(model, data.test_x, data.test_y),
-                    proxy_pca(model, xs, ys, test_t),
-                    1.0,
-                    sec,
-                )
-            )
+            rows.append(row("lmp", ratio, model, 1.0, sec))
             print(rows[-1], flush=True)
         for text in own.variant:
             name, car = parse_variant(text)
             model, mask, sec = prune("car", ratio, car)
-            rows.append(
-                (
-                    f"car {name}",
-                    ratio,
-                    evaluate(model, data.test_x, data.test_y),
-                    proxy_pca(model, xs, ys, test_t),
-                    overlap(mask, lmp_mask),
-                    sec,
-                )
-            )
+            rows.append(row(f"car {name}", ratio, model, overlap(mask, lmp_mask), sec))
             print(rows[-1], flush=True)
 
     lines = [
@@ -137,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         + shlex.join(argv if argv is not None else sys.argv[1:])
         + "`",
         "",
-        f"| variant | prune ratio | accuracy (10k test) | PCA~ ({len(xs)} samples) | overlap with LMP | s |",
+        f"| variant | prune ratio | accuracy (test) | PCA~ ({len(xs)} samples) | overlap with LMP | s |",
         "|---|---|---|---|---|---|",
         *(
             f"| {n} | {r:.2f} | {acc:.3f} | {pca:.3f} | {ov:.3f} | {s:.0f} |"
