@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,27 @@ def run_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def poll_job(
+    client: httpx.Client,
+    job_id: str,
+    timeout: float,
+    done: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    interval: float = 0.5,
+    log: Callable[[], str] | None = None,
+) -> dict:
+    """GET /jobs/{id} every `interval` s until its status is in `done`; the job. Fails after
+    `timeout` s with the last status and stage (and `log()`, e.g. the worker's log, when given)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in done:
+            return job
+        if time.monotonic() > deadline:
+            extra = f":\n{log()}" if log else ""
+            raise AssertionError(f"job still {job['status']} ({job['stage']}) after {timeout} s{extra}")
+        time.sleep(interval)
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load as st_load
 from sqlalchemy import create_engine, text
 
-from tests.integration.api_harness import ROOT, assert_problem, create_key, run_server
+from tests.integration.api_harness import ROOT, assert_problem, create_key, poll_job, run_server
 from tests.integration.service_helpers import TINY_JOB
 
 pytestmark = pytest.mark.integration
@@ -29,16 +28,6 @@ def api(settings_env, celery_worker_proc, tmp_path_factory):
         srv.keys = {t: create_key(settings_env["CARCERT_DATABASE_URL"], t) for t in ("alice", "bob")}
         srv.worker = celery_worker_proc
         yield srv
-
-
-def poll(client, job_id: str, timeout: float, done=("succeeded", "failed", "cancelled")) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in done:
-            return job
-        assert time.monotonic() < deadline, f"job still {job['status']} ({job['stage']}) after {timeout} s"
-        time.sleep(0.5)
 
 
 def stored_sha(db_url: str, job_id: str, column: str) -> str:
@@ -79,7 +68,7 @@ def test_upload_submit_run_and_download(api, settings_env):
         job_id = r.json()["id"]
         assert r.headers["location"] == f"/jobs/{job_id}"
 
-        job = poll(alice, job_id, timeout=240)
+        job = poll_job(alice, job_id, timeout=240)
         assert job["status"] == "succeeded", (job, api.worker.log()[-3000:])
         assert job["progress"] == 1.0 and job["finished_at"] and job["started_at"]
         assert [v["name"] for v in job["summary"]["variants"]] == ["lmp-0.50"]
@@ -157,11 +146,11 @@ def test_cancel_a_running_job(api):
     slow = {**TINY_JOB, "pruning": {**TINY_JOB["pruning"], "pretrain_epochs": 200}, "train_subset": None}
     with api.client("alice") as alice:
         job_id = alice.post("/jobs", json=slow).json()["id"]
-        poll(alice, job_id, timeout=120, done=("running", "succeeded", "failed", "cancelled"))
+        poll_job(alice, job_id, timeout=120, done=("running", "succeeded", "failed", "cancelled"))
         r = alice.post(f"/jobs/{job_id}/cancel")
         assert r.status_code == 202, r.text
         assert r.json()["cancel_requested"] is True
-        job = poll(alice, job_id, timeout=120)
+        job = poll_job(alice, job_id, timeout=120)
         assert job["status"] == "cancelled", job
         assert_problem(alice.get(f"/jobs/{job_id}/certificate"), 409)
 
@@ -181,7 +170,7 @@ def test_sweep_job_certificates_and_variant_downloads(api):
     }
     with api.client("alice") as alice:
         job_id = alice.post("/jobs", json=spec).json()["id"]
-        job = poll(alice, job_id, timeout=240)
+        job = poll_job(alice, job_id, timeout=240)
         assert job["status"] == "succeeded", (job, api.worker.log()[-3000:])
         doc = alice.get(f"/jobs/{job_id}/certificate").json()
         entries = {e["name"]: e for e in doc["certificates"]}

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 from sqlalchemy import create_engine, text
 
-from tests.integration.api_harness import ROOT, assert_problem, create_key, run_server
+from tests.integration.api_harness import ROOT, assert_problem, create_key, poll_job, run_server
 
 pytestmark = pytest.mark.integration
 
@@ -95,12 +94,7 @@ def small_cnn_state(num_classes: int = 10, scale: float = 1.0) -> dict[str, torc
 def run_to_end(api, client, spec: dict, timeout: float = 180) -> dict:
     r = client.post("/jobs", json=spec)
     assert r.status_code == 202, r.text
-    job_id = r.json()["id"]
-    deadline = time.monotonic() + timeout
-    while (job := client.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"job still {job['status']}:\n{api.worker.log()[-3000:]}"
-        time.sleep(0.3)
-    return job
+    return poll_job(client, r.json()["id"], timeout, interval=0.3, log=lambda: api.worker.log()[-3000:])
 
 
 def assert_nothing_written(api, client, job: dict) -> None:

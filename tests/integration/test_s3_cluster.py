@@ -12,7 +12,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from carcert.cli_service import free_port
-from tests.integration.api_harness import ROOT, create_key, fresh_database, run_server
+from tests.integration.api_harness import ROOT, create_key, fresh_database, poll_job, run_server
 from tests.integration.service_helpers import TINY_JOB, launch_worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -143,13 +142,7 @@ def test_weights_job_and_outputs_travel_through_the_bucket(s3_endpoint, redis_ur
                     r = alice.post("/jobs", json=spec)
                     assert r.status_code == 202, r.text
                     job_id = r.json()["id"]
-                    deadline = time.monotonic() + 240
-                    while (job := alice.get(f"/jobs/{job_id}").json())["status"] not in (
-                        "succeeded",
-                        "failed",
-                    ):
-                        assert time.monotonic() < deadline, job
-                        time.sleep(0.5)
+                    job = poll_job(alice, job_id, 240)
                     assert job["status"] == "succeeded", (job, worker.log()[-3000:])
 
                     # the worker machine read the weights from the bucket, not from the API's disk
