@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "carcert.cli_certify",
     "carcert.cli_service",
     "carcert.cli_client",
+    "carcert.cli_deploy",
 )
 
 

@@ -1,4 +1,4 @@
-"""Service commands: `carcert up | serve | worker | keys create | migrate | demo`.
+"""Service commands: `carcert up | serve | worker | keys create [--if-none] | migrate | demo`.
 
 `up` is the embedded all-in-one (no external servers): SQLite database and the kombu SQLAlchemy
 transport on SQLite as broker, artifacts and scratch space under ./var, the API (uvicorn) in this
@@ -254,13 +254,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from store.db import session_scope
-    from store.keys import create_api_key
+    if args.if_none:
+        key = create_key_if_none(args.tenant, args.name or "")
+        if key is None:
+            print("carcert: an API key exists already; none created (--if-none)", file=sys.stderr)
+            return 0
+    else:
+        from store.db import session_scope
+        from store.keys import create_api_key
 
-    with session_scope() as s:
-        key = create_api_key(s, args.tenant, args.name or "")
+        with session_scope() as s:
+            key = create_api_key(s, args.tenant, args.name or "")
     print(key)
     return 0
+
+
+def create_key_if_none(tenant: str, name: str = "") -> str | None:
+    """Create a key for `tenant` when no unrevoked key exists at all (first start of a deployment);
+    its plaintext, else None. On Postgres a transaction-scoped advisory lock makes two concurrent
+    callers create at most one key."""
+    from sqlalchemy import text
+
+    from store.db import session_scope
+    from store.keys import active_key_count, create_api_key
+
+    with session_scope() as s:
+        if s.get_bind().dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext('carcert keys create --if-none'))"))
+        if active_key_count(s) > 0:
+            return None
+        return create_api_key(s, tenant, name)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -455,6 +478,11 @@ def register(sub: Any) -> None:
     k = ksub.add_parser("create", help="create an API key for a tenant (prints it once)")
     k.add_argument("--tenant", required=True)
     k.add_argument("--name", default="")
+    k.add_argument(
+        "--if-none",
+        action="store_true",
+        help="only when no unrevoked key exists (first start); otherwise create nothing, exit 0",
+    )
     k.set_defaults(func=cmd_keys_create)
 
     p = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")

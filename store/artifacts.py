@@ -145,6 +145,25 @@ class S3ArtifactStore(ArtifactStore):
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + _check_key(key))
         (self.root / "cache" / key).unlink(missing_ok=True)
 
+    def ensure_bucket(self) -> bool:
+        """Create the bucket unless it exists (deployment bootstrap); True when it was created."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return False
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        region = self.client.meta.region_name
+        if region and region != "us-east-1":  # AWS wants the region named outside us-east-1
+            self.client.create_bucket(
+                Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": region}
+            )
+        else:
+            self.client.create_bucket(Bucket=self.bucket)
+        return True
+
 
 def make_artifact_store(settings: Settings) -> ArtifactStore:
     if settings.artifact_backend == "s3":

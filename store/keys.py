@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from store.models import ApiKey, utcnow
@@ -29,6 +29,11 @@ def create_api_key(session: Session, tenant: str, name: str = "") -> str:
     )
     session.flush()
     return plaintext
+
+
+def active_key_count(session: Session) -> int:
+    """How many unrevoked keys exist, over all tenants (`carcert keys create --if-none`)."""
+    return session.scalar(select(func.count()).select_from(ApiKey).where(ApiKey.revoked_at.is_(None))) or 0
 
 
 def authenticate(session: Session, plaintext: str | None) -> str | None:
