@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiProblem
+from core.paths import within_roots
 from core.spec import JobSpec
 
 ARTIFACT_PREFIX = "artifact:"
@@ -127,23 +128,19 @@ def _torch_reason(exc: Exception) -> str:
 def _check_torch_checkpoint(path: Path) -> None:
     """torch.load(weights_only=True): the restricted unpickler refuses any global that is not a
     tensor/container type, so code inside the pickle is never run."""
-    import torch
+    from core.models import non_tensor_keys, torch_load_safely, unwrap_state_dict  # torch: on use only
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_safely(path)
     except Exception as exc:
         raise _invalid(
             "the weights file is neither safetensors nor a checkpoint loadable with "
             f"torch.load(weights_only=True) (pickled code is refused): {_torch_reason(exc)}"
         ) from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
+    obj = unwrap_state_dict(obj)
+    if obj is None:
         raise _invalid("the checkpoint does not hold a state_dict (a non-empty mapping name -> tensor)")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = non_tensor_keys(obj)
     if bad:
         raise _invalid(f"checkpoint entries that are not tensors: {', '.join(bad[:10])}")
     _refuse_non_finite([str(k) for k, v in obj.items() if not _finite(v)])
@@ -215,12 +212,10 @@ def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> 
     """The resolved path if it lies inside one of `data_roots` (symlinks and '..' resolved first)
     and exists; else 422. Upload files with POST /artifacts to use them from anywhere."""
     path = Path(raw).expanduser().resolve()
-    for root in data_roots:
-        root = Path(root).expanduser().resolve()
-        if path == root or path.is_relative_to(root):
-            if not path.exists():
-                raise _invalid(f"{field}: path {raw!r} does not exist", field)
-            return path
+    if within_roots(path, data_roots):
+        if not path.exists():
+            raise _invalid(f"{field}: path {raw!r} does not exist", field)
+        return path
     roots = ", ".join(str(Path(r)) for r in data_roots) or "(none configured)"
     raise _invalid(
         f"{field}: path {raw!r} is outside the allowed data roots ({roots}); upload the file "

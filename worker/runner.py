@@ -21,8 +21,8 @@ from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from core.context import LocalContext
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
-from core.pipeline import LocalContext
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, get_artifact_store, store_artifact
 from store.db import session_scope
@@ -56,7 +56,7 @@ class DbStageContext:
     settings.progress_interval_s (and on every stage change) and renews the lease; should_cancel()
     reflects cancel_requested (read at most every progress_interval_s) or a lost lease; a heartbeat
     thread renews the lease every lease_seconds / 3 even when a stage reports nothing for a while.
-    Checkpoints are files under <job dir>/checkpoints (core.pipeline.LocalContext).
+    Checkpoints are files under <job dir>/checkpoints (core.context.LocalContext).
 
     Inside `with ctx:` the heartbeat thread also does the progress writes: progress() only hands
     the latest (stage, fraction) over and returns, so the pipeline never waits for a commit (an
