@@ -15,7 +15,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -320,6 +320,11 @@ def add_result(
 def get_results(s: Session, job_id: str) -> list[JobResult]:
     """The job's results ordered by name (the caller checks the tenant with get_job first)."""
     return list(s.scalars(select(JobResult).where(JobResult.job_id == job_id).order_by(JobResult.name)))
+
+
+def count_by_status(s: Session) -> dict[str, int]:
+    """Jobs per status over all tenants (one GROUP BY); statuses without jobs are absent."""
+    return {status: int(n) for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
 
 
 def stale_jobs(s: Session, now: datetime | None = None) -> list[str]:
