@@ -11,7 +11,7 @@ writes, for each variant of `spec.variants()` (a variant = one method x prune ra
     metrics.json        {"method","prune_ratio","accuracy","sparsity","layers":[...],"seconds",...}
     certificate.json    the DESIGN.md certificate
     evidence.npz        every Z value, for `carcert verify`
-and returns the summary {"variants": [{"name", "method", "prune_ratio", "accuracy", "pca", ...}]}.
+and returns the summary {"variants": [...]}, one core.results.VariantResult (as a dict) per variant.
 kind=certify jobs write a single folder `certify/`.
 
 Progress, cancel and checkpoints go through `ctx`; a rerun with the same out_dir and ctx resumes
@@ -34,7 +34,6 @@ Details:
 from __future__ import annotations
 
 import copy
-import json
 import random
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ from core.models import (
     save_weights,
 )
 from core.paths import within_roots
+from core.results import VariantResult
 from core.spec import JobSpec, PruningSpec
 from core.training import augment_with_transform, evaluate, train_epochs
 from core.transforms import build_transform, transform_description
@@ -191,10 +191,8 @@ def run_job(
 
 
 def _summary_entry(folder: Path) -> dict:
-    metrics = json.loads((folder / "metrics.json").read_text())
-    keys = ("name", "method", "prune_ratio", "accuracy", "pca", "certified_accuracy", "sparsity",
-            "model_sha256", "mask_sha256", "failure_probability")
-    return {k: metrics.get(k) for k in keys}
+    """The summary's entry of a finished variant: its core.results.VariantResult as a dict."""
+    return VariantResult.read(folder).model_dump()
 
 
 def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext, device: str,

@@ -25,6 +25,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from core.context import LocalContext
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
 from core.pipeline import run_job
+from core.results import VariantResult
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, get_artifact_store, store_artifact
 from store.db import session_scope
@@ -197,15 +198,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _variant_dirs(out_dir: Path, summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def variant_results(out_dir: Path, summary: dict[str, Any]) -> list[VariantResult]:
+    """The typed results run_job handed over in its summary (else those of the variant folders
+    under `out_dir`)."""
     variants = summary.get("variants") if isinstance(summary, dict) else None
     if variants:
-        return [(str(v["name"]), v) for v in variants]
-    return [(p.name, {}) for p in sorted(out_dir.iterdir()) if (p / "metrics.json").is_file()]
-
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
+        return [VariantResult.model_validate(v) for v in variants]
+    return [VariantResult.read(p) for p in sorted(out_dir.iterdir()) if (p / "metrics.json").is_file()]
 
 
 def restore_refs(obj: Any, mapping: dict[str, str]) -> Any:
@@ -251,8 +250,8 @@ def persist_outputs(
     stored_keys: list[str] = []
     try:
         with session_scope() as s:
-            for name, info in _variant_dirs(out_dir, summary):
-                folder = out_dir / name
+            for result in variant_results(out_dir, summary):
+                name, folder = result.name, out_dir / result.name
                 metrics = restore_refs(_read_json(folder / "metrics.json") or {}, refs or {})
                 cert = restore_refs(_read_json(folder / "certificate.json"), refs or {})
                 if cert is not None and not cert.get("job_id"):
@@ -266,20 +265,10 @@ def persist_outputs(
                         )
                         stored_keys.append(art.storage_key)
                         ids[kind] = art.id
-                model_info = (cert or {}).get("model") or {}
                 add_result(
                     s,
                     job_id,
-                    name=name,
-                    method=str(_first(info.get("method"), metrics.get("method"), name.rsplit("-", 1)[0])),
-                    prune_ratio=float(_first(info.get("prune_ratio"), metrics.get("prune_ratio"), 0.0)),
-                    accuracy=_first(
-                        info.get("accuracy"), metrics.get("accuracy"), (cert or {}).get("accuracy")
-                    ),
-                    pca=_first(info.get("pca"), metrics.get("pca"), (cert or {}).get("pca")),
-                    sparsity=_first(
-                        info.get("sparsity"), metrics.get("sparsity"), model_info.get("sparsity")
-                    ),
+                    result,
                     certificate=cert,
                     metrics=metrics,
                     model_artifact_id=ids.get("model"),
