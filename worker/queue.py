@@ -81,7 +81,7 @@ def adopt(app: Celery) -> None:
     _senders.setdefault(app.conf.broker_url, app)
 
 
-def _sender() -> Celery:
+def sender() -> Celery:
     """The Celery app for the current broker URL (settings.broker_url; it changes within one process
     in the tests and under `carcert up`), made once per URL."""
     url = get_settings().broker_url
@@ -95,7 +95,7 @@ def dispatch(job_id: str, queue: str | None = None) -> bool:
     if the broker is unreachable the job stays queued and the workers' stale-job sweep sends it
     later. Returns whether the message went out."""
     try:
-        _sender().send_task(
+        sender().send_task(
             TASK_NAME,
             args=[job_id],
             queue=queue or get_settings().queue,
