@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiProblem
+from core.paths import within_roots
 from core.spec import JobSpec
+from store.artifacts import artifact_kind
 
 ARTIFACT_PREFIX = "artifact:"
 WEIGHT_KINDS = ("weights", "model")
@@ -127,23 +128,19 @@ def _torch_reason(exc: Exception) -> str:
 def _check_torch_checkpoint(path: Path) -> None:
     """torch.load(weights_only=True): the restricted unpickler refuses any global that is not a
     tensor/container type, so code inside the pickle is never run."""
-    import torch
+    from core.models import non_tensor_keys, torch_load_safely, unwrap_state_dict  # torch: on first use
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_safely(path)
     except Exception as exc:
         raise _invalid(
             "the weights file is neither safetensors nor a checkpoint loadable with "
             f"torch.load(weights_only=True) (pickled code is refused): {_torch_reason(exc)}"
         ) from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
+    obj = unwrap_state_dict(obj)
+    if obj is None:
         raise _invalid("the checkpoint does not hold a state_dict (a non-empty mapping name -> tensor)")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = non_tensor_keys(obj)
     if bad:
         raise _invalid(f"checkpoint entries that are not tensors: {', '.join(bad[:10])}")
     _refuse_non_finite([str(k) for k, v in obj.items() if not _finite(v)])
@@ -195,18 +192,13 @@ def _file_ref(session: Session, tenant: str, field: str, ref: str, data_roots: S
 
 
 def _artifact_ref(session: Session, tenant: str, field: str, ref: str) -> None:
-    from store.models import Artifact
-
     art_id = ref[len(ARTIFACT_PREFIX) :]
-    row = session.execute(
-        select(Artifact.kind).where(Artifact.id == art_id, Artifact.tenant == tenant)
-    ).first()
-    if row is None:
+    kind = artifact_kind(session, tenant, art_id)
+    if kind is None:
         raise _invalid(f"{field}: artifact {art_id!r} not found", field)
-    if row.kind not in REF_KINDS[field]:
+    if kind not in REF_KINDS[field]:
         raise _invalid(
-            f"{field}: artifact {art_id!r} has kind {row.kind!r}; expected one of "
-            f"{', '.join(REF_KINDS[field])}",
+            f"{field}: artifact {art_id!r} has kind {kind!r}; expected one of {', '.join(REF_KINDS[field])}",
             field,
         )
 
@@ -215,12 +207,10 @@ def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> 
     """The resolved path if it lies inside one of `data_roots` (symlinks and '..' resolved first)
     and exists; else 422. Upload files with POST /artifacts to use them from anywhere."""
     path = Path(raw).expanduser().resolve()
-    for root in data_roots:
-        root = Path(root).expanduser().resolve()
-        if path == root or path.is_relative_to(root):
-            if not path.exists():
-                raise _invalid(f"{field}: path {raw!r} does not exist", field)
-            return path
+    if within_roots(path, data_roots):
+        if not path.exists():
+            raise _invalid(f"{field}: path {raw!r} does not exist", field)
+        return path
     roots = ", ".join(str(Path(r)) for r in data_roots) or "(none configured)"
     raise _invalid(
         f"{field}: path {raw!r} is outside the allowed data roots ({roots}); upload the file "
@@ -245,11 +235,9 @@ def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence
         )
 
 
-def _parametric_names() -> Sequence[str] | None:
-    try:
-        from core.transforms import PARAMETRIC
-    except ImportError:
-        return None
+def _parametric_names() -> Sequence[str]:
+    from core.transforms import PARAMETRIC  # torch: loaded on the first check (api.main warms it up)
+
     return tuple(PARAMETRIC)
 
 
@@ -266,11 +254,10 @@ def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Seq
     _check_dataset(session, tenant, spec.dataset, data_roots)
     if spec.transform.kind == "parametric":
         names = _parametric_names()
-        if names is not None:
-            unknown = [p for p in spec.transform.name.split("+") if p.strip() not in names]
-            if unknown:
-                raise _invalid(
-                    f"unknown parametric transform {', '.join(map(repr, unknown))}; valid "
-                    f"names: {', '.join(names)} (or compositions such as 'brightness+blur')",
-                    "transform.name",
-                )
+        unknown = [p for p in spec.transform.name.split("+") if p.strip() not in names]
+        if unknown:
+            raise _invalid(
+                f"unknown parametric transform {', '.join(map(repr, unknown))}; valid "
+                f"names: {', '.join(names)} (or compositions such as 'brightness+blur')",
+                "transform.name",
+            )

@@ -23,11 +23,10 @@ from api.fastpath import CertificateFastPath
 from api.lru import LruCache
 from api.metrics import ApiMetrics, JobsCollector, MetricsMiddleware
 from api.metrics import router as metrics_router
-from api.routers import artifacts, health, jobs
+from api.routers import artifacts, dashboard, health, jobs, report
 from api.schemas import Problem, SweepCertificates
 
 log = logging.getLogger("carcert.api")
-OPTIONAL_ROUTERS = ("api.routers.report", "api.routers.dashboard")
 
 DESCRIPTION = """Compress image classifiers and certify them against semantic perturbations
 (CAR pruning + CC-Cert). Authenticate with `Authorization: Bearer <api key>`. Every error is an
@@ -66,15 +65,8 @@ def create_app(settings: Any = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.include_router(metrics_router)
-    # --- optional routers of helper CLIENT (report + dashboard): included when importable ---------
-    for name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        app.include_router(module.router)
+    app.include_router(report.router)
+    app.include_router(dashboard.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

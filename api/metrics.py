@@ -14,6 +14,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from store.jobs import count_by_status
+
 log = logging.getLogger("carcert.api")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -48,16 +50,11 @@ class JobsCollector(Collector):
         return [GaugeMetricFamily("carcert_jobs", "Jobs by status", labels=["status"])]
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        from sqlalchemy import func, select
-
-        from store.models import Job
-
         fam = GaugeMetricFamily("carcert_jobs", "Jobs by status", labels=["status"])
         counts = dict.fromkeys(JOB_STATUSES, 0)
         try:
             with self.sessionmaker() as s:
-                for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status)):
-                    counts[status] = int(n)
+                counts.update(count_by_status(s))
         except Exception as exc:  # the scrape must not fail because the database is down
             log.warning("metrics: cannot count jobs: %s", str(exc).splitlines()[0] if str(exc) else exc)
             return

@@ -110,6 +110,7 @@ def seed_job(db_url: str, samples: int) -> tuple[str, str]:
     """Migrate, create a key and a succeeded job with one certified result; (key, job_id)."""
     from sqlalchemy.orm import sessionmaker
 
+    from core.results import VariantResult
     from core.spec import JobSpec
     from store.db import init_db, make_engine, session_scope
     from store.jobs import add_result, create_job, finish_job
@@ -123,17 +124,10 @@ def seed_job(db_url: str, samples: int) -> tuple[str, str]:
         job, _ = create_job(s, "bench", JobSpec())
         cert = certificate(samples)
         cert["job_id"] = job.id
-        add_result(
-            s,
-            job.id,
-            name="car-0.50",
-            method="car",
-            prune_ratio=0.5,
-            accuracy=0.91,
-            pca=0.8,
-            sparsity=0.5,
-            certificate=cert,
+        result = VariantResult(
+            name="car-0.50", method="car", prune_ratio=0.5, accuracy=0.91, pca=0.8, sparsity=0.5
         )
+        add_result(s, job.id, result, certificate=cert)
         finish_job(s, job.id, "succeeded", summary={"variants": [{"name": "car-0.50"}]})
         job_id = job.id
     engine.dispose()

@@ -184,7 +184,8 @@ def service(env: dict[str, str], tmp: Path, threads: int) -> Iterator[tuple[str,
 
 
 def run_direct(spec: Any, tmp: Path) -> dict[str, float]:
-    from core.pipeline import LocalContext, run_job
+    from core.context import LocalContext
+    from core.pipeline import run_job
 
     d = Path(tempfile.mkdtemp(dir=tmp))
     c0, t0 = time.process_time(), time.perf_counter()

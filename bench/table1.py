@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.probe is not None:
         probe(a, a.probe or ["brightness:1", "gamma:1", "illumination:1", "blur:1", "contrast:1"])
         return 0
-    from core.pipeline import LocalContext, run_job
+    from core.context import LocalContext
+    from core.pipeline import run_job
 
     spec = build_spec(a)
     a.out.mkdir(parents=True, exist_ok=True)

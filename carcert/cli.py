@@ -4,16 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMAND_MODULES = (
-    "carcert.cli_prune",
-    "carcert.cli_certify",
-    "carcert.cli_service",
-    "carcert.cli_client",
-    "carcert.cli_deploy",
-)
+from carcert import cli_certify, cli_client, cli_deploy, cli_prune, cli_service
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         "perturbations (CC-Cert).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in (cli_prune, cli_certify, cli_service, cli_client, cli_deploy):
         module.register(sub)
     return parser
 

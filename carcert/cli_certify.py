@@ -91,10 +91,10 @@ def run_certify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from core.certify import build_certificate, certify_model, describe_model, write_certificate
+    from core.context import LocalContext
     from core.data import load_dataset
     from core.masking import apply_masks_, load_masks
     from core.models import build_model, default_small_input, file_sha256, load_weights
-    from core.pipeline import LocalContext
     from core.transforms import build_transform, transform_description
 
     tspec, cspec = _specs(args)

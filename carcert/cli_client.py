@@ -18,10 +18,10 @@ import httpx
 
 from carcert.client import CarcertAPIError, CarcertClient, coerce_spec
 from core.errors import InvalidInput
+from core.methods import METHODS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-METHODS = ("vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car")
 ARCHS = ("small_cnn", "resnet18", "mobilenet_v2", "googlenet")
 
 

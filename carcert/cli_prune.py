@@ -24,8 +24,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from core.methods import METHODS, prunes
+
 ARCHS = ("small_cnn", "resnet18", "mobilenet_v2", "googlenet")
-METHODS = ("vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car")
 WORK = ".carcert-work"
 FILES = ("model.safetensors", "mask.safetensors", "metrics.json", "certificate.json", "evidence.npz")
 
@@ -136,7 +137,7 @@ def build_spec(args: argparse.Namespace):
     except ValueError:
         raise InvalidInput(f"--prune-ratio must be numbers in (0, 1), got {args.prune_ratio!r}") from None
     pruning: dict = {"method": methods[0], "prune_ratio": ratios[0], "scope": args.scope}
-    if methods[0] in ("vanilla", "advtrain") and len(methods) == 1:
+    if not prunes(methods[0]) and len(methods) == 1:
         pruning["prune_ratio"] = 0.0
     epochs = {"pretrain_epochs": args.pretrain_epochs, "search_epochs": args.search_epochs,
               "finetune_epochs": args.finetune_epochs}
@@ -168,7 +169,7 @@ def build_spec(args: argparse.Namespace):
     }
     if len(methods) > 1 or len(ratios) > 1:
         body["sweep_methods"] = methods
-        pruned = any(m not in ("vanilla", "advtrain") for m in methods)
+        pruned = any(prunes(m) for m in methods)
         body["sweep_prune_ratios"] = ratios if pruned else None
     try:
         return JobSpec.model_validate(body)
@@ -193,7 +194,8 @@ def _table(rows: list[dict]) -> str:
 def run_prune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from core.pipeline import LocalContext, run_job, write_json
+    from core.context import LocalContext, write_json
+    from core.pipeline import run_job
 
     spec = build_spec(args)
     out = Path(args.out)

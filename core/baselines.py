@@ -28,17 +28,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.car import frozen_params, mask_optimizer, run_car, score_checkpoint, score_params
+from core.context import StageContext
+from core.data import DatasetSplit
 from core.errors import InvalidInput
 from core.masking import masked_forward, partial_scaled_init, prunable_weights, topk_mask
 from core.masking import straight_through_mask as st_mask
-from core.pipeline import StageContext
+from core.methods import METHODS, method_info
 from core.spec import PruningSpec
 from core.training import (
     LossFn,
@@ -52,10 +54,6 @@ from core.training import (
     run_epochs,
 )
 
-if TYPE_CHECKING:
-    from core.data import DatasetSplit
-
-METHODS = ("vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car")
 TRADES_BETA = 6.0
 Forward = Callable[[Tensor], Tensor]
 
@@ -220,10 +218,10 @@ def run_method(
         return run_car(model, data, transform, spec, seed=seed, ctx=ctx)
     x, y, _ = augment_with_transform(data.train_x, data.train_y, transform, spec.augment_q, seed)
     key = f"{method}-{spec.prune_ratio:.4f}-{spec.scope}"
-    adv = method in ("advtrain", "advtrain+lmp")
-    loss = advtrain_loss(spec.adv_eps, spec.adv_steps) if adv else ce_loss
+    info = method_info(method)
+    loss = advtrain_loss(spec.adv_eps, spec.adv_steps) if info.adversarial else ce_loss
     pretrain(model, x, y, spec, seed=seed, key=key, loss_fn=loss, ctx=ctx)
-    if method in ("vanilla", "advtrain"):
+    if not info.prunes:
         return None
     weights = prunable_weights(model)
     if method == "hydra":

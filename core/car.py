@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.context import StageContext
 from core.errors import InvalidInput
 from core.masking import (
     masked_forward,
@@ -44,7 +45,6 @@ from core.masking import (
     straight_through_mask,
     topk_mask,
 )
-from core.pipeline import StageContext
 from core.spec import CarSpec, PruningSpec
 from core.training import (
     augment_with_transform,

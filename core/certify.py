@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 import core
+from core.context import write_json
 from core.errors import Cancelled, InvalidInput
+from core.masking import sparsity_report
 from core.transforms import SemanticTransform
 
 BOUND_ORDERS = ("conservative", "reference")
@@ -171,6 +173,38 @@ def clean_probabilities(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
+def _group_z(model: nn.Module, transform: SemanticTransform, xs: Tensor, p_dev: Tensor, dl: Tensor,
+             g0: int, bs: int) -> np.ndarray:
+    """Z of the samples g0, g0 + 1, ... under their deltas dl (G, l, n): max over classes of
+    |p(T(x, delta)) - p(x)|, forward passes of `bs` transformed inputs across samples."""
+    g, l, n = dl.shape  # noqa: E741
+    dev = p_dev.device
+    flat_d = dl.reshape(-1).to(dev)
+    flat_s = torch.arange(g0, g0 + g).repeat_interleave(l * n)  # sample of each flat position (CPU)
+    flat_s_dev = flat_s.to(dev)
+    zg = torch.empty(flat_d.shape[0], dtype=torch.float64, device=dev)
+    for b0 in range(0, flat_d.shape[0], bs):
+        b1 = min(flat_d.shape[0], b0 + bs)
+        s_dev = flat_s_dev[b0:b1]
+        xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], flat_s[b0:b1])
+        pt = model(xt).double().softmax(dim=1)
+        zg[b0:b1] = (pt - p_dev.index_select(0, s_dev)).abs().amax(dim=1)
+    return zg.cpu().numpy().reshape(g, l, n)
+
+
+def _resume(ctx: Any, key: str, fingerprint: str, z: np.ndarray) -> int:
+    """Samples already certified by an earlier run of the same certification (their Z copied into
+    z); 0 without a matching checkpoint."""
+    if ctx is None:
+        return 0
+    state = ctx.load_checkpoint(key)
+    if state is None or state.get("fingerprint") != fingerprint:
+        return 0
+    done = int(state["done"])
+    z[:done] = state["z"].numpy()
+    return done
+
+
 def certify_model(
     model: nn.Module,
     x: Tensor,
@@ -215,34 +249,17 @@ def certify_model(
 
     z = np.zeros((S, l, n), dtype=np.float64)
     deltas = np.zeros((S, l, n), dtype=np.float32)
-    done = 0
     fp = _fingerprint(params, xs, ys)
-    if ctx is not None:
-        state = ctx.load_checkpoint(checkpoint_key)
-        if state is not None and state.get("fingerprint") == fp:
-            done = int(state["done"])
-            z[:done] = state["z"].numpy()
+    done = _resume(ctx, checkpoint_key, fp, z)
     group = max(1, math.ceil(bs / (l * n)))
-    per = l * n
     last_save = time.perf_counter()
 
     with torch.inference_mode():
         for g0 in range(done, S, group):
             g1 = min(S, g0 + group)
-            ids = torch.arange(g0, g1)
             dl = torch.stack([sample_deltas(seed, i, l, n) for i in range(g0, g1)])  # (G, l, n)
             deltas[g0:g1] = dl.numpy()
-            flat_d = dl.reshape(-1).to(dev)
-            flat_s = ids.repeat_interleave(per)  # sample of each flat position (CPU, for index)
-            flat_s_dev = flat_s.to(dev)
-            zg = torch.empty(flat_d.shape[0], dtype=torch.float64, device=dev)
-            for b0 in range(0, flat_d.shape[0], bs):
-                b1 = min(flat_d.shape[0], b0 + bs)
-                s_dev = flat_s_dev[b0:b1]
-                xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], flat_s[b0:b1])
-                pt = model(xt).double().softmax(dim=1)
-                zg[b0:b1] = (pt - p_dev.index_select(0, s_dev)).abs().amax(dim=1)
-            z[g0:g1] = zg.cpu().numpy().reshape(g1 - g0, l, n)
+            z[g0:g1] = _group_z(model, transform, xs, p_dev, dl, g0, bs)
             if not np.isfinite(z[g0:g1]).all():
                 raise InvalidInput(f"NaN/inf model outputs on transformed samples {g0}..{g1 - 1}")
             if ctx is not None:
@@ -274,8 +291,6 @@ def certify_model(
 def describe_model(model: nn.Module, arch: str, sha256: str | None, masks: Any = None) -> dict[str, Any]:
     """The certificate's "model" entry: arch, weights sha256 and the sparsity of the prunable
     weights (core.masking.sparsity_report: params / nonzero / sparsity over conv + linear weights)."""
-    from core.masking import sparsity_report
-
     rep = sparsity_report(model, masks)
     return {
         "arch": arch, "sha256": sha256, "params": int(rep["params"]), "nonzero": int(rep["nonzero"]),
@@ -341,8 +356,6 @@ def write_certificate(
     cert: dict[str, Any], result: CertificationResult, out_dir: Path, *, name: str = "certificate.json"
 ) -> tuple[Path, Path]:
     """Write <out_dir>/<name> (sorted keys) and its evidence npz (evidence_path_for)."""
-    from core.pipeline import write_json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cert_path = out_dir / name

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from core.errors import DatasetError
+from core.paths import within_roots
 
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -84,9 +85,7 @@ def manifest_sha256(arrays: dict[str, Tensor]) -> str:
 
 def _check_root(path: Path, allowed_roots: Sequence[Path] | None) -> Path:
     resolved = Path(path).expanduser().resolve()
-    if allowed_roots is not None and not any(
-        resolved.is_relative_to(Path(r).expanduser().resolve()) for r in allowed_roots
-    ):
+    if allowed_roots is not None and not within_roots(resolved, allowed_roots):
         raise DatasetError(f"dataset path {str(path)!r} is outside the allowed directories")
     return resolved
 

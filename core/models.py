@@ -183,6 +183,31 @@ def _is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 0 < n <= path.stat().st_size - 8
 
 
+def torch_load_safely(path: Path) -> object:
+    """A torch checkpoint read on the CPU with torch.load(weights_only=True): the restricted
+    unpickler refuses any global that is not a tensor / container type, so code inside the pickle
+    is never run. torch's exception propagates; each caller words it for its user."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unwrap_state_dict(obj: object) -> Mapping | None:
+    """The state_dict in a loaded checkpoint ({"state_dict": ...} and {"model": ...} unwrapped), or
+    None when it holds no non-empty mapping."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        return None
+    return obj
+
+
+def non_tensor_keys(state: Mapping) -> list[str]:
+    """Keys of a state_dict whose value is not a tensor."""
+    return [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if _is_safetensors(path) or path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -193,21 +218,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"cannot read safetensors file {path.name}: {exc}") from None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_safely(path)
         except Exception as exc:  # UnpicklingError (code in the pickle), truncated zip, ...
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WeightsError(
                 f"cannot load {path.name} safely (only safetensors or plain tensor state_dicts are "
                 f"accepted; pickled code is refused): {msg}"
             ) from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
+    obj = unwrap_state_dict(obj)
+    if obj is None:
         raise WeightsError(f"{path.name} does not hold a state_dict (a non-empty mapping name -> tensor)")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = non_tensor_keys(obj)
     if bad:
         raise WeightsError(f"{path.name}: entries that are not tensors: {', '.join(bad[:10])}")
     state = {str(k): v for k, v in obj.items()}

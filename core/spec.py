@@ -11,8 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.methods import METHODS, prunes
+
 Arch = Literal["small_cnn", "resnet18", "mobilenet_v2", "googlenet"]
-Method = Literal["vanilla", "advtrain", "lmp", "advtrain+lmp", "hydra", "car"]
+Method = Literal[METHODS]  # core.methods.REGISTRY
 Scope = Literal["layer", "global"]
 BoundOrder = Literal["conservative", "reference"]
 
@@ -94,8 +96,7 @@ class PruningSpec(_Strict):
 
     @model_validator(mode="after")
     def _ratio_needs_pruning(self) -> PruningSpec:
-        pruning = self.method not in ("vanilla", "advtrain")
-        if pruning and not 0.0 < self.prune_ratio < 1.0:
+        if prunes(self.method) and not 0.0 < self.prune_ratio < 1.0:
             raise ValueError(f"prune_ratio must be in (0, 1) for method {self.method!r}")
         return self
 
@@ -152,6 +153,6 @@ class JobSpec(_Strict):
         ratios = self.sweep_prune_ratios or [self.pruning.prune_ratio]
         out = []
         for m in methods:
-            for r in ratios if m not in ("vanilla", "advtrain") else [0.0]:
+            for r in ratios if prunes(m) else [0.0]:
                 out.append(self.pruning.model_copy(update={"method": m, "prune_ratio": r}))
         return out

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.context import StageContext
 from core.errors import Cancelled, TrainingDiverged
 from core.masking import apply_masks_, masked_forward, prunable_weights
-from core.pipeline import StageContext
-
-if TYPE_CHECKING:
-    from core.spec import PruningSpec
+from core.spec import PruningSpec
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Augment = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -123,6 +121,32 @@ def _batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _cosine_sgd(
+    model: nn.Module, lr: float, weight_decay: float, total_steps: int
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD (momentum 0.9) on the trainable parameters, learning rate decayed from `lr` to 0 along a
+    cosine over `total_steps` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    )
+    return opt, sched
+
+
+def _apply_fixed_masks(
+    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None, dev: torch.device
+) -> dict[str, Tensor]:
+    """The hard masks as the weights' dtype on `dev`, each weight multiplied by its mask in place."""
+    if masks is None:
+        return {}
+    mask_t = {n: m.to(device=dev, dtype=weights[n].dtype) for n, m in masks.items()}
+    with torch.no_grad():
+        for n, m in mask_t.items():
+            weights[n].mul_(m)
+    return mask_t
+
+
 def train_epochs(
     model: nn.Module,
     x: Tensor,
@@ -152,20 +176,10 @@ def train_epochs(
     loss's forward pass under bf16 autocast (`autocast`)."""
     loss_fn = loss_fn or ce_loss
     dev = model_device(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(epoch_batches(len(x), batch_size, seed, 0)))
-    total_steps = max(1, epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
-    )
+    opt, sched = _cosine_sgd(model, lr, weight_decay, max(1, epochs * steps_per_epoch))
     weights = prunable_weights(model)
-    mask_t = {}
-    if masks is not None:
-        mask_t = {n: m.to(device=dev, dtype=weights[n].dtype) for n, m in masks.items()}
-        with torch.no_grad():
-            for n, m in mask_t.items():
-                weights[n].mul_(m)
+    mask_t = _apply_fixed_masks(weights, masks, dev)
 
     def step(idx: Tensor) -> Tensor:
         xb, yb = x[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)

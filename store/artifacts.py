@@ -236,14 +236,9 @@ def get_artifact(s: Session, tenant: str, artifact_id: str) -> Artifact | None:
     return row if row is not None and row.tenant == tenant else None
 
 
-def list_artifacts(s: Session, tenant: str, limit: int = 100) -> list[Artifact]:
-    stmt = (
-        select(Artifact)
-        .where(Artifact.tenant == tenant)
-        .order_by(Artifact.created_at.desc(), Artifact.id.desc())
-        .limit(limit)
-    )
-    return list(s.scalars(stmt))
+def artifact_kind(s: Session, tenant: str, artifact_id: str) -> str | None:
+    """The kind of the tenant's artifact `artifact_id`, or None (absent or another tenant's)."""
+    return s.scalar(select(Artifact.kind).where(Artifact.id == artifact_id, Artifact.tenant == tenant))
 
 
 def copy_to(store: ArtifactStore, key: str, dest: Path) -> Path:

@@ -15,10 +15,11 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.results import VariantResult
 from core.spec import JobSpec
 from store.models import FINAL_STATUSES, Job, JobResult, utcnow
 from store.settings import get_settings
@@ -290,26 +291,22 @@ def release_job(s: Session, job_id: str, worker_id: str) -> bool:
 def add_result(
     s: Session,
     job_id: str,
+    result: VariantResult,
     *,
-    name: str,
-    method: str,
-    prune_ratio: float,
-    accuracy: float | None = None,
-    pca: float | None = None,
-    sparsity: float | None = None,
     certificate: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     model_artifact_id: str | None = None,
     mask_artifact_id: str | None = None,
     evidence_artifact_id: str | None = None,
 ) -> JobResult:
-    """Insert (or replace, for a retried job) the result `name` of a job."""
+    """Insert (or replace, for a retried job) the result `result.name` of a job."""
+    name = result.name
     row = s.scalar(select(JobResult).where(JobResult.job_id == job_id, JobResult.name == name))
     if row is None:
         row = JobResult(job_id=job_id, name=name)
         s.add(row)
-    row.method, row.prune_ratio = method, float(prune_ratio)
-    row.accuracy, row.pca, row.sparsity = accuracy, pca, sparsity
+    row.method, row.prune_ratio = result.method_label, result.ratio
+    row.accuracy, row.pca, row.sparsity = result.accuracy, result.pca, result.sparsity
     row.certificate, row.metrics = certificate, metrics
     row.model_artifact_id, row.mask_artifact_id = model_artifact_id, mask_artifact_id
     row.evidence_artifact_id = evidence_artifact_id
@@ -320,6 +317,11 @@ def add_result(
 def get_results(s: Session, job_id: str) -> list[JobResult]:
     """The job's results ordered by name (the caller checks the tenant with get_job first)."""
     return list(s.scalars(select(JobResult).where(JobResult.job_id == job_id).order_by(JobResult.name)))
+
+
+def count_by_status(s: Session) -> dict[str, int]:
+    """Jobs per status over all tenants (one GROUP BY); statuses without jobs are absent."""
+    return {status: int(n) for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
 
 
 def stale_jobs(s: Session, now: datetime | None = None) -> list[str]:

@@ -4,7 +4,7 @@ Delivery guarantees: acks_late + task_reject_on_worker_lost + prefetch 1 (a mess
 after the task ran; a worker killed mid-task gives its message back), JSON only. Because some
 brokers still lose messages (kombu's SQLAlchemy transport on kill -9, a Redis restart), the
 database stays the source of truth: each worker re-dispatches stale jobs at start and every
-settings.sweep_interval_s seconds (worker.tasks.sweep_stale_jobs), and claim_job makes sure a job
+settings.sweep_interval_s seconds (worker.queue.sweep_stale_jobs), and claim_job makes sure a job
 runs at most once at a time.
 
 Run: `celery -A worker.celery_app worker` (or `carcert worker`).
@@ -19,66 +19,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from celery import Celery, bootsteps, signals
+from celery import signals
 
 from store.settings import Settings, get_settings
+from worker.queue import adopt, make_celery, sweep_stale_jobs
+from worker.shutdown import SHUTTING_DOWN
 
 log = logging.getLogger("carcert.worker")
-QUEUE = "carcert"
-
-
-def make_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    app = Celery("carcert", broker=settings.broker_url, include=["worker.tasks"])
-    transport_options: dict[str, Any] = {}
-    if settings.broker_url.startswith("sqla+sqlite"):
-        transport_options = {
-            "connect_args": {"timeout": 30, "check_same_thread": False},
-        }
-        path = settings.broker_url.split("sqlite:///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    elif settings.broker_url.startswith(("redis://", "rediss://")):
-        # redelivery of unacked messages; longer than any job so a running job is not re-sent
-        transport_options = {"visibility_timeout": settings.job_time_limit_s + 3600}
-    app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,
-        result_backend=None,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_soft_time_limit=settings.job_time_limit_s,
-        task_time_limit=settings.job_time_limit_s + 120,
-        task_default_queue=settings.queue,
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        enable_utc=True,
-    )
-    app.steps["consumer"].add(BrokerPollInterval)
-    return app
-
-
-class BrokerPollInterval(bootsteps.StartStopStep):
-    """A database broker (kombu's SQLAlchemy transport, the embedded default) has no push: an idle
-    worker polls the queue table every Transport.polling_interval seconds, 1 s by default, which
-    made the embedded queue latency ~0.5 s. It cannot be set through broker_transport_options
-    (the SQLAlchemy transport passes those to create_engine), so this consumer step sets it on the
-    consumer's connection (again after every reconnect) to settings.broker_poll_interval_s."""
-
-    requires = {"celery.worker.consumer.connection:Connection"}
-
-    def start(self, c: Any) -> None:
-        transport = getattr(c.connection, "transport", None)
-        if type(transport).__module__.startswith("kombu.transport.sqlalchemy"):
-            transport.polling_interval = get_settings().broker_poll_interval_s
 
 
 app = make_celery()
+adopt(app)  # dispatch from this process (runner._release) reuses the worker's app
 
 
 # --- one GPU per worker process --------------------------------------------------------------------
@@ -139,8 +90,6 @@ _sweeper_stop = threading.Event()
 
 
 def _sweep_loop(interval: float) -> None:
-    from worker.tasks import sweep_stale_jobs
-
     if _MAIN_RUNS_TASKS:  # solo / threads: load torch and core now, not when the first job arrives
         try:
             import worker.runner  # noqa: F401
@@ -166,7 +115,5 @@ def _start_sweeper(**_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _stop_sweeper(**_: Any) -> None:
-    from worker.shutdown import SHUTTING_DOWN
-
     SHUTTING_DOWN.set()
     _sweeper_stop.set()

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from store.db import session_scope
 from store.models import Job, utcnow
+from worker.queue import sender
 
 
 def _hostname() -> str:
@@ -25,11 +26,7 @@ def _hostname() -> str:
 def ping_local(timeout: float, host: str | None = None) -> list[str]:
     """Node names of the workers on `host` (default: this host) that answered a ping in time.
     An unreachable broker raises (kombu's OperationalError) after one retry, it does not hang."""
-    from store.settings import get_settings
-    from worker.celery_app import app, make_celery
-
-    if app.conf.broker_url != get_settings().broker_url:  # settings changed in this process (tests)
-        app = make_celery()
+    app = sender()  # the app for the current broker URL (it changes within one process in tests)
     host = host or _hostname()
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5, timeout=timeout)

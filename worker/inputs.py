@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy.orm import Session
 
 from core.errors import DatasetError, InvalidInput
+from core.paths import within_roots
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, copy_to, get_artifact
 from store.settings import Settings
@@ -42,7 +43,7 @@ def _member_path(dest: Path, name: str) -> Path:
     if not clean or pure.is_absolute() or ".." in pure.parts or ":" in pure.parts[0]:
         raise DatasetError(f"archive member {name!r} has an unsafe path")
     target = (dest / pure).resolve()
-    if not target.is_relative_to(dest.resolve()):
+    if not within_roots(target, [dest]):
         raise DatasetError(f"archive member {name!r} escapes the extraction folder")
     return target
 
@@ -127,11 +128,6 @@ def image_root(dest: Path) -> Path:
         return root
 
 
-def _within(path: Path, roots: list[Path]) -> bool:
-    p = path.expanduser().resolve()
-    return any(p.is_relative_to(Path(r).expanduser().resolve()) for r in roots)
-
-
 class InputResolver:
     """Resolves the references of one job of `tenant` into files under `inputs_dir`."""
 
@@ -154,7 +150,7 @@ class InputResolver:
             art = self._artifact(ref, what)
             dest = self.dir / f"{what}-{art.id}{_suffix(art.filename)}"
             return str(copy_to(self.store, art.storage_key, dest))
-        if not _within(Path(ref), self.settings.data_roots):
+        if not within_roots(Path(ref), self.settings.data_roots):
             raise InvalidInput(
                 f"{what}: path {ref!r} is outside the allowed data roots; upload it as an artifact"
             )
@@ -186,7 +182,7 @@ class InputResolver:
             )
         kind, _, path = ref.partition(":")
         local = kind in ("npz", "imagefolder") or (kind == "fashion-mnist" and path)
-        if local and not _within(Path(path), self.settings.data_roots):
+        if local and not within_roots(Path(path), self.settings.data_roots):
             raise DatasetError(f"dataset path {path!r} is outside the allowed data roots")
         return ref
 

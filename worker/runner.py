@@ -19,10 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from core.context import LocalContext
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
-from core.pipeline import LocalContext
+from core.pipeline import run_job
+from core.results import VariantResult
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, get_artifact_store, store_artifact
 from store.db import session_scope
@@ -38,6 +41,7 @@ from store.jobs import (
 )
 from store.settings import Settings, get_settings
 from worker.inputs import InputResolver, allowed_roots
+from worker.queue import dispatch
 from worker.shutdown import SHUTTING_DOWN
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)  # connection-level: retry, never fail the job
@@ -56,7 +60,7 @@ class DbStageContext:
     settings.progress_interval_s (and on every stage change) and renews the lease; should_cancel()
     reflects cancel_requested (read at most every progress_interval_s) or a lost lease; a heartbeat
     thread renews the lease every lease_seconds / 3 even when a stage reports nothing for a while.
-    Checkpoints are files under <job dir>/checkpoints (core.pipeline.LocalContext).
+    Checkpoints are files under <job dir>/checkpoints (core.context.LocalContext).
 
     Inside `with ctx:` the heartbeat thread also does the progress writes: progress() only hands
     the latest (stage, fraction) over and returns, so the pipeline never waits for a commit (an
@@ -194,15 +198,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _variant_dirs(out_dir: Path, summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def variant_results(out_dir: Path, summary: dict[str, Any]) -> list[VariantResult]:
+    """The typed results run_job handed over in its summary (else those of the variant folders
+    under `out_dir`)."""
     variants = summary.get("variants") if isinstance(summary, dict) else None
     if variants:
-        return [(str(v["name"]), v) for v in variants]
-    return [(p.name, {}) for p in sorted(out_dir.iterdir()) if (p / "metrics.json").is_file()]
-
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
+        return [VariantResult.model_validate(v) for v in variants]
+    return [VariantResult.read(p) for p in sorted(out_dir.iterdir()) if (p / "metrics.json").is_file()]
 
 
 def restore_refs(obj: Any, mapping: dict[str, str]) -> Any:
@@ -248,8 +250,8 @@ def persist_outputs(
     stored_keys: list[str] = []
     try:
         with session_scope() as s:
-            for name, info in _variant_dirs(out_dir, summary):
-                folder = out_dir / name
+            for result in variant_results(out_dir, summary):
+                name, folder = result.name, out_dir / result.name
                 metrics = restore_refs(_read_json(folder / "metrics.json") or {}, refs or {})
                 cert = restore_refs(_read_json(folder / "certificate.json"), refs or {})
                 if cert is not None and not cert.get("job_id"):
@@ -263,20 +265,10 @@ def persist_outputs(
                         )
                         stored_keys.append(art.storage_key)
                         ids[kind] = art.id
-                model_info = (cert or {}).get("model") or {}
                 add_result(
                     s,
                     job_id,
-                    name=name,
-                    method=str(_first(info.get("method"), metrics.get("method"), name.rsplit("-", 1)[0])),
-                    prune_ratio=float(_first(info.get("prune_ratio"), metrics.get("prune_ratio"), 0.0)),
-                    accuracy=_first(
-                        info.get("accuracy"), metrics.get("accuracy"), (cert or {}).get("accuracy")
-                    ),
-                    pca=_first(info.get("pca"), metrics.get("pca"), (cert or {}).get("pca")),
-                    sparsity=_first(
-                        info.get("sparsity"), metrics.get("sparsity"), model_info.get("sparsity")
-                    ),
+                    result,
                     certificate=cert,
                     metrics=metrics,
                     model_artifact_id=ids.get("model"),
@@ -309,8 +301,6 @@ def _fail(
 def _release(job_id: str, worker_id: str, reason: str = "shutdown") -> str:
     """Requeue the job (checkpoints stay in the work folder) and re-send it: on worker shutdown,
     or after a database error that made this attempt's writes fail."""
-    from worker.tasks import dispatch
-
     with session_scope() as s:
         released = release_job(s, job_id, worker_id)
     if released:
@@ -326,13 +316,9 @@ def execute_job(
     "cancelled"), "skipped" (not claimable: already running elsewhere, finished, cancelled) or
     "lost" (the lease was taken over by another worker) or "released" (worker shutting down; the
     job was put back in the queue and resumes from its checkpoints)."""
-    from celery.exceptions import SoftTimeLimitExceeded
-
     settings = settings or get_settings()
     worker_id = worker_id or new_worker_id()
     if SHUTTING_DOWN.is_set():  # a message consumed during a warm shutdown: leave it to the next worker
-        from worker.tasks import dispatch
-
         dispatch(job_id)
         return "released"
     with session_scope() as s:
@@ -344,78 +330,90 @@ def execute_job(
     log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
     job_dir = Path(settings.work_root).resolve() / job_id
     store = get_artifact_store()
-    status = "failed"
     with DbStageContext(job_id, worker_id, job_dir, settings) as ctx:
         try:
-            ctx.progress("preparing", 0.0)
-            spec = JobSpec.model_validate(spec_json)
-            with session_scope() as s:
-                resolved = InputResolver(s, tenant, store, job_dir / "inputs", settings).resolve(spec)
-            from core.pipeline import run_job
-
-            summary = run_job(
-                resolved,
-                job_dir / "out",
-                ctx,
-                device=device,
-                job_id=job_id,
-                allowed_roots=allowed_roots(settings, job_dir),
-            )
-            ctx.stop_writes()  # persist_outputs -> finish_job sets stage "done" / progress 1.0
-            if ctx.lease_lost:
-                return "lost"
-            refs = ref_mapping(spec, resolved)
-            if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store, refs):
-                return "lost"
-            status = "succeeded"
-        except Cancelled:
-            if ctx.lease_lost:
-                return "lost"
-            if ctx.timed_out:
-                _fail(
-                    job_id,
-                    worker_id,
-                    "failed",
-                    "Time limit exceeded",
-                    f"the job ran longer than {settings.job_time_limit_s} s",
-                )
-            elif SHUTTING_DOWN.is_set() and not ctx.cancel_requested:
-                return _release(job_id, worker_id)
-            else:
-                status = "cancelled"
-                _fail(job_id, worker_id, "cancelled")
-        except LeaseLost:
-            return "lost"
-        except InvalidInput as exc:
-            _fail(job_id, worker_id, "failed", "Invalid input", str(exc))
-        except TrainingDiverged as exc:
-            _fail(
-                job_id,
-                worker_id,
-                "failed",
-                "Training diverged",
-                f"{exc} (try a smaller learning rate or batch size)",
-            )
-        except SoftTimeLimitExceeded:
-            _fail(
-                job_id,
-                worker_id,
-                "failed",
-                "Time limit exceeded",
-                f"the job ran longer than {settings.job_time_limit_s} s",
-            )
-        except DATABASE_ERRORS as exc:
-            # The database went away (e.g. while saving the results): not the job's fault. Keep the
-            # work folder and hand the job back; it resumes from its checkpoints. If the database is
-            # still away, the lease expires and the stale-job sweep sends it round again.
-            log.warning("job %s: database error, retrying later: %s", job_id, exc)
-            try:
-                return _release(job_id, worker_id, reason="database error")
-            except DATABASE_ERRORS:
-                return "lost"
+            status = _run_and_persist(job_id, tenant, spec_json, worker_id, job_dir, store, ctx, device)
         except Exception as exc:
-            log.exception("job %s failed", job_id)
-            _fail(job_id, worker_id, "failed", "Internal error", f"{type(exc).__name__}: {exc}")
+            status = _outcome_of_failure(exc, job_id, worker_id, ctx, settings)
+    if status in ("lost", "released"):  # the work folder (checkpoints) stays for the next attempt
+        return status
     shutil.rmtree(job_dir, ignore_errors=True)
     log.info("job %s finished: %s", job_id, status)
     return status
+
+
+def _run_and_persist(
+    job_id: str,
+    tenant: str,
+    spec_json: dict[str, Any],
+    worker_id: str,
+    job_dir: Path,
+    store: ArtifactStore,
+    ctx: DbStageContext,
+    device: str | None,
+) -> str:
+    """Resolve the inputs, run the pipeline, store its outputs: "succeeded", or "lost" when the
+    lease went to another worker meanwhile."""
+    ctx.progress("preparing", 0.0)
+    spec = JobSpec.model_validate(spec_json)
+    with session_scope() as s:
+        resolved = InputResolver(s, tenant, store, job_dir / "inputs", ctx.settings).resolve(spec)
+    summary = run_job(
+        resolved,
+        job_dir / "out",
+        ctx,
+        device=device,
+        job_id=job_id,
+        allowed_roots=allowed_roots(ctx.settings, job_dir),
+    )
+    ctx.stop_writes()  # persist_outputs -> finish_job sets stage "done" / progress 1.0
+    if ctx.lease_lost:
+        return "lost"
+    refs = ref_mapping(spec, resolved)
+    if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store, refs):
+        return "lost"
+    return "succeeded"
+
+
+def _time_limit_detail(settings: Settings) -> str:
+    return f"the job ran longer than {settings.job_time_limit_s} s"
+
+
+def _outcome_of_failure(
+    exc: Exception, job_id: str, worker_id: str, ctx: DbStageContext, settings: Settings
+) -> str:
+    """Record what a job that raised `exc` ends as, and return that status: cancelled (or timed
+    out, or handed back on shutdown), lost lease, a failure the user can act on, a database outage
+    (handed back: not the job's fault), or an internal error."""
+    if isinstance(exc, Cancelled):
+        if ctx.lease_lost:
+            return "lost"
+        if ctx.timed_out:
+            _fail(job_id, worker_id, "failed", "Time limit exceeded", _time_limit_detail(settings))
+            return "failed"
+        if SHUTTING_DOWN.is_set() and not ctx.cancel_requested:
+            return _release(job_id, worker_id)
+        _fail(job_id, worker_id, "cancelled")
+        return "cancelled"
+    if isinstance(exc, LeaseLost):
+        return "lost"
+    if isinstance(exc, DATABASE_ERRORS):
+        # The database went away (e.g. while saving the results): not the job's fault. Keep the
+        # work folder and hand the job back; it resumes from its checkpoints. If the database is
+        # still away, the lease expires and the stale-job sweep sends it round again.
+        log.warning("job %s: database error, retrying later: %s", job_id, exc)
+        try:
+            return _release(job_id, worker_id, reason="database error")
+        except DATABASE_ERRORS:
+            return "lost"
+    if isinstance(exc, InvalidInput):
+        title, detail = "Invalid input", str(exc)
+    elif isinstance(exc, TrainingDiverged):
+        title, detail = "Training diverged", f"{exc} (try a smaller learning rate or batch size)"
+    elif isinstance(exc, SoftTimeLimitExceeded):
+        title, detail = "Time limit exceeded", _time_limit_detail(settings)
+    else:
+        log.exception("job %s failed", job_id)
+        title, detail = "Internal error", f"{type(exc).__name__}: {exc}"
+    _fail(job_id, worker_id, "failed", title, detail)
+    return "failed"

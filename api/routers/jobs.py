@@ -26,6 +26,11 @@ from api.errors import ApiProblem
 from api.lru import LruCache
 from api.schemas import JobOut, JobPage, JobStatus, problem_responses
 from core.spec import JobSpec
+from store.artifacts import ArtifactMissing, get_artifact
+from store.jobs import IdempotencyConflict, InvalidCursor, create_job, get_results, request_cancel
+from store.jobs import get_job as repo_get
+from store.jobs import list_jobs as repo_list
+from worker.queue import dispatch
 
 log = logging.getLogger("carcert.api")
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -42,7 +47,6 @@ def job_not_found(job_id: str) -> ApiProblem:
 def succeeded_job(session: Any, tenant: str, job_id: str, what: str = "results exist") -> Any:
     """The tenant's job if it has succeeded; 404 when it is not the tenant's (or does not exist),
     409 problem "job-not-succeeded" (with job_status) otherwise. `what` names what the caller wanted."""
-    from store.jobs import get_job as repo_get
 
     job = repo_get(session, tenant, job_id)
     if job is None:
@@ -107,8 +111,6 @@ def dispatch_job(job_id: str) -> None:
     """Hand the committed job to the broker. Failure is logged, not raised: the job stays queued
     in the database and the workers' stale-job sweep dispatches it again."""
     try:
-        from worker.tasks import dispatch
-
         dispatch(job_id)
     except Exception as exc:
         log.warning(
@@ -159,7 +161,6 @@ def submit_job(
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
     ] = None,
 ) -> JobOut:
-    from store.jobs import IdempotencyConflict, create_job
 
     check_job_spec(session, tenant, spec, settings.data_roots)
     try:
@@ -195,8 +196,6 @@ def list_jobs(
     cursor: Annotated[str | None, Query(max_length=500)] = None,
     status: JobStatus | None = None,
 ) -> JobPage:
-    from store.jobs import InvalidCursor
-    from store.jobs import list_jobs as repo_list
 
     try:
         rows, next_cursor = repo_list(session, tenant, status=status, cursor=cursor, limit=limit)
@@ -214,7 +213,6 @@ def list_jobs(
     responses=problem_responses(401, 404, 503),
 )
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
-    from store.jobs import get_job as repo_get
 
     job = repo_get(session, tenant, job_id)
     if job is None:
@@ -235,8 +233,6 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     },
 )
 def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: SessionDep) -> JobOut:
-    from store.jobs import get_job as repo_get
-    from store.jobs import request_cancel
 
     job = repo_get(session, tenant, job_id)
     if job is None:
@@ -290,7 +286,6 @@ def render_certificate(results: list[Any]) -> bytes:
 
 
 def _load_certificate(request: Request, tenant: str, job_id: str, variant: str | None) -> RenderedCertificate:
-    from store.jobs import get_results
 
     with request.app.state.sessionmaker() as s:
         job = succeeded_job(s, tenant, job_id)
@@ -353,8 +348,6 @@ async def get_certificate(
 def _result_file(
     session: Any, store: Any, tenant: str, job_id: str, variant: str | None, what: str, request: Request
 ) -> Response:
-    from store.artifacts import ArtifactMissing, get_artifact
-    from store.jobs import get_results
 
     job = succeeded_job(session, tenant, job_id)
     results = get_results(session, job.id)

@@ -22,6 +22,7 @@ from api.errors import PROBLEM_MEDIA_TYPE, ApiProblem
 from api.lru import LruCache
 from api.routers.jobs import succeeded_job
 from core import report as core_report
+from core.results import VariantResult
 
 log = logging.getLogger("carcert.api")
 router = APIRouter(prefix="/jobs", tags=["report"])
@@ -41,17 +42,10 @@ def _cache(request: Request) -> LruCache[tuple[str, bytes]]:
 
 
 def result_dicts(rows: list[Any]) -> list[dict[str, Any]]:
-    """JobResult rows -> the plain dicts core.report.render_report takes."""
+    """JobResult rows -> the plain dicts core.report.render_report takes (the stored
+    core.results.VariantResult fields plus certificate and metrics)."""
     return [
-        {
-            "name": r.name,
-            "method": r.method,
-            "prune_ratio": r.prune_ratio,
-            "accuracy": r.accuracy,
-            "pca": r.pca,
-            "certificate": r.certificate,
-            "metrics": r.metrics,
-        }
+        {**VariantResult.from_row(r).model_dump(), "certificate": r.certificate, "metrics": r.metrics}
         for r in rows
     ]
 

@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from core.results import VariantResult
 from store.db import init_db, make_engine
 from store.jobs import add_result, create_job, finish_job, get_job
 from store.keys import create_api_key, revoke_api_key
@@ -50,7 +51,12 @@ def app(tmp_path):
         for name, variants in (("one", ["lmp-0.50"]), ("sweep", ["lmp-0.30", "lmp-0.50"])):
             job, _ = create_job(s, "alice", JobSpec.model_validate(SPEC))
             for v in variants:
-                add_result(s, job.id, name=v, method="lmp", prune_ratio=float(v[-4:]), certificate=cert(v))
+                add_result(
+                    s,
+                    job.id,
+                    VariantResult(name=v, method="lmp", prune_ratio=float(v[-4:])),
+                    certificate=cert(v),
+                )
             finish_job(s, job.id, "succeeded")
             ids[name] = job.id
         queued, _ = create_job(s, "alice", JobSpec.model_validate(SPEC))

@@ -30,8 +30,7 @@ from store.models import Job
 from store.settings import Settings
 from tests.integration.api_harness import free_port
 from tests.integration.service_helpers import wait_for
-from worker.celery_app import make_celery
-from worker.tasks import TASK_NAME
+from worker.queue import TASK_NAME, make_celery
 
 pytestmark = pytest.mark.integration
 REQUIRE = os.environ.get("CARCERT_REQUIRE_SERVICES") == "1"  # CI: fail, do not skip

@@ -30,7 +30,7 @@ from store.db import init_db, make_engine
 from store.models import Job
 from tests.integration.api_harness import assert_problem, create_key, free_port, run_server, server_env
 from tests.integration.service_helpers import launch_worker, wait_for
-from worker.tasks import dispatch
+from worker.queue import dispatch
 
 pytestmark = pytest.mark.integration
 

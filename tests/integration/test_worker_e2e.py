@@ -21,7 +21,7 @@ from store.artifacts import get_artifact_store
 from store.db import session_scope
 from store.models import Artifact, Job, utcnow
 from tests.integration.service_helpers import TINY_JOB, wait_for
-from worker.tasks import dispatch
+from worker.queue import dispatch
 
 pytestmark = pytest.mark.integration
 

@@ -106,7 +106,7 @@ def test_check_lease_reads_cancel_and_detects_a_lost_lease(sqlite_env):
 
 
 def test_the_consumer_step_sets_the_sqla_polling_interval(sqlite_env):
-    from worker.celery_app import BrokerPollInterval, make_celery
+    from worker.queue import BrokerPollInterval, make_celery
 
     app = make_celery(get_settings())
     assert BrokerPollInterval in app.steps["consumer"]

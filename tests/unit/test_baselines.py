@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from core.baselines import METHODS, advtrain_loss, pgd_l2, run_method, trades_loss
+from core.baselines import advtrain_loss, pgd_l2, run_method, trades_loss
 from core.data import load_dataset
 from core.errors import InvalidInput
 from core.masking import prunable_weights
+from core.methods import METHODS, prunes
 from core.models import build_model
 from core.spec import PruningSpec
 from core.training import evaluate, train_epochs
@@ -125,7 +126,7 @@ def test_run_method_every_method(digits, method):
     torch.manual_seed(0)
     model = build_model("small_cnn", 10, 1)
     before = copy.deepcopy(model.state_dict())
-    pr = 0.0 if method in ("vanilla", "advtrain") else 0.6
+    pr = 0.6 if prunes(method) else 0.0
     spec = PruningSpec(method=method, prune_ratio=pr, pretrain_epochs=1, search_epochs=1, finetune_epochs=1,
                        batch_size=64, augment_q=40, adv_steps=2)  # fmt: skip
     masks = run_method(method, model, d, brightness, spec, seed=0)

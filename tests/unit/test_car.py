@@ -25,11 +25,11 @@ from core.car import (
     search_mask,
     stability_loss,
 )
+from core.context import LocalContext
 from core.data import load_dataset
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
 from core.masking import apply_masks_, masked_forward, partial_scaled_init, prunable_weights, topk_mask
 from core.models import build_model
-from core.pipeline import LocalContext
 from core.spec import CarSpec, PruningSpec
 from core.training import evaluate, train_epochs
 from tests.unit.helpers import brightness, one_thread  # noqa: F401 (one_thread: autouse fixture)

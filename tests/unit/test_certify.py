@@ -26,8 +26,8 @@ from core.certify import (
     verify_certificate,
     write_certificate,
 )
+from core.context import LocalContext
 from core.errors import Cancelled
-from core.pipeline import LocalContext
 from core.spec import CertifySpec
 from core.transforms import SemanticTransform
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from core.certify import verify_certificate
+from core.context import LocalContext
 from core.data import load_dataset
 from core.errors import Cancelled, InvalidInput, WeightsError
 from core.masking import load_masks, prunable_weights
 from core.models import build_model, file_sha256, load_weights
-from core.pipeline import LocalContext, run_job, variant_name
+from core.pipeline import run_job, variant_name
 from core.spec import JobSpec
 from core.training import evaluate
 

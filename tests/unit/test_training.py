@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from core.context import LocalContext
 from core.errors import Cancelled, TrainingDiverged
 from core.masking import prunable_weights, topk_mask
-from core.pipeline import LocalContext
 from core.training import augment_with_transform, evaluate, recalibrate_batchnorm, train_epochs
 from tests.unit.helpers import one_thread  # noqa: F401 (autouse fixture)
 

@@ -1,5 +1,6 @@
-"""`carcert up`: the embedded all-in-one (SQLite + kombu SQLAlchemy broker + local artifacts) runs a
-real job end to end through the REST API, reuses its API key, and stops API and worker on Ctrl-C."""
+"""End to end as a user runs it. `carcert up`: the embedded all-in-one (SQLite + kombu SQLAlchemy
+broker + local artifacts) runs a real job end to end through the REST API, reuses its API key, and
+stops API and worker on Ctrl-C; `carcert demo --quick` runs the README's demo."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from carcert.cli_service import free_port
 from tests.integration.service_helpers import TINY_JOB, python_env, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.integration  # a real Celery worker (on SQLite: no Postgres / Redis needed)
 
 
 def worker_pids(up_pid: int) -> list[int]:
