@@ -3,7 +3,8 @@
 
     carcert certify --arch resnet18 --weights model.safetensors [--mask mask.safetensors] \\
         --dataset digits --transform illumination [--n 100 --l 10 --alpha 0.9 --epsilon 1e-3 \\
-        --samples 100 --seed 0 --bound-order conservative] --out cert.json
+        --samples 100 --seed 0 --bound-order conservative --bound cccert|binomial \\
+        --failure-probability 1e-3 --early-stop] --out cert.json
 writes cert.json and cert.evidence.npz beside it. --transform takes a parametric name
 (core.transforms.PARAMETRIC, or 'a+b'), 'pca' (built-in PCA latent direction, --component),
 'latent' with --encoder/--decoder .pt2 files, or 'precomputed' (variants shipped in an npz).
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--t-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=500, help="forward-pass batch")
     p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
-    p.add_argument("--seed", type=int, default=0)
+    add_bound_options(p)
+    p.add_argument("--seed", type=int, default=0, help="drives the sampled transformations only (never the split)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="certificate path (.json); evidence: <stem>.evidence.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,6 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("certificate", help="certificate .json")
     v.add_argument("--evidence", help="default: <stem>.evidence.npz (or evidence.npz for certificate.json)")
     v.set_defaults(func=run_verify)
+
+
+def add_bound_options(p: argparse.ArgumentParser) -> None:
+    """--bound, --failure-probability, --early-stop (shared by `certify` and `prune`)."""
+    p.add_argument("--bound", choices=("cccert", "binomial"), default="cccert",
+                   help="cccert: the paper's Eq. 13-14 (reproduction); binomial: one-sided Clopper-Pearson "
+                        "upper limit on P(Z >= d), distribution-free, needs n*l >= ln(1/beta)/epsilon")
+    p.add_argument("--failure-probability", type=float, default=1e-3, metavar="BETA",
+                   help="beta of the binomial bound (default 1e-3)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="stop sampling a sample once its decision cannot change (same decisions and PCA)")
 
 
 def _specs(args: argparse.Namespace):
@@ -77,7 +90,8 @@ def _specs(args: argparse.Namespace):
         tspec = TransformSpec(component=args.component, strength=args.strength, **tkw)
         cspec = CertifySpec(n=args.n, l=args.l, alpha=args.alpha, epsilon=args.epsilon, samples=args.samples,
                             t_min=args.t_min, t_max=args.t_max, t_steps=args.t_steps,
-                            bound_order=args.bound_order, batch_size=args.batch_size)
+                            bound_order=args.bound_order, batch_size=args.batch_size, bound=args.bound,
+                            failure_probability=args.failure_probability, early_stop=args.early_stop)
     except ValidationError as exc:
         msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"invalid certification options: {msgs}") from exc
@@ -139,7 +153,7 @@ def run_certify(args: argparse.Namespace) -> int:
     total = len(result.samples)
     print(f"accuracy {result.accuracy:.4f}  PCA {result.pca:.4f} ({certified}/{total} certified, "
           f"epsilon {cspec.epsilon:g})  failure probability {result.failure_probability:.3g}  "
-          f"bound order {result.bound_order}  {result.seconds:.1f} s")
+          f"bound {result.params['bound']}  forward passes {result.forward_passes}  {result.seconds:.1f} s")
     print(f"certificate: {cert_path}\nevidence:    {ev_path}")
     return 0
 

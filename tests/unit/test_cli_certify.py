@@ -17,7 +17,7 @@ from core.models import build_model, file_sha256, save_weights
 
 DESIGN_KEYS = {"job_id", "created_at", "software", "model", "mask_sha256", "dataset", "transform", "params",
                "failure_probability", "accuracy", "pca", "samples"}
-SAMPLE_KEYS = {"index", "label", "pred", "d", "max_z", "epsilon_bound", "t_star", "certified"}
+SAMPLE_KEYS = {"index", "label", "pred", "d", "max_z", "epsilon_bound", "t_star", "certified", "draws", "failures"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,9 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert set(cert) >= DESIGN_KEYS and cert["bound_order"] == "conservative"
     assert all(set(s) == SAMPLE_KEYS for s in cert["samples"])
     assert cert["params"] == {"n": 20, "l": 3, "alpha": 0.9, "epsilon": 0.01, "t_min": 1e-4, "t_max": 1e4,
-                              "t_steps": 100, "seed": 5, "samples": 12}
+                              "t_steps": 100, "seed": 5, "samples": 12, "bound": "cccert", "beta": None,
+                              "early_stop": False}
+    assert cert["forward_passes"] == 12 + 12 * 60 and cert["guarantee"]["bound"] == "cccert"
     assert cert["model"]["sha256"] == file_sha256(weights) and cert["mask_sha256"] is None
     data = load_dataset("digits", seed=5)
     assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256}
@@ -112,6 +114,24 @@ def test_certify_with_mask(trained, tmp_path) -> None:
     assert cert["model"]["nonzero"] <= kept and cert["model"]["sparsity"] >= 1 - kept / total - 1e-12
     assert cert["model"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert main(["verify", str(out)]) == 0
+
+
+def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
+    """--bound binomial --early-stop: the full run's decisions with fewer forward passes, the
+    guarantee in words, and a certificate that verifies."""
+    weights, _, _ = trained
+    opts = ("--bound", "binomial", "--failure-probability", "0.05", "--epsilon", "0.1")
+    assert _certify(weights, tmp_path / "full.json", *opts) == 0
+    assert _certify(weights, tmp_path / "early.json", *opts, "--early-stop") == 0
+    full, early = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "early"))
+    assert early["params"]["bound"] == "binomial" and early["params"]["beta"] == 0.05
+    assert early["params"]["early_stop"] and early["failure_probability"] == 0.05
+    assert "1 - beta" in early["guarantee"]["statement"] and early["guarantee"]["assumptions"]
+    assert [s["certified"] for s in early["samples"]] == [s["certified"] for s in full["samples"]]
+    assert early["pca"] == full["pca"] and full["forward_passes"] == 12 + 12 * 60
+    assert early["forward_passes"] == 12 + sum(s["draws"] for s in early["samples"]) <= full["forward_passes"]
+    assert "forward passes" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "early.json")]) == 0
 
 
 def test_bad_options_exit_2(trained, tmp_path, capsys) -> None:
