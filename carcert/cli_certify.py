@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="forward-pass batch")
     p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
     add_bound_options(p)
-    p.add_argument("--seed", type=int, default=0, help="drives the sampled transformations only (never the split)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the sampled transformations only (the train/test split has a fixed seed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="certificate path (.json); evidence: <stem>.evidence.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -144,7 +145,7 @@ def run_certify(args: argparse.Namespace) -> int:
         result,
         model_info=describe_model(model, args.arch, file_sha256(args.weights), masks),
         mask_sha256=mask_sha,
-        dataset={"ref": data.ref, "sha256": data.sha256},
+        dataset={"ref": data.ref, "sha256": data.sha256, "split_seed": data.split_seed},
         transform=transform_description(transform),
     )
     cert_path, ev_path = write_certificate(cert, result, out.parent, name=out.name)

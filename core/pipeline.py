@@ -126,7 +126,7 @@ def _certify_and_write(
         result,
         model_info=model_info,
         mask_sha256=mask_sha256,
-        dataset={"ref": data.ref, "sha256": data.sha256},
+        dataset={"ref": data.ref, "sha256": data.sha256, "split_seed": data.split_seed},
         transform=transform_description(transform),
         job_id=job_id,
     )

@@ -17,7 +17,8 @@ from core.models import build_model, file_sha256, save_weights
 
 DESIGN_KEYS = {"job_id", "created_at", "software", "model", "mask_sha256", "dataset", "transform", "params",
                "failure_probability", "accuracy", "pca", "samples"}
-SAMPLE_KEYS = {"index", "label", "pred", "d", "max_z", "epsilon_bound", "t_star", "certified", "draws", "failures"}
+SAMPLE_KEYS = {"index", "label", "pred", "d", "max_z", "epsilon_bound", "t_star", "certified", "draws",
+               "failures"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,9 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert cert["forward_passes"] == 12 + 12 * 60 and cert["guarantee"]["bound"] == "cccert"
     assert cert["model"]["sha256"] == file_sha256(weights) and cert["mask_sha256"] is None
     data = load_dataset("digits", seed=5)
-    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256}
+    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256, "split_seed": 0}
+    # --seed 5 certifies the test split the seed-0 model was trained against (issue 10, point 3)
+    assert torch.equal(data.test_x, load_dataset("digits", seed=0).test_x)
     assert [s["label"] for s in cert["samples"]] == data.test_y[:12].tolist()
     # predictions are those of the saved model on the test samples
     model = build_model("small_cnn", 10, 1)
