@@ -211,6 +211,29 @@ def clean_probabilities(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
+@torch.inference_mode()
+def transformed_z(model: nn.Module, transform: SemanticTransform, xs: Tensor, p: Tensor, sample_ids: Tensor,
+                  flat_d: Tensor, batch_size: int) -> np.ndarray:
+    """Z = ||p[s] - softmax(f(T(xs[s], delta)))||_inf (float64) for each pair (s, delta) of the flat
+    CPU `sample_ids` and `flat_d`, in forward batches of batch_size; xs and p on the model's device.
+    Raises InvalidInput on NaN/inf outputs."""
+    dev = xs.device
+    flat_d = flat_d.to(dev)
+    ids_dev = sample_ids.to(dev)
+    out = torch.empty(flat_d.shape[0], dtype=torch.float64, device=dev)
+    for b0 in range(0, flat_d.shape[0], batch_size):
+        b1 = min(flat_d.shape[0], b0 + batch_size)
+        s_dev = ids_dev[b0:b1]
+        xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], sample_ids[b0:b1])
+        pt = model(xt).double().softmax(dim=1)
+        out[b0:b1] = (pt - p.index_select(0, s_dev)).abs().amax(dim=1)
+    res = out.cpu().numpy()
+    if not np.isfinite(res).all():
+        bad = sorted(set(sample_ids[~torch.from_numpy(np.isfinite(res))].tolist()))
+        raise InvalidInput(f"NaN/inf model outputs on transformed samples {bad[0]}..{bad[-1]}")
+    return res
+
+
 @dataclass
 class _Run:
     """What the sampling loops share: the model, the clean inputs and outputs, the arrays to fill."""
@@ -233,21 +256,7 @@ class _Run:
 
     def z_of(self, sample_ids: Tensor, flat_d: Tensor) -> np.ndarray:
         """Z of the given (sample, delta) pairs (flat, CPU ids), in forward batches of bs."""
-        flat_d = flat_d.to(self.dev)
-        ids_dev = sample_ids.to(self.dev)
-        out = torch.empty(flat_d.shape[0], dtype=torch.float64, device=self.dev)
-        with torch.inference_mode():
-            for b0 in range(0, flat_d.shape[0], self.bs):
-                b1 = min(flat_d.shape[0], b0 + self.bs)
-                s_dev = ids_dev[b0:b1]
-                xt = self.transform(self.xs.index_select(0, s_dev), flat_d[b0:b1], sample_ids[b0:b1])
-                pt = self.model(xt).double().softmax(dim=1)
-                out[b0:b1] = (pt - self.p_dev.index_select(0, s_dev)).abs().amax(dim=1)
-        res = out.cpu().numpy()
-        if not np.isfinite(res).all():
-            bad = sorted(set(sample_ids[~torch.from_numpy(np.isfinite(res))].tolist()))
-            raise InvalidInput(f"NaN/inf model outputs on transformed samples {bad[0]}..{bad[-1]}")
-        return res
+        return transformed_z(self.model, self.transform, self.xs, self.p_dev, sample_ids, flat_d, self.bs)
 
     def after_group(self, g1: int) -> None:
         """Progress, cancel and the periodic checkpoint after samples [0, g1) are done."""
@@ -586,6 +595,6 @@ def verify_certificate(cert_path: Path, evidence_path: Path | None = None) -> li
 
 
 __all__ = ["BOUND_ORDERS", "CertificationResult", "build_certificate", "certificate_body", "certify_model",
-           "describe_model", "guarantee", "load_evidence", "result_failure_probability",
+           "describe_model", "guarantee", "load_evidence", "result_failure_probability", "transformed_z",
            "epsilon_bound", "evidence_path_for", "failure_probability", "log_y", "margin", "sample_deltas",
            "t_grid", "verify_certificate", "write_certificate"]

@@ -67,7 +67,7 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert cert["forward_passes"] == 12 + 12 * 60 and cert["guarantee"]["bound"] == "cccert"
     assert cert["model"]["sha256"] == file_sha256(weights) and cert["mask_sha256"] is None
     data = load_dataset("digits", seed=5)
-    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256, "split_seed": 0}
+    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256, "split_seed": 0, "train_subset": None}
     # --seed 5 certifies the test split the seed-0 model was trained against (issue 10, point 3)
     assert torch.equal(data.test_x, load_dataset("digits", seed=0).test_x)
     assert [s["label"] for s in cert["samples"]] == data.test_y[:12].tolist()
@@ -84,7 +84,10 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert cert["pca"] == sum(s["certified"] for s in cert["samples"]) / 12
     assert cert["failure_probability"] == pytest.approx((1 / (1 + 20 * 0.01)) ** 3)
     capsys.readouterr()
-    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out)]) == 1  # the model is not beside the certificate
+    assert "pass --model" in capsys.readouterr().out
+    assert main(["verify", str(out), "--no-files"]) == 0
+    assert main(["verify", str(out), "--model", str(weights), "--recompute"]) == 0
     assert "OK" in capsys.readouterr().out
     # tampering is reported and exits 1
     cert["samples"][3]["epsilon_bound"] = 0.0 if cert["samples"][3]["epsilon_bound"] else 0.5
@@ -116,7 +119,8 @@ def test_certify_with_mask(trained, tmp_path) -> None:
     assert cert["model"]["params"] == total
     assert cert["model"]["nonzero"] <= kept and cert["model"]["sparsity"] >= 1 - kept / total - 1e-12
     assert cert["model"]["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out), "--model", str(weights), "--mask", str(mask), "--recompute"]) == 0
+    assert main(["verify", str(out), "--model", str(weights)]) == 1  # the mask is part of the model
 
 
 def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
@@ -134,7 +138,7 @@ def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
     assert early["pca"] == full["pca"] and full["forward_passes"] == 12 + 12 * 60
     assert early["forward_passes"] == 12 + sum(s["draws"] for s in early["samples"]) <= full["forward_passes"]
     assert "forward passes" in capsys.readouterr().out
-    assert main(["verify", str(tmp_path / "early.json")]) == 0
+    assert main(["verify", str(tmp_path / "early.json"), "--model", str(weights), "--recompute"]) == 0
 
 
 def test_bad_options_exit_2(trained, tmp_path, capsys) -> None:
