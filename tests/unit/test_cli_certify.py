@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from carcert.cli import main
+from core.certify import certificate_body
 from core.data import load_dataset
 from core.masking import prunable_weights, save_masks, topk_mask
 from core.models import build_model, file_sha256, save_weights
@@ -95,13 +96,15 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     bad.write_text(json.dumps(cert))
     assert main(["verify", str(bad), "--evidence", str(ev)]) == 1
     assert "MISMATCH sample 3: epsilon_bound" in capsys.readouterr().out
-    # same inputs and seed: the same certificate body
+    # same inputs and seed: the same certificate body, byte for byte (README: created_at and job_id
+    # are outside the body), and byte-identical evidence
     out2 = tmp_path / "again.json"
     assert _certify(weights, out2) == 0
-    a, b = json.loads(out.read_text()), json.loads(out2.read_text())
-    for c in (a, b):
-        c.pop("created_at")
-    assert a == b
+    a, b = out.read_text(), out2.read_text()
+    assert certificate_body(json.loads(a)) == certificate_body(json.loads(b))
+    assert [x for x in a.splitlines() if '"created_at"' not in x] == \
+        [x for x in b.splitlines() if '"created_at"' not in x]
+    assert ev.read_bytes() == (tmp_path / "again.evidence.npz").read_bytes()
 
 
 def test_certify_with_mask(trained, tmp_path) -> None:
@@ -136,6 +139,9 @@ def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
     assert "1 - beta" in early["guarantee"]["statement"] and early["guarantee"]["assumptions"]
     assert [s["certified"] for s in early["samples"]] == [s["certified"] for s in full["samples"]]
     assert early["pca"] == full["pca"] and full["forward_passes"] == 12 + 12 * 60
+    assert _certify(weights, tmp_path / "early2.json", *opts, "--early-stop") == 0
+    again = json.loads((tmp_path / "early2.json").read_text())
+    assert certificate_body(again) == certificate_body(early)  # early stopping is deterministic too
     assert early["forward_passes"] == 12 + sum(s["draws"] for s in early["samples"]) <= full["forward_passes"]
     assert "forward passes" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "early.json"), "--model", str(weights), "--recompute"]) == 0
