@@ -209,3 +209,36 @@ def test_spec_fields() -> None:
     for bad in ({"bound": "hoeffding"}, {"failure_probability": 0.0}, {"failure_probability": 1.0}):
         with pytest.raises(ValueError):
             JobSpec.model_validate({"certification": bad})
+
+
+def test_early_stop_resumes_to_the_same_certificate(tmp_path) -> None:
+    from core.certify import certificate_body
+    from core.errors import Cancelled
+    from core.pipeline import LocalContext
+
+    spec = CertifySpec(n=100, l=10, samples=23, batch_size=100, early_stop=True)  # one sample per group
+    x, y = _soundness_inputs()
+    full = certify_model(_linear_model(), x, y, LogitShift(), spec, seed=7)
+    calls = {"n": 0}
+
+    def cancel_after_five() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 5
+
+    ctx = LocalContext(tmp_path, cancel_flag=cancel_after_five)
+    with pytest.raises(Cancelled):
+        certify_model(_linear_model(), x, y, LogitShift(), spec, seed=7, ctx=ctx, checkpoint_every_s=0.0)
+    assert LocalContext(tmp_path).load_checkpoint("certify")["done"] == 5
+    resumed = certify_model(_linear_model(), x, y, LogitShift(), spec, seed=7, ctx=LocalContext(tmp_path))
+
+    def cert(res):
+        return build_certificate(
+            res,
+            model_info={"arch": "linear"},
+            mask_sha256=None,
+            dataset={"ref": "synthetic", "sha256": "0"},
+            transform={"name": "shift"},
+        )
+
+    assert certificate_body(cert(resumed)) == certificate_body(cert(full))
+    np.testing.assert_array_equal(resumed.deltas, full.deltas)
