@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 import core
 from core.bounds import GUARANTEES, check_bound, clopper_pearson_upper, stop_reason
+from core.context import write_json
 from core.errors import Cancelled, InvalidInput
 from core.masking import sparsity_report
 from core.transforms import SemanticTransform

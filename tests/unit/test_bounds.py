@@ -213,8 +213,8 @@ def test_spec_fields() -> None:
 
 def test_early_stop_resumes_to_the_same_certificate(tmp_path) -> None:
     from core.certify import certificate_body
+    from core.context import LocalContext
     from core.errors import Cancelled
-    from core.pipeline import LocalContext
 
     spec = CertifySpec(n=100, l=10, samples=23, batch_size=100, early_stop=True)  # one sample per group
     x, y = _soundness_inputs()
