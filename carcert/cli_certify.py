@@ -1,9 +1,10 @@
 """`carcert certify` (CC-Cert certificate of a trained, optionally masked model) and `carcert verify`
-(recompute every bound of a certificate from its evidence; exit 1 on any mismatch).
+(check a certificate against its evidence, model and mask files; exit 1 on any mismatch).
 
     carcert certify --arch resnet18 --weights model.safetensors [--mask mask.safetensors] \\
         --dataset digits --transform illumination [--n 100 --l 10 --alpha 0.9 --epsilon 1e-3 \\
-        --samples 100 --seed 0 --bound-order conservative] --out cert.json
+        --samples 100 --seed 0 --bound-order conservative --bound cccert|binomial \\
+        --failure-probability 1e-3 --early-stop] --out cert.json
 writes cert.json and cert.evidence.npz beside it. --transform takes a parametric name
 (core.transforms.PARAMETRIC, or 'a+b'), 'pca' (built-in PCA latent direction, --component),
 'latent' with --encoder/--decoder .pt2 files, or 'precomputed' (variants shipped in an npz).
@@ -46,16 +47,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--t-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=500, help="forward-pass batch")
     p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
-    p.add_argument("--seed", type=int, default=0)
+    add_bound_options(p)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the sampled transformations only (the train/test split has a fixed seed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="certificate path (.json); evidence: <stem>.evidence.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_certify)
 
-    v = subparsers.add_parser("verify", help="recompute a certificate's bounds from its evidence")
+    v = subparsers.add_parser("verify", help="check a certificate against its evidence, model and mask",
+                              description=VERIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("certificate", help="certificate .json")
     v.add_argument("--evidence", help="default: <stem>.evidence.npz (or evidence.npz for certificate.json)")
+    v.add_argument("--model", help=f"weights file (default: {'model.safetensors'} beside the certificate)")
+    v.add_argument("--mask", help="mask file (default: mask.safetensors beside the certificate)")
+    v.add_argument("--no-files", action="store_true", help="check the evidence only (no model / mask files)")
+    v.add_argument("--recompute", action="store_true",
+                   help="also re-run the model on the recorded deltas and compare p and Z (tolerance 1e-6)")
+    v.add_argument("--dataset", help="--recompute: dataset reference overriding the certificate's "
+                                     "(e.g. a local copy of a service artifact; its sha256 must match)")
+    v.add_argument("--device", default="cpu", help="--recompute: cpu, cuda, ...")
+    v.add_argument("--batch-size", type=int, default=500, help="--recompute: forward-pass batch")
     v.set_defaults(func=run_verify)
+
+
+VERIFY_HELP = """Check a certificate: exit 0 when every check passes, 1 on a mismatch, 2 on unreadable input.
+
+What it proves:
+  1. The evidence file hashes to the certificate's evidence_sha256 (required), and every number of
+     the certificate (margins, bounds, decisions, accuracy, PCA, failure probability,
+     forward_passes) is recomputed from the evidence bit for bit; the deltas are those of the
+     recorded seed; samples stopped early stopped for a valid reason (core/bounds.py).
+  2. The model (and mask) files hash to model.sha256 (and mask_sha256), and the certificate's
+     params / nonzero / sparsity / per-layer sparsity are those of the files. The files are
+     model.safetensors / mask.safetensors beside the certificate, or --model / --mask.
+  3. With --recompute: re-running that model on the dataset's test samples and the recorded deltas
+     gives the evidence's p and Z within 1e-6 (float32 forward passes differ across CPUs, GPUs and
+     batch sizes by about 1e-7); the dataset must hash to the certificate's dataset.sha256.
+
+What it cannot prove:
+  - Without --recompute, that the evidence came from this model: checks 1-2 hold for any evidence
+    consistent with itself, whoever computed it.
+  - That the guarantee holds: the bound is a statistical statement (see the certificate's
+    "guarantee"), true with probability 1 - failure_probability per sample under its assumptions.
+  - Anything about inputs or transformations other than the certified samples and T.
+"""
+
+
+def add_bound_options(p: argparse.ArgumentParser) -> None:
+    """--bound, --failure-probability, --early-stop (shared by `certify` and `prune`)."""
+    p.add_argument("--bound", choices=("cccert", "binomial"), default="cccert",
+                   help="cccert: the paper's Eq. 13-14 (reproduction); binomial: one-sided Clopper-Pearson "
+                        "upper limit on P(Z >= d), distribution-free, needs n*l >= ln(1/beta)/epsilon")
+    p.add_argument("--failure-probability", type=float, default=1e-3, metavar="BETA",
+                   help="beta of the binomial bound (default 1e-3)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="stop sampling a sample once its decision cannot change (same decisions and PCA)")
 
 
 def _specs(args: argparse.Namespace):
@@ -77,7 +124,8 @@ def _specs(args: argparse.Namespace):
         tspec = TransformSpec(component=args.component, strength=args.strength, **tkw)
         cspec = CertifySpec(n=args.n, l=args.l, alpha=args.alpha, epsilon=args.epsilon, samples=args.samples,
                             t_min=args.t_min, t_max=args.t_max, t_steps=args.t_steps,
-                            bound_order=args.bound_order, batch_size=args.batch_size)
+                            bound_order=args.bound_order, batch_size=args.batch_size, bound=args.bound,
+                            failure_probability=args.failure_probability, early_stop=args.early_stop)
     except ValidationError as exc:
         msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"invalid certification options: {msgs}") from exc
@@ -126,11 +174,13 @@ def run_certify(args: argparse.Namespace) -> int:
                                device=device, ctx=ctx)
     finally:
         bar.close()
+    num_classes = args.num_classes or data.num_classes
     cert = build_certificate(
         result,
-        model_info=describe_model(model, args.arch, file_sha256(args.weights), masks),
+        model_info={**describe_model(model, args.arch, file_sha256(args.weights), masks),
+                    "num_classes": num_classes, "in_channels": data.in_channels, "small_input": small},
         mask_sha256=mask_sha,
-        dataset={"ref": data.ref, "sha256": data.sha256},
+        dataset={"ref": data.ref, "sha256": data.sha256, "split_seed": data.split_seed, "train_subset": None},
         transform=transform_description(transform),
     )
     cert_path, ev_path = write_certificate(cert, result, out.parent, name=out.name)
@@ -139,19 +189,33 @@ def run_certify(args: argparse.Namespace) -> int:
     total = len(result.samples)
     print(f"accuracy {result.accuracy:.4f}  PCA {result.pca:.4f} ({certified}/{total} certified, "
           f"epsilon {cspec.epsilon:g})  failure probability {result.failure_probability:.3g}  "
-          f"bound order {result.bound_order}  {result.seconds:.1f} s")
+          f"bound {result.params['bound']}  forward passes {result.forward_passes}  {result.seconds:.1f} s")
     print(f"certificate: {cert_path}\nevidence:    {ev_path}")
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
     from core.certify import verify_certificate
+    from core.verify import check_files, recompute
 
-    problems = verify_certificate(Path(args.certificate), Path(args.evidence) if args.evidence else None)
+    cert = Path(args.certificate)
+    evidence = Path(args.evidence) if args.evidence else None
+    model, mask = (Path(p) if p else None for p in (args.model, args.mask))
+    problems = verify_certificate(cert, evidence)
+    checked = ["evidence"]
+    if not args.no_files:
+        problems += check_files(cert, model, mask)
+        checked.append("model/mask files")
+    if args.recompute:
+        problems += recompute(cert, evidence, model=model, mask=mask, dataset=args.dataset,
+                              device=args.device, batch_size=args.batch_size)
+        checked.append("recomputed p and Z")
     if problems:
         for msg in problems:
             print(f"MISMATCH {msg}")
         print(f"{args.certificate}: {len(problems)} mismatch(es)", file=sys.stderr)
         return 1
-    print(f"{args.certificate}: OK, every bound recomputed from the evidence matches")
+    print(f"{args.certificate}: OK ({', '.join(checked)}): every number recomputed from the evidence matches")
+    if not args.recompute:
+        print("note: only --recompute ties the evidence to the model (see carcert verify --help)")
     return 0

@@ -98,9 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection(p)
     p.set_defaults(func=cmd_cancel)
 
-    p = subparsers.add_parser("download", help="download a job's model or mask (sha256-checked)")
+    p = subparsers.add_parser("download", help="download a job's model, mask or evidence (sha256-checked)")
     p.add_argument("job_id")
-    p.add_argument("what", choices=("model", "mask"))
+    p.add_argument("what", choices=("model", "mask", "evidence"))
     p.add_argument("--variant")
     p.add_argument("--out", type=Path, default=Path("."), help="file or folder (default .)")
     _connection(p)
@@ -350,7 +350,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     def body(client: CarcertClient) -> int:
-        fetch = client.download_model if args.what == "model" else client.download_mask
+        fetch = {"model": client.download_model, "mask": client.download_mask,
+                 "evidence": client.download_evidence}[args.what]
         path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
         return 0

@@ -32,6 +32,8 @@ FILES = ("model.safetensors", "mask.safetensors", "metrics.json", "certificate.j
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from carcert.cli_certify import add_bound_options
+
     p = subparsers.add_parser("prune", help="prune a model (CAR or a baseline) and certify it",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True, help=f"one of {', '.join(ARCHS)}")
@@ -78,6 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epsilon", type=float, default=1e-3)
     p.add_argument("--t-steps", type=int, default=500, help="points of the t grid")
     p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
+    add_bound_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output directory")
@@ -163,7 +166,9 @@ def build_spec(args: argparse.Namespace):
                                     encoder=args.encoder, decoder=args.decoder),
         "pruning": pruning,
         "certification": {"n": args.n, "l": args.l, "samples": args.samples, "alpha": args.alpha,
-                          "epsilon": args.epsilon, "t_steps": args.t_steps, "bound_order": args.bound_order},
+                          "epsilon": args.epsilon, "t_steps": args.t_steps, "bound_order": args.bound_order,
+                          "bound": args.bound, "failure_probability": args.failure_probability,
+                          "early_stop": args.early_stop},
         "train_subset": args.train_subset,
         "seed": args.seed,
     }

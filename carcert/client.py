@@ -245,7 +245,8 @@ class CarcertClient:
     def _download(self, job_id: str, what: str, dest: str | Path, variant: str | None) -> Path:
         dest = Path(dest)
         if dest.is_dir():
-            dest = dest / f"{job_id}-{variant + '-' if variant else ''}{what}.safetensors"
+            suffix = "npz" if what == "evidence" else "safetensors"
+            dest = dest / f"{job_id}-{variant + '-' if variant else ''}{what}.{suffix}"
         tmp = dest.with_name(dest.name + ".part")
         params = {"variant": variant} if variant else None
         response = self._send("GET", f"/jobs/{job_id}/{what}", retry=True, stream=True, params=params)
@@ -277,6 +278,12 @@ class CarcertClient:
     def download_mask(self, job_id: str, dest: str | Path, variant: str | None = None) -> Path:
         """GET /jobs/{id}/mask -> dest; sha256 checked against the header."""
         return self._download(job_id, "mask", dest, variant)
+
+    def download_evidence(self, job_id: str, dest: str | Path, variant: str | None = None) -> Path:
+        """GET /jobs/{id}/evidence -> dest (npz for `carcert verify --evidence`); the file's sha256 is
+        checked against the header. The server's X-Evidence-SHA256 names the certificate's
+        evidence_sha256, a hash of the arrays that `carcert verify` recomputes."""
+        return self._download(job_id, "evidence", dest, variant)
 
     def wait(
         self,

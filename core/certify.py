@@ -12,10 +12,20 @@ on the log grid t = geomspace(t_min, t_max, t_steps). Bound orders (both clipped
 t_star is the grid point attaining the min (reference: that of the maximising repeat).
 Failure probability of the estimate (Eq. 14, Cv = 1): (1 / (1 + n (1 - alpha)^2))^l.
 A sample is certified iff argmax p = y and eps_hat <= epsilon; PCA (Eq. 10) = certified / samples.
+With params.bound = "binomial" (core.bounds) the bound is instead the one-sided Clopper-Pearson upper
+limit on P(Z >= d) from the k draws with Z >= d among the N = n l, at failure probability beta, and
+that beta is the certificate's failure probability.
+
+Early stopping (params.early_stop, core.bounds for the exact conditions): draws are taken one
+repetition (n draws) at a time, in the order of the (l, n) array, and a sample stops once
+core.bounds.stop_reason holds; its evidence is what was sampled (the rest of its z and deltas rows is
+NaN, `draws` counts the sampled entries) and its record has epsilon_bound 1 (no claim), t_star None,
+certified false: the decision of the full run with the same seed. forward_passes = samples (clean
+passes) + total draws, for every run.
 
 Deltas of sample `index` come from a torch.Generator seeded from (seed, index) (numpy SeedSequence),
 drawn as an (l, n) float32 array, so results depend neither on batching nor on resuming.
-The evidence file (npz) holds z (S, l, n), deltas (S, l, n), p (S, K), labels, indices; from it
+The evidence file (npz) holds z (S, l, n), deltas (S, l, n), p (S, K), labels, indices, draws (S,); from it
 `verify_certificate` recomputes every number of the certificate and compares bit for bit.
 """
 
@@ -34,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 import core
+from core.bounds import GUARANTEES, check_bound, clopper_pearson_upper, stop_reason
 from core.context import write_json
 from core.errors import Cancelled, InvalidInput
 from core.masking import sparsity_report
@@ -41,6 +52,7 @@ from core.transforms import SemanticTransform
 
 BOUND_ORDERS = ("conservative", "reference")
 PARAM_KEYS = ("n", "l", "alpha", "epsilon", "t_min", "t_max", "t_steps", "seed", "samples")
+OPTIONAL_PARAMS = {"bound": "cccert", "beta": None, "early_stop": False}  # absent in older certificates
 
 
 # ----------------------------------------------------------------------------- the bound
@@ -104,21 +116,36 @@ def sample_deltas(seed: int, index: int, l: int, n: int) -> Tensor:  # noqa: E74
 
 
 def sample_record(index: int, label: int, p: np.ndarray, z: np.ndarray, params: dict[str, Any],
-                  order: str) -> dict[str, Any]:
-    """The certificate entry of one sample, from its p (K,) and z (l, n)."""
+                  order: str, draws: int | None = None) -> dict[str, Any]:
+    """The certificate entry of one sample, from its p (K,) and z (l, n) of which the first `draws`
+    entries in row-major order were sampled (None: all). A sample with fewer draws than n l was
+    stopped early (module docstring)."""
     d = float(margin(p))
     pred = int(np.argmax(p))
-    t = t_grid(params["t_min"], params["t_max"], params["t_steps"])
-    eps, t_star = epsilon_bound(z, d, params["alpha"], t, order)
+    total = int(params["n"]) * int(params["l"])
+    m = total if draws is None else int(draws)
+    sampled = np.asarray(z, dtype=np.float64).reshape(-1)[:m]
+    failures = int(np.count_nonzero(sampled >= d))
+    bound = params.get("bound", "cccert")
+    t_star: float | None = None
+    if m < total:
+        eps = 1.0
+    elif bound == "binomial":
+        eps = clopper_pearson_upper(failures, total, params["beta"])
+    else:
+        t = t_grid(params["t_min"], params["t_max"], params["t_steps"])
+        eps, t_star = epsilon_bound(z, d, params["alpha"], t, order)
     return {
         "index": int(index),
         "label": int(label),
         "pred": pred,
         "d": d,
-        "max_z": float(np.max(z)),
+        "max_z": float(sampled.max()) if m else None,
         "epsilon_bound": eps,
         "t_star": t_star,
-        "certified": bool(pred == int(label) and eps <= params["epsilon"]),
+        "certified": bool(m == total and pred == int(label) and eps <= params["epsilon"]),
+        "draws": m,
+        "failures": failures,
     }
 
 
@@ -132,7 +159,7 @@ def summarize(samples: list[dict[str, Any]]) -> tuple[float, float]:
 @dataclass
 class CertificationResult:
     samples: list[dict[str, Any]]
-    z: np.ndarray  # (S, l, n) float64
+    z: np.ndarray  # (S, l, n) float64 (NaN where a stopped sample was not sampled)
     accuracy: float
     pca: float
     failure_probability: float
@@ -143,14 +170,26 @@ class CertificationResult:
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     seconds: float = 0.0
+    draws: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (S,) sampled entries
+    forward_passes: int = 0  # S clean passes + draws.sum()
 
 
 def _params(spec: Any, seed: int, samples: int) -> dict[str, Any]:
+    bound = check_bound(str(getattr(spec, "bound", "cccert")))
+    beta = float(getattr(spec, "failure_probability", 1e-3)) if bound == "binomial" else None
     return {
         "n": int(spec.n), "l": int(spec.l), "alpha": float(spec.alpha), "epsilon": float(spec.epsilon),
         "t_min": float(spec.t_min), "t_max": float(spec.t_max), "t_steps": int(spec.t_steps),
-        "seed": int(seed), "samples": int(samples),
+        "seed": int(seed), "samples": int(samples), "bound": bound, "beta": beta,
+        "early_stop": bool(getattr(spec, "early_stop", False)),
     }
+
+
+def result_failure_probability(params: dict[str, Any]) -> float:
+    """The certificate's failure probability: Eq. 14 for cccert, beta for binomial."""
+    if params.get("bound", "cccert") == "binomial":
+        return float(params["beta"])
+    return failure_probability(params["n"], params["l"], params["alpha"])
 
 
 def _fingerprint(params: dict[str, Any], x: Tensor, y: Tensor) -> str:
@@ -173,36 +212,126 @@ def clean_probabilities(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
-def _group_z(model: nn.Module, transform: SemanticTransform, xs: Tensor, p_dev: Tensor, dl: Tensor,
-             g0: int, bs: int) -> np.ndarray:
-    """Z of the samples g0, g0 + 1, ... under their deltas dl (G, l, n): max over classes of
-    |p(T(x, delta)) - p(x)|, forward passes of `bs` transformed inputs across samples."""
-    g, l, n = dl.shape  # noqa: E741
-    dev = p_dev.device
-    flat_d = dl.reshape(-1).to(dev)
-    flat_s = torch.arange(g0, g0 + g).repeat_interleave(l * n)  # sample of each flat position (CPU)
-    flat_s_dev = flat_s.to(dev)
-    zg = torch.empty(flat_d.shape[0], dtype=torch.float64, device=dev)
-    for b0 in range(0, flat_d.shape[0], bs):
-        b1 = min(flat_d.shape[0], b0 + bs)
-        s_dev = flat_s_dev[b0:b1]
-        xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], flat_s[b0:b1])
+@torch.inference_mode()
+def transformed_z(model: nn.Module, transform: SemanticTransform, xs: Tensor, p: Tensor, sample_ids: Tensor,
+                  flat_d: Tensor, batch_size: int) -> np.ndarray:
+    """Z = ||p[s] - softmax(f(T(xs[s], delta)))||_inf (float64) for each pair (s, delta) of the flat
+    CPU `sample_ids` and `flat_d`, in forward batches of batch_size; xs and p on the model's device.
+    Raises InvalidInput on NaN/inf outputs."""
+    dev = xs.device
+    flat_d = flat_d.to(dev)
+    ids_dev = sample_ids.to(dev)
+    out = torch.empty(flat_d.shape[0], dtype=torch.float64, device=dev)
+    for b0 in range(0, flat_d.shape[0], batch_size):
+        b1 = min(flat_d.shape[0], b0 + batch_size)
+        s_dev = ids_dev[b0:b1]
+        xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], sample_ids[b0:b1])
         pt = model(xt).double().softmax(dim=1)
-        zg[b0:b1] = (pt - p_dev.index_select(0, s_dev)).abs().amax(dim=1)
-    return zg.cpu().numpy().reshape(g, l, n)
+        out[b0:b1] = (pt - p.index_select(0, s_dev)).abs().amax(dim=1)
+    res = out.cpu().numpy()
+    if not np.isfinite(res).all():
+        bad = sorted(set(sample_ids[~torch.from_numpy(np.isfinite(res))].tolist()))
+        raise InvalidInput(f"NaN/inf model outputs on transformed samples {bad[0]}..{bad[-1]}")
+    return res
 
 
-def _resume(ctx: Any, key: str, fingerprint: str, z: np.ndarray) -> int:
-    """Samples already certified by an earlier run of the same certification (their Z copied into
-    z); 0 without a matching checkpoint."""
-    if ctx is None:
-        return 0
-    state = ctx.load_checkpoint(key)
-    if state is None or state.get("fingerprint") != fingerprint:
-        return 0
-    done = int(state["done"])
-    z[:done] = state["z"].numpy()
-    return done
+@dataclass
+class _Run:
+    """What the sampling loops share: the model, the clean inputs and outputs, the arrays to fill."""
+
+    model: nn.Module
+    transform: SemanticTransform
+    xs: Tensor  # (S, ...) on dev
+    p_dev: Tensor  # (S, K) float64 on dev
+    params: dict[str, Any]
+    bs: int
+    dev: torch.device
+    z: np.ndarray  # (S, l, n)
+    deltas: np.ndarray  # (S, l, n)
+    draws: np.ndarray  # (S,)
+    ctx: Any
+    checkpoint_key: str
+    checkpoint_every_s: float
+    fingerprint: str
+    last_save: float = 0.0
+
+    def z_of(self, sample_ids: Tensor, flat_d: Tensor) -> np.ndarray:
+        """Z of the given (sample, delta) pairs (flat, CPU ids), in forward batches of bs."""
+        return transformed_z(self.model, self.transform, self.xs, self.p_dev, sample_ids, flat_d, self.bs)
+
+    def after_group(self, g1: int) -> None:
+        """Progress, cancel and the periodic checkpoint after samples [0, g1) are done."""
+        if self.ctx is None:
+            return
+        S = self.z.shape[0]  # noqa: N806
+        self.ctx.progress("certify", g1 / S, f"{g1}/{S} samples")
+        now = time.perf_counter()
+        cancel = self.ctx.should_cancel()
+        if g1 < S and (cancel or now - self.last_save >= self.checkpoint_every_s):
+            self.ctx.save_checkpoint(self.checkpoint_key, {
+                "fingerprint": self.fingerprint, "done": g1, "z": torch.from_numpy(self.z[:g1].copy()),
+                "draws": torch.from_numpy(self.draws[:g1].copy())})
+            self.last_save = now
+        if cancel:
+            raise Cancelled("certification cancelled")
+
+    def resume(self) -> int:
+        """Samples already done by a checkpoint of the same run (0 if none)."""
+        if self.ctx is None:
+            return 0
+        state = self.ctx.load_checkpoint(self.checkpoint_key)
+        if state is None or state.get("fingerprint") != self.fingerprint:
+            return 0
+        done = int(state["done"])
+        self.z[:done] = state["z"].numpy()
+        self.draws[:done] = state["draws"].numpy() if "draws" in state else self.z.shape[1] * self.z.shape[2]
+        return done
+
+
+def _sample_full(run: _Run, seed: int, done: int) -> None:
+    """Every sample gets all l n draws; groups of ceil(bs / (l n)) samples fill whole batches."""
+    S, l, n = run.z.shape  # noqa: N806, E741
+    group = max(1, math.ceil(run.bs / (l * n)))
+    for g0 in range(done, S, group):
+        g1 = min(S, g0 + group)
+        dl = torch.stack([sample_deltas(seed, i, l, n) for i in range(g0, g1)])  # (G, l, n)
+        run.deltas[g0:g1] = dl.numpy()
+        ids = torch.arange(g0, g1).repeat_interleave(l * n)
+        run.z[g0:g1] = run.z_of(ids, dl.reshape(-1)).reshape(g1 - g0, l, n)
+        run.draws[g0:g1] = l * n
+        run.after_group(g1)
+
+
+def _sample_early(run: _Run, seed: int, done: int, pred: np.ndarray, labels: np.ndarray,
+                  d: np.ndarray) -> None:
+    """Groups of ceil(bs / n) samples; each round gives every active sample its next repetition
+    (n draws) in one batched pass, then drops the samples whose decision can no longer change."""
+    S, l, n = run.z.shape  # noqa: N806, E741
+    zf, df = run.z.reshape(S, l * n), run.deltas.reshape(S, l * n)
+    prm = run.params
+    kw = {"n": n, "l": l, "alpha": prm["alpha"], "epsilon": prm["epsilon"], "beta": prm["beta"]}
+
+    def stopped(k: int) -> bool:
+        fails = int(np.count_nonzero(zf[k, :run.draws[k]] >= d[k]))
+        return stop_reason(prm["bound"], correct=bool(pred[k] == labels[k]), failures=fails, **kw) is not None
+
+    group = max(1, math.ceil(run.bs / n))
+    for g0 in range(done, S, group):
+        g1 = min(S, g0 + group)
+        full = {k: sample_deltas(seed, k, l, n).reshape(-1) for k in range(g0, g1)}
+        run.draws[g0:g1] = 0
+        active = [k for k in range(g0, g1) if not stopped(k)]
+        for pos in range(0, l * n, n):
+            if not active:
+                break
+            flat = torch.cat([full[k][pos:pos + n] for k in active])
+            zc = run.z_of(torch.tensor(active).repeat_interleave(n), flat).reshape(len(active), n)
+            for a, k in enumerate(active):
+                zf[k, pos:pos + n] = zc[a]
+                df[k, pos:pos + n] = full[k][pos:pos + n].numpy()
+                run.draws[k] = pos + n
+            active = [k for k in active if not stopped(k)]
+        run.after_group(g1)
 
 
 def certify_model(
@@ -222,9 +351,9 @@ def certify_model(
     dataset sample k: k is its `index` (delta seed, precomputed variants).
 
     Forward passes are batched across samples (spec.batch_size inputs per pass); samples are
-    processed in groups of ceil(batch_size / (l n)) so that a group fills whole batches. After a
-    group, if checkpoint_every_s elapsed, z so far is checkpointed via ctx (resume skips the done
-    groups, giving the same result); ctx.should_cancel() is checked between groups.
+    processed in groups that fill whole batches (_sample_full, _sample_early). After a group, if
+    checkpoint_every_s elapsed, z so far is checkpointed via ctx (resume skips the done groups,
+    giving the same result); ctx.should_cancel() is checked between groups.
     The model is put in eval mode (and moved to `device` if given)."""
     started = time.perf_counter()
     order = str(getattr(spec, "bound_order", "conservative"))
@@ -246,44 +375,29 @@ def certify_model(
     p_np = p_dev.cpu().numpy()
     if not np.isfinite(p_np).all():
         raise InvalidInput("the model produced NaN/inf outputs on the clean test samples")
-
-    z = np.zeros((S, l, n), dtype=np.float64)
-    deltas = np.zeros((S, l, n), dtype=np.float32)
-    fp = _fingerprint(params, xs, ys)
-    done = _resume(ctx, checkpoint_key, fp, z)
-    group = max(1, math.ceil(bs / (l * n)))
-    last_save = time.perf_counter()
-
-    with torch.inference_mode():
-        for g0 in range(done, S, group):
-            g1 = min(S, g0 + group)
-            dl = torch.stack([sample_deltas(seed, i, l, n) for i in range(g0, g1)])  # (G, l, n)
-            deltas[g0:g1] = dl.numpy()
-            z[g0:g1] = _group_z(model, transform, xs, p_dev, dl, g0, bs)
-            if not np.isfinite(z[g0:g1]).all():
-                raise InvalidInput(f"NaN/inf model outputs on transformed samples {g0}..{g1 - 1}")
-            if ctx is not None:
-                ctx.progress("certify", g1 / S, f"{g1}/{S} samples")
-                now = time.perf_counter()
-                cancel = ctx.should_cancel()
-                if g1 < S and (cancel or now - last_save >= checkpoint_every_s):
-                    ctx.save_checkpoint(checkpoint_key, {"fingerprint": fp, "done": g1,
-                                                         "z": torch.from_numpy(z[:g1].copy())})
-                    last_save = now
-                if cancel:
-                    raise Cancelled("certification cancelled")
-
-    if deltas[:done].size:  # resumed: the skipped samples' deltas are regenerated (same seed)
-        deltas[:done] = torch.stack([sample_deltas(seed, i, l, n) for i in range(done)]).numpy()
     labels = ys.numpy()
+    run = _Run(model, transform, xs, p_dev, params, bs, dev, z=np.full((S, l, n), np.nan),
+               deltas=np.full((S, l, n), np.nan, dtype=np.float32), draws=np.zeros(S, dtype=np.int64),
+               ctx=ctx, checkpoint_key=checkpoint_key, checkpoint_every_s=checkpoint_every_s,
+               fingerprint=_fingerprint(params, xs, ys), last_save=time.perf_counter())
+    done = run.resume()
+    if params["early_stop"]:
+        _sample_early(run, seed, done, p_np.argmax(axis=1), labels, margin(p_np))
+    else:
+        _sample_full(run, seed, done)
+    for k in range(done):  # resumed: the skipped samples' deltas are regenerated (same seed)
+        flat = sample_deltas(seed, k, l, n).numpy().reshape(-1)
+        flat[int(run.draws[k]):] = np.nan
+        run.deltas[k] = flat.reshape(l, n)
     indices = np.arange(S, dtype=np.int64)
-    samples = [sample_record(int(indices[k]), int(labels[k]), p_np[k], z[k], params, order) for k in range(S)]
+    samples = [sample_record(int(indices[k]), int(labels[k]), p_np[k], run.z[k], params, order,
+                             int(run.draws[k])) for k in range(S)]
     acc, pca = summarize(samples)
     return CertificationResult(
-        samples=samples, z=z, accuracy=acc, pca=pca,
-        failure_probability=failure_probability(n, l, float(spec.alpha)), params=params,
-        bound_order=order, p=p_np, deltas=deltas, labels=labels, indices=indices,
-        seconds=time.perf_counter() - started,
+        samples=samples, z=run.z, accuracy=acc, pca=pca,
+        failure_probability=result_failure_probability(params), params=params,
+        bound_order=order, p=p_np, deltas=run.deltas, labels=labels, indices=indices,
+        seconds=time.perf_counter() - started, draws=run.draws, forward_passes=S + int(run.draws.sum()),
     )
 
 
@@ -300,15 +414,24 @@ def describe_model(model: nn.Module, arch: str, sha256: str | None, masks: Any =
 
 
 def evidence_sha256(z: np.ndarray, deltas: np.ndarray, p: np.ndarray, labels: np.ndarray,
-                    indices: np.ndarray) -> str:
-    """Hash of the evidence arrays' contents (canonical dtypes, C order)."""
+                    indices: np.ndarray, draws: np.ndarray | None = None) -> str:
+    """Hash of the evidence arrays' contents (canonical dtypes, C order); `draws` (S,) is part of it
+    when given (evidence written before early stopping has none)."""
     h = hashlib.sha256()
-    for a, dt in ((z, np.float64), (deltas, np.float32), (p, np.float64), (labels, np.int64),
-                  (indices, np.int64)):
+    arrays = [(z, np.float64), (deltas, np.float32), (p, np.float64), (labels, np.int64), (indices, np.int64)]
+    if draws is not None:
+        arrays.append((draws, np.int64))
+    for a, dt in arrays:
         arr = np.ascontiguousarray(np.asarray(a, dtype=dt))
         h.update(str(arr.shape).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def guarantee(params: dict[str, Any]) -> dict[str, Any]:
+    """The certificate's "guarantee": the bound's name, its statement and assumptions in words."""
+    bound = params.get("bound", "cccert")
+    return {"bound": bound, **GUARANTEES[bound]}
 
 
 def build_certificate(
@@ -320,7 +443,9 @@ def build_certificate(
     transform: dict[str, Any],
     job_id: str | None = None,
 ) -> dict[str, Any]:
-    """The DESIGN.md certificate (plus "bound_order" and "evidence_sha256")."""
+    """The DESIGN.md certificate (plus "bound_order", "guarantee", "forward_passes" and
+    "evidence_sha256"). Everything but created_at and job_id (certificate_body) is a function of the
+    inputs and the seed."""
     return {
         "job_id": job_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -331,11 +456,14 @@ def build_certificate(
         "transform": transform,
         "params": dict(result.params),
         "bound_order": result.bound_order,
+        "guarantee": guarantee(result.params),
         "failure_probability": result.failure_probability,
         "accuracy": result.accuracy,
         "pca": result.pca,
+        "forward_passes": int(result.forward_passes),
         "samples": result.samples,
-        "evidence_sha256": evidence_sha256(result.z, result.deltas, result.p, result.labels, result.indices),
+        "evidence_sha256": evidence_sha256(result.z, result.deltas, result.p, result.labels, result.indices,
+                                           result.draws),
     }
 
 
@@ -362,60 +490,103 @@ def write_certificate(
     ev_path = evidence_path_for(cert_path)
     tmp = ev_path.with_name(ev_path.name + ".tmp.npz")
     np.savez_compressed(tmp, z=result.z, deltas=result.deltas, p=result.p, labels=result.labels,
-                        indices=result.indices)
+                        indices=result.indices, draws=result.draws)
     tmp.replace(ev_path)
     write_json(cert_path, cert)
     return cert_path, ev_path
 
 
+def load_evidence(ev_path: Path) -> dict[str, np.ndarray]:
+    """The evidence arrays (z, deltas, p, labels, indices and, when present, draws); never unpickles."""
+    try:
+        with np.load(ev_path, allow_pickle=False) as ev:
+            out = {k: ev[k] for k in ("z", "deltas", "p", "labels", "indices")}
+            if "draws" in ev.files:
+                out["draws"] = ev["draws"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise InvalidInput(f"cannot read evidence {ev_path}: {exc}") from exc
+    return out
+
+
+def _verify_sample(k: int, rec: dict[str, Any], ev: dict[str, np.ndarray], m: int, params: dict[str, Any],
+                   order: str) -> tuple[dict[str, Any], list[str]]:
+    """The recomputed record of sample k (m draws) and the mismatches it shows."""
+    n, l = params["n"], params["l"]  # noqa: E741
+    bad = []
+    want_d = sample_deltas(params["seed"], int(ev["indices"][k]), l, n).numpy().reshape(-1)
+    got_d, got_z = ev["deltas"][k].reshape(-1), ev["z"][k].reshape(-1)
+    if not np.array_equal(got_d[:m], want_d[:m]):
+        bad.append(f"sample {k}: deltas are not those of seed {params['seed']}")
+    if m < n * l and not (np.isnan(got_d[m:]).all() and np.isnan(got_z[m:]).all()):
+        bad.append(f"sample {k}: entries after its {m} draws are not empty (NaN)")
+    if np.isnan(got_z[:m]).any():
+        bad.append(f"sample {k}: NaN among its {m} sampled Z")
+    idx, label = int(ev["indices"][k]), int(ev["labels"][k])
+    want = sample_record(idx, label, ev["p"][k], ev["z"][k], params, order, m)
+    if m < n * l:
+        reason = stop_reason(params["bound"], correct=want["pred"] == label, failures=want["failures"], n=n,
+                             l=l, alpha=params["alpha"], epsilon=params["epsilon"], beta=params["beta"])
+        if not params["early_stop"] or reason is None:
+            bad.append(f"sample {k}: stopped after {m} of {n * l} draws without a valid stopping reason")
+    for key, value in want.items():
+        if rec.get(key) != value:
+            bad.append(f"sample {k}: {key} {rec.get(key)!r} != recomputed {value!r}")
+    if any(key not in want for key in rec):
+        bad.append(f"sample {k}: unexpected fields {sorted(set(rec) - set(want))}")
+    return want, bad
+
+
 def verify_certificate(cert_path: Path, evidence_path: Path | None = None) -> list[str]:
     """Recompute every number of the certificate from its evidence; [] when all agree bit for bit,
-    else one message per mismatch."""
+    else one message per mismatch. The certificate must carry evidence_sha256, and the evidence must
+    hash to it. Samples stopped early are checked too: their sampled deltas are the seed's, the rest
+    is empty, and the stopping condition (core.bounds.stop_reason) holds on what was sampled."""
     cert_path = Path(cert_path)
     try:
         cert = json.loads(cert_path.read_text())
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read certificate {cert_path}: {exc}") from exc
-    ev_path = Path(evidence_path) if evidence_path else evidence_path_for(cert_path)
-    try:
-        with np.load(ev_path, allow_pickle=False) as ev:
-            z, deltas, p = ev["z"], ev["deltas"], ev["p"]
-            labels, indices = ev["labels"], ev["indices"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise InvalidInput(f"cannot read evidence {ev_path}: {exc}") from exc
-
-    bad: list[str] = []
+    ev = load_evidence(Path(evidence_path) if evidence_path else evidence_path_for(cert_path))
     try:
         params = {k: cert["params"][k] for k in PARAM_KEYS}
+        params.update({k: cert["params"].get(k, v) for k, v in OPTIONAL_PARAMS.items()})
         order = cert.get("bound_order", "conservative")
         samples = cert["samples"]
+        claimed_hash = cert["evidence_sha256"]
     except (KeyError, TypeError) as exc:
         return [f"certificate lacks a required field: {exc}"]
-    if order not in BOUND_ORDERS:
-        return [f"unknown bound_order {order!r}"]
+    if order not in BOUND_ORDERS or params["bound"] not in GUARANTEES:
+        return [f"unknown bound_order {order!r} or bound {params['bound']!r}"]
     S, l, n = len(samples), params["l"], params["n"]  # noqa: N806, E741
-    if z.shape != (S, l, n) or deltas.shape != (S, l, n) or p.shape[0] != S or labels.shape != (S,):
-        return [f"evidence shapes z {z.shape}, deltas {deltas.shape}, p {p.shape} do not match "
-                f"{S} samples x l={l} x n={n}"]
+    draws = ev.get("draws", np.full(S, n * l, dtype=np.int64))
+    if (ev["z"].shape != (S, l, n) or ev["deltas"].shape != (S, l, n) or ev["p"].shape[0] != S
+            or ev["labels"].shape != (S,) or draws.shape != (S,)):
+        return [f"evidence shapes z {ev['z'].shape}, deltas {ev['deltas'].shape}, p {ev['p'].shape}, draws "
+                f"{draws.shape} do not match {S} samples x l={l} x n={n}"]
+    bad: list[str] = []
     if params["samples"] != S:
         bad.append(f"params.samples {params['samples']} != {S} sample records")
-    h = evidence_sha256(z, deltas, p, labels, indices)
-    if "evidence_sha256" in cert and cert["evidence_sha256"] != h:
-        bad.append(f"evidence_sha256 {cert['evidence_sha256']} != recomputed {h}")
-    fp = failure_probability(n, l, params["alpha"])
+    h = evidence_sha256(ev["z"], ev["deltas"], ev["p"], ev["labels"], ev["indices"], ev.get("draws"))
+    if claimed_hash != h:
+        bad.append(f"evidence_sha256 {claimed_hash} != recomputed {h}")
+    fp = result_failure_probability(params)
     if cert.get("failure_probability") != fp:
         bad.append(f"failure_probability {cert.get('failure_probability')!r} != recomputed {fp!r}")
+    named = (cert.get("guarantee") or {}).get("bound", params["bound"])
+    if named != params["bound"]:
+        bad.append(f"guarantee names bound {named!r} but params.bound is {params['bound']!r}")
+    passes = S + int(draws.sum())
+    if "forward_passes" in cert and cert["forward_passes"] != passes:
+        bad.append(f"forward_passes {cert['forward_passes']!r} != recomputed {passes}")
     recomputed = []
     for k, rec in enumerate(samples):
-        if not np.array_equal(deltas[k], sample_deltas(params["seed"], int(indices[k]), l, n).numpy()):
-            bad.append(f"sample {k}: deltas are not those of seed {params['seed']}")
-        want = sample_record(int(indices[k]), int(labels[k]), p[k], z[k], params, order)
+        m = int(draws[k])
+        if not 0 <= m <= n * l:
+            bad.append(f"sample {k}: {m} draws outside [0, {n * l}]")
+            continue
+        want, msgs = _verify_sample(k, rec, ev, m, params, order)
         recomputed.append(want)
-        for key, value in want.items():
-            if rec.get(key) != value:
-                bad.append(f"sample {k}: {key} {rec.get(key)!r} != recomputed {value!r}")
-        if any(key not in want for key in rec):
-            bad.append(f"sample {k}: unexpected fields {sorted(set(rec) - set(want))}")
+        bad.extend(msgs)
     acc, pca = summarize(recomputed)
     if cert.get("accuracy") != acc:
         bad.append(f"accuracy {cert.get('accuracy')!r} != recomputed {acc!r}")
@@ -425,6 +596,6 @@ def verify_certificate(cert_path: Path, evidence_path: Path | None = None) -> li
 
 
 __all__ = ["BOUND_ORDERS", "CertificationResult", "build_certificate", "certificate_body", "certify_model",
-           "describe_model",
+           "describe_model", "guarantee", "load_evidence", "result_failure_probability", "transformed_z",
            "epsilon_bound", "evidence_path_for", "failure_probability", "log_y", "margin", "sample_deltas",
            "t_grid", "verify_certificate", "write_certificate"]

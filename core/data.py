@@ -2,16 +2,21 @@
 
 References (DESIGN.md):
     digits                  sklearn ``load_digits`` (1797 8x8 grey images, values / 16, 10 classes);
-                            seeded 80/20 split.
+                            80/20 split seeded by SPLIT_SEED.
     fashion-mnist[:DIR]     the IDX files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` in DIR
                             (default /usr/share/datasets/fashion-mnist); the official 60000/10000 split.
     npz:PATH                keys x_train, y_train, x_test, y_test; uint8 0..255 or float 0..1 images,
                             NHWC, NCHW or NHW; every other key goes to ``extras`` unchanged (dtype kept).
-    imagefolder:PATH        PATH/<class>/<image> (seeded 80/20 split) or PATH/{train,test}/<class>/<image>
-                            (``val`` is accepted for ``test``); classes sorted by name; images are
-                            resized (bilinear) to the most frequent size; grey if every image is grey.
+    imagefolder:PATH        PATH/<class>/<image> (80/20 split seeded by SPLIT_SEED) or
+                            PATH/{train,test}/<class>/<image> (``val`` is accepted for ``test``);
+                            classes sorted by name; images are resized (bilinear) to the most
+                            frequent size; grey if every image is grey.
 Images come back as float32 (N, C, H, W) in [0, 1], labels as int64 (N,).
 
+The train/test split never depends on the job seed: seeded splits use ``split_seed`` (default
+SPLIT_SEED, recorded in ``DatasetSplit.split_seed`` and in certificates; None for official splits), so
+training and certification with any ``seed`` see the same test set. ``seed`` only draws the
+training subset.
 ``train_subset=N`` keeps a seeded random N of the training samples (in source order; their source
 indices are in ``DatasetSplit.train_indices``); extras named ``*_train`` with one row per training
 sample (e.g. ``variants_train`` of core.transforms' precomputed kind) are subset alike.
@@ -40,6 +45,7 @@ from core.paths import within_roots
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TEST_FRACTION = 0.2
+SPLIT_SEED = 0  # the fixed seed of the digits / imagefolder train/test split (never the job seed)
 REF_FORMS = "digits, fashion-mnist[:DIR], npz:PATH, imagefolder:PATH"
 
 
@@ -56,6 +62,7 @@ class DatasetSplit:
     extras: dict[str, Tensor] = field(default_factory=dict)
     train_indices: Tensor | None = None  # source indices of the kept training samples (train_subset)
     classes: list[str] | None = None  # class names where the source has them (imagefolder)
+    split_seed: int | None = None  # seed of the train/test split; None: the source's own split
 
     def describe(self) -> dict:
         """JSON-able summary for certificates and metrics."""
@@ -66,6 +73,7 @@ class DatasetSplit:
             "test": int(self.test_x.shape[0]),
             "shape": list(self.train_x.shape[1:]),
             "num_classes": self.num_classes,
+            "split_seed": self.split_seed,
         }
 
 
@@ -239,14 +247,19 @@ def _image_files(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _presplit(root: Path) -> tuple[bool, dict[str, Path], Path | None]:
+    """(has train/ and test/ (or val/) folders, the sub-folders by name, the test folder)."""
+    sub = {p.name: p for p in _class_dirs(root)}
+    test_dir = sub.get("test") or sub.get("val")
+    return "train" in sub and test_dir is not None, sub, test_dir
+
+
 def _imagefolder(root: Path, seed: int):
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
         raise DatasetError(f"imagefolder directory not found: {root}")
-    sub = {p.name: p for p in _class_dirs(root)}
-    test_dir = sub.get("test") or sub.get("val")
-    presplit = "train" in sub and test_dir is not None
+    presplit, sub, test_dir = _presplit(root)
     parts = {"train": sub["train"], "test": test_dir} if presplit else {"all": root}
     classes = sorted({c.name for d in parts.values() for c in _class_dirs(d)})
     if len(classes) < 2:
@@ -302,14 +315,18 @@ def load_dataset(
     seed: int = 0,
     allowed_roots: Sequence[Path] | None = None,
     train_subset: int | None = None,
+    split_seed: int = SPLIT_SEED,
 ) -> DatasetSplit:
-    """Resolve ``ref`` (see the module docstring) into a DatasetSplit."""
+    """Resolve ``ref`` (see the module docstring) into a DatasetSplit. ``seed`` draws the training
+    subset only; the train/test split uses ``split_seed``."""
     if not isinstance(ref, str) or not ref.strip():
         raise DatasetError(f"empty dataset reference; valid forms: {REF_FORMS}")
     ref = ref.strip()
     kind, _, arg = ref.partition(":")
+    seeded_split = None
     if kind == "digits" and not arg:
-        parts = _digits(seed)
+        parts = _digits(split_seed)
+        seeded_split = split_seed
     elif kind == "fashion-mnist":
         directory = _check_root(Path(arg), allowed_roots) if arg else DEFAULT_FASHION_DIR
         parts = _fashion(directory)
@@ -317,7 +334,9 @@ def load_dataset(
         if not arg:
             raise DatasetError(f"dataset reference {ref!r} needs a path: {kind}:PATH")
         path = _check_root(Path(arg), allowed_roots)
-        parts = _npz(path) if kind == "npz" else _imagefolder(path, seed)
+        parts = _npz(path) if kind == "npz" else _imagefolder(path, split_seed)
+        if kind == "imagefolder" and not _presplit(path)[0]:
+            seeded_split = split_seed
     else:
         raise DatasetError(f"unknown dataset reference {ref!r}; valid forms: {REF_FORMS}")
     trx, try_, tex, tey, num_classes, extras, classes = parts
@@ -352,4 +371,5 @@ def load_dataset(
         extras=extras,
         train_indices=train_indices,
         classes=classes,
+        split_seed=seeded_split,
     )

@@ -126,7 +126,8 @@ def _certify_and_write(
         result,
         model_info=model_info,
         mask_sha256=mask_sha256,
-        dataset={"ref": data.ref, "sha256": data.sha256},
+        dataset={"ref": data.ref, "sha256": data.sha256, "split_seed": data.split_seed,
+                 "train_subset": spec.train_subset},
         transform=transform_description(transform),
         job_id=job_id,
     )

@@ -246,11 +246,11 @@ def figure_margins(results: Sequence[Mapping[str, Any]]) -> Figure:
     for ax, r in panels:
         samples = _samples(r)
         d = np.array([float(s["d"]) for s in samples])
-        z = np.array([float(s["max_z"]) for s in samples])
+        z = np.array([_float_or_nan(s["max_z"]) for s in samples])  # None: stopped before any draw
         ok = np.array([bool(s["certified"]) for s in samples])
         ax.scatter(d[ok], z[ok], s=12, color="tab:green", label="certified")
         ax.scatter(d[~ok], z[~ok], s=12, color="tab:red", marker="x", label="not certified")
-        top = max(float(d.max()), float(z.max()), 1e-3) * 1.05
+        top = max(float(d.max()), float(np.nanmax(z, initial=0.0)), 1e-3) * 1.05
         ax.plot([0.0, top], [0.0, top], color="black", linewidth=1, linestyle="--", label="Z = d")
         ax.set_xlim(0, top)
         ax.set_ylim(0, top)

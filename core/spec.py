@@ -17,6 +17,7 @@ Arch = Literal["small_cnn", "resnet18", "mobilenet_v2", "googlenet"]
 Method = Literal[METHODS]  # core.methods.REGISTRY
 Scope = Literal["layer", "global"]
 BoundOrder = Literal["conservative", "reference"]
+Bound = Literal["cccert", "binomial"]
 
 
 class _Strict(BaseModel):
@@ -113,6 +114,17 @@ class CertifySpec(_Strict):
     t_max: float = Field(default=1e4, gt=0.0)
     t_steps: int = Field(default=500, ge=1, le=100_000)
     bound_order: BoundOrder = "conservative"
+    bound: Bound = Field(
+        default="cccert",
+        description="cccert: the paper's Eq. 13-14 (for reproduction); binomial: one-sided Clopper-Pearson "
+        "upper limit on P(Z >= d) at failure probability beta (core.bounds)",
+    )
+    failure_probability: float = Field(
+        default=1e-3, gt=0.0, lt=1.0, description="beta of the binomial bound (cccert: Eq. 14 instead)"
+    )
+    early_stop: bool = Field(
+        default=False, description="stop sampling a sample once its decision cannot change (exact)"
+    )
     batch_size: int = Field(default=500, ge=1, le=100_000, description="forward-pass batch")
 
     @model_validator(mode="after")

@@ -1,5 +1,5 @@
 """Jobs: submit (idempotent), list (keyset cursor), get, cancel, and the results: certificate,
-mask and model files.
+mask, model and evidence files.
 
 The certificate of a succeeded job never changes, so its rendered JSON bytes are cached per
 (job id, variant) in an `api.lru.LruCache` and returned with a plain Response: a hot GET costs no
@@ -79,7 +79,8 @@ def job_out(job: Any) -> JobOut:
     base = f"/jobs/{job.id}"
     links = {"self": base, "cancel": f"{base}/cancel"}
     if job.status == "succeeded":
-        links.update(certificate=f"{base}/certificate", mask=f"{base}/mask", model=f"{base}/model")
+        links.update(certificate=f"{base}/certificate", mask=f"{base}/mask", model=f"{base}/model",
+                     evidence=f"{base}/evidence")
     return JobOut(
         id=job.id,
         kind=job.kind,
@@ -360,7 +361,8 @@ def _result_file(
             title="Invalid request",
         )
     result = chosen[0]
-    art_id = result.mask_artifact_id if what == "mask" else result.model_artifact_id
+    art_id = {"mask": result.mask_artifact_id, "model": result.model_artifact_id,
+              "evidence": result.evidence_artifact_id}[what]
     art = get_artifact(session, tenant, art_id) if art_id else None
     if art is None:
         raise ApiProblem(
@@ -372,6 +374,8 @@ def _result_file(
         )
     etag = f'"{art.sha256}"'
     headers = {"ETag": etag, "X-Content-SHA256": art.sha256, "Cache-Control": "private, max-age=0"}
+    if what == "evidence":  # the content hash the certificate names (carcert verify recomputes it)
+        headers["X-Evidence-SHA256"] = str((result.certificate or {}).get("evidence_sha256", ""))
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     try:
@@ -387,7 +391,7 @@ def _result_file(
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"{job_id}-{result.name}-{what}.safetensors",
+        filename=f"{job_id}-{result.name}-{what}.{'npz' if what == 'evidence' else 'safetensors'}",
         headers=headers,
     )
 
@@ -434,3 +438,28 @@ def get_model(
     variant: Annotated[str | None, Query(max_length=100)] = None,
 ) -> Response:
     return _result_file(session, store, tenant, job_id, variant, "model", request)
+
+
+@router.get(
+    "/{job_id}/evidence",
+    response_class=Response,
+    summary="Download the certificate's evidence (npz: z, deltas, p, labels, indices, draws)",
+    responses={
+        200: {
+            "description": "npz file for `carcert verify --evidence`; ETag and X-Content-SHA256 carry the "
+            "file's sha256, X-Evidence-SHA256 the certificate's evidence_sha256 (a hash of the arrays)",
+            "content": {"application/octet-stream": BINARY},
+        },
+        304: {"description": "Not modified (If-None-Match)"},
+        **problem_responses(401, 404, 409, 422, 503),
+    },
+)
+def get_evidence(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    store: StoreDep,
+    variant: Annotated[str | None, Query(max_length=100)] = None,
+) -> Response:
+    return _result_file(session, store, tenant, job_id, variant, "evidence", request)

@@ -160,6 +160,46 @@ def test_downloads_are_sha256_checked_and_loadable(alice, done_job, tmp_path):
         assert torch.count_nonzero(params[name].detach()[~m]) == 0
 
 
+def test_evidence_over_rest_lets_a_service_user_verify(server, alice, done_job, tmp_path, capsys,
+                                                       monkeypatch):
+    """Issue 10, point 4: GET /jobs/{id}/evidence (its X-Evidence-SHA256 is the certificate's
+    evidence_sha256), `carcert download JOB evidence` and CarcertClient.download_evidence; with the
+    certificate, model and mask from the same API, `carcert verify --recompute` passes."""
+    import httpx
+
+    from core.certify import evidence_sha256, load_evidence
+
+    final, _ = done_job
+    cert = alice.certificate(final["id"])
+    assert final["links"]["evidence"] == f"/jobs/{final['id']}/evidence"
+    r = httpx.get(f"{server.url}/jobs/{final['id']}/evidence",
+                  headers={"Authorization": f"Bearer {server.keys['alice']}"}, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    assert r.headers["x-evidence-sha256"] == cert["evidence_sha256"]
+    assert r.headers["x-content-sha256"] == hashlib.sha256(r.content).hexdigest()
+    bob = httpx.get(f"{server.url}/jobs/{final['id']}/evidence",
+                    headers={"Authorization": f"Bearer {server.keys['bob']}"}, timeout=30)
+    assert bob.status_code == 404 and bob.headers["content-type"] == "application/problem+json"
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    (folder / "certificate.json").write_text(json.dumps(cert))
+    ev = alice.download_evidence(final["id"], folder / "evidence.npz")
+    assert ev.read_bytes() == r.content
+    arrays = load_evidence(ev)
+    assert evidence_sha256(*(arrays[k] for k in ("z", "deltas", "p", "labels", "indices")),
+                           arrays.get("draws")) == cert["evidence_sha256"]
+    alice.download_model(final["id"], folder / "model.safetensors")
+    alice.download_mask(final["id"], folder / "mask.safetensors")
+    capsys.readouterr()
+    assert cli.main(["verify", str(folder / "certificate.json"), "--recompute"]) == 0
+    assert "recomputed p and Z" in capsys.readouterr().out
+    monkeypatch.setenv("CARCERT_URL", server.url)
+    monkeypatch.setenv("CARCERT_API_KEY", server.keys["alice"])
+    assert cli.main(["download", final["id"], "evidence", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{final['id']}-evidence.npz").read_bytes() == r.content
+
+
 def test_cli_jobs_certificate_job_cancel(server, done_job, tmp_path, capsys, monkeypatch):
     final, _ = done_job
     monkeypatch.setenv("CARCERT_URL", server.url)

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from carcert.cli import main
+from core.certify import certificate_body
 from core.data import load_dataset
 from core.masking import prunable_weights, save_masks, topk_mask
 from core.models import build_model, file_sha256, save_weights
 
 DESIGN_KEYS = {"job_id", "created_at", "software", "model", "mask_sha256", "dataset", "transform", "params",
                "failure_probability", "accuracy", "pca", "samples"}
-SAMPLE_KEYS = {"index", "label", "pred", "d", "max_z", "epsilon_bound", "t_star", "certified"}
+SAMPLE_KEYS = {"index", "label", "pred", "d", "max_z", "epsilon_bound", "t_star", "certified", "draws",
+               "failures"}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +63,14 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert set(cert) >= DESIGN_KEYS and cert["bound_order"] == "conservative"
     assert all(set(s) == SAMPLE_KEYS for s in cert["samples"])
     assert cert["params"] == {"n": 20, "l": 3, "alpha": 0.9, "epsilon": 0.01, "t_min": 1e-4, "t_max": 1e4,
-                              "t_steps": 100, "seed": 5, "samples": 12}
+                              "t_steps": 100, "seed": 5, "samples": 12, "bound": "cccert", "beta": None,
+                              "early_stop": False}
+    assert cert["forward_passes"] == 12 + 12 * 60 and cert["guarantee"]["bound"] == "cccert"
     assert cert["model"]["sha256"] == file_sha256(weights) and cert["mask_sha256"] is None
     data = load_dataset("digits", seed=5)
-    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256}
+    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256, "split_seed": 0, "train_subset": None}
+    # --seed 5 certifies the test split the seed-0 model was trained against (issue 10, point 3)
+    assert torch.equal(data.test_x, load_dataset("digits", seed=0).test_x)
     assert [s["label"] for s in cert["samples"]] == data.test_y[:12].tolist()
     # predictions are those of the saved model on the test samples
     model = build_model("small_cnn", 10, 1)
@@ -79,7 +85,10 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert cert["pca"] == sum(s["certified"] for s in cert["samples"]) / 12
     assert cert["failure_probability"] == pytest.approx((1 / (1 + 20 * 0.01)) ** 3)
     capsys.readouterr()
-    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out)]) == 1  # the model is not beside the certificate
+    assert "pass --model" in capsys.readouterr().out
+    assert main(["verify", str(out), "--no-files"]) == 0
+    assert main(["verify", str(out), "--model", str(weights), "--recompute"]) == 0
     assert "OK" in capsys.readouterr().out
     # tampering is reported and exits 1
     cert["samples"][3]["epsilon_bound"] = 0.0 if cert["samples"][3]["epsilon_bound"] else 0.5
@@ -87,13 +96,15 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     bad.write_text(json.dumps(cert))
     assert main(["verify", str(bad), "--evidence", str(ev)]) == 1
     assert "MISMATCH sample 3: epsilon_bound" in capsys.readouterr().out
-    # same inputs and seed: the same certificate body
+    # same inputs and seed: the same certificate body, byte for byte (README: created_at and job_id
+    # are outside the body), and byte-identical evidence
     out2 = tmp_path / "again.json"
     assert _certify(weights, out2) == 0
-    a, b = json.loads(out.read_text()), json.loads(out2.read_text())
-    for c in (a, b):
-        c.pop("created_at")
-    assert a == b
+    a, b = out.read_text(), out2.read_text()
+    assert certificate_body(json.loads(a)) == certificate_body(json.loads(b))
+    assert [x for x in a.splitlines() if '"created_at"' not in x] == \
+        [x for x in b.splitlines() if '"created_at"' not in x]
+    assert ev.read_bytes() == (tmp_path / "again.evidence.npz").read_bytes()
 
 
 def test_certify_with_mask(trained, tmp_path) -> None:
@@ -111,7 +122,29 @@ def test_certify_with_mask(trained, tmp_path) -> None:
     assert cert["model"]["params"] == total
     assert cert["model"]["nonzero"] <= kept and cert["model"]["sparsity"] >= 1 - kept / total - 1e-12
     assert cert["model"]["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out), "--model", str(weights), "--mask", str(mask), "--recompute"]) == 0
+    assert main(["verify", str(out), "--model", str(weights)]) == 1  # the mask is part of the model
+
+
+def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
+    """--bound binomial --early-stop: the full run's decisions with fewer forward passes, the
+    guarantee in words, and a certificate that verifies."""
+    weights, _, _ = trained
+    opts = ("--bound", "binomial", "--failure-probability", "0.05", "--epsilon", "0.1")
+    assert _certify(weights, tmp_path / "full.json", *opts) == 0
+    assert _certify(weights, tmp_path / "early.json", *opts, "--early-stop") == 0
+    full, early = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "early"))
+    assert early["params"]["bound"] == "binomial" and early["params"]["beta"] == 0.05
+    assert early["params"]["early_stop"] and early["failure_probability"] == 0.05
+    assert "1 - beta" in early["guarantee"]["statement"] and early["guarantee"]["assumptions"]
+    assert [s["certified"] for s in early["samples"]] == [s["certified"] for s in full["samples"]]
+    assert early["pca"] == full["pca"] and full["forward_passes"] == 12 + 12 * 60
+    assert _certify(weights, tmp_path / "early2.json", *opts, "--early-stop") == 0
+    again = json.loads((tmp_path / "early2.json").read_text())
+    assert certificate_body(again) == certificate_body(early)  # early stopping is deterministic too
+    assert early["forward_passes"] == 12 + sum(s["draws"] for s in early["samples"]) <= full["forward_passes"]
+    assert "forward passes" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "early.json"), "--model", str(weights), "--recompute"]) == 0
 
 
 def test_bad_options_exit_2(trained, tmp_path, capsys) -> None:

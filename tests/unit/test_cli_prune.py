@@ -53,6 +53,53 @@ def test_prune_lmp_end_to_end(tmp_path: Path, capsys) -> None:
     row = next(line for line in printed.splitlines() if line.startswith("lmp-0.50"))
     assert f"{metrics['accuracy']:.4f}" in row and f"{metrics['pca']:.4f}" in row
     assert "variant" in printed and "PCA" in printed
+    _verify_detects_the_audits_tampering(out, capsys)
+
+
+def _verify_detects_the_audits_tampering(out: Path, capsys) -> None:
+    """Issue 10, point 2: a flipped byte in model.safetensors, a false model.sparsity or a removed
+    evidence_sha256 all passed `carcert verify` (exit 0); each is now a mismatch (exit 1)."""
+    import shutil
+
+    cert_path = out / "certificate.json"
+    capsys.readouterr()
+    assert main(["verify", str(cert_path), "--recompute"]) == 0
+    assert "recomputed p and Z" in capsys.readouterr().out
+    for case in ("flip", "sparsity", "no-hash", "mask"):
+        bad = out.parent / f"bad-{case}"
+        shutil.copytree(out, bad)
+        cert = json.loads((bad / "certificate.json").read_text())
+        if case == "flip":
+            raw = bytearray((bad / "model.safetensors").read_bytes())
+            raw[-3] ^= 0x01  # a tensor byte near the end
+            (bad / "model.safetensors").write_bytes(bytes(raw))
+        elif case == "sparsity":
+            cert["model"]["sparsity"] = 0.9
+        elif case == "no-hash":
+            del cert["evidence_sha256"]
+        else:
+            (bad / "mask.safetensors").unlink()
+        (bad / "certificate.json").write_text(json.dumps(cert))
+        assert main(["verify", str(bad / "certificate.json")]) == 1, case
+        shown = capsys.readouterr().out
+        expected = {"flip": "model.sha256", "sparsity": "model.sparsity", "no-hash": "evidence_sha256",
+                    "mask": "no mask file"}[case]
+        assert expected in shown, (case, shown)
+    # --recompute catches a model that is not the one that produced the evidence, even with the
+    # certificate's hashes rewritten to match it
+    bad = out.parent / "bad-model"
+    shutil.copytree(out, bad)
+    state = {k: v.clone() for k, v in __import__("safetensors.torch").torch.load_file(
+        str(bad / "model.safetensors")).items()}
+    state["classifier.weight"] *= 1.5  # same zeros (sparsity, mask), different outputs
+    model = build_model("small_cnn", 10, 1)
+    model.load_state_dict(state)
+    cert = json.loads((bad / "certificate.json").read_text())
+    cert["model"]["sha256"] = save_weights(model, bad / "model.safetensors")
+    (bad / "certificate.json").write_text(json.dumps(cert))
+    assert main(["verify", str(bad / "certificate.json")]) == 0
+    assert main(["verify", str(bad / "certificate.json"), "--recompute"]) == 1
+    assert "differ from the evidence" in capsys.readouterr().out
 
 
 def test_vanilla_with_user_weights_skips_training(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import DEFAULT_FASHION_DIR, load_dataset, manifest_sha256, read_idx
+from core.data import DEFAULT_FASHION_DIR, SPLIT_SEED, load_dataset, manifest_sha256, read_idx
 from core.errors import DatasetError
 
 # ------------------------------------------------------------------------------------ digits
@@ -38,11 +38,26 @@ def test_digits_shapes_and_values() -> None:
 
 
 def test_digits_split_determinism() -> None:
-    a, b, c = load_dataset("digits", seed=0), load_dataset("digits", seed=0), load_dataset("digits", seed=1)
+    a, b = load_dataset("digits", seed=0), load_dataset("digits", seed=0)
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert a.sha256 == b.sha256
-    assert not torch.equal(a.test_x, c.test_x)
-    assert a.sha256 != c.sha256
+    assert a.split_seed == SPLIT_SEED and a.describe()["split_seed"] == SPLIT_SEED
+    c = load_dataset("digits", split_seed=SPLIT_SEED + 1)
+    assert not torch.equal(a.test_x, c.test_x) and a.sha256 != c.sha256
+
+
+def test_split_never_depends_on_the_job_seed() -> None:
+    """Issue 10: certifying a seed-0 model with --seed 1 put 46 of 50 certified samples inside its
+    training set. The job seed now draws only the training subset, never the split."""
+    a, c = load_dataset("digits", seed=0), load_dataset("digits", seed=1)
+    assert torch.equal(a.test_x, c.test_x) and torch.equal(a.train_x, c.train_x) and a.sha256 == c.sha256
+    sub0 = load_dataset("digits", seed=0, train_subset=300)
+    sub1 = load_dataset("digits", seed=1, train_subset=300)
+    assert torch.equal(sub0.test_x, sub1.test_x) and not torch.equal(sub0.train_x, sub1.train_x)
+    # no test image is a training image of any seed (digits has a few exact duplicates: compare sets)
+    train = {bytes(r.numpy().tobytes()) for r in a.train_x}
+    test = [bytes(r.numpy().tobytes()) for r in c.test_x[:50]]
+    assert sum(t in train for t in test) <= 2
 
 
 def test_manifest_hash_independent_computation() -> None:
@@ -243,6 +258,9 @@ def test_imagefolder_round_trip(tmp_path: Path) -> None:
         found += 1
     assert found == 10
     assert load_dataset(f"imagefolder:{tmp_path / 'ds'}", seed=3).sha256 == ds.sha256
+    # the split is seeded by the fixed split seed, never the job seed
+    other = load_dataset(f"imagefolder:{tmp_path / 'ds'}", seed=4)
+    assert torch.equal(other.test_x, ds.test_x) and ds.split_seed == other.split_seed == SPLIT_SEED
 
 
 def test_imagefolder_presplit_grey_and_resize(tmp_path: Path) -> None:
@@ -253,6 +271,7 @@ def test_imagefolder_presplit_grey_and_resize(tmp_path: Path) -> None:
     Image.fromarray(odd, mode="L").save(tmp_path / "ds" / "test" / "b" / "big.png")
     ds = load_dataset(f"imagefolder:{tmp_path / 'ds'}")
     assert ds.in_channels == 1 and ds.train_x.shape == (6, 1, 8, 8) and ds.test_x.shape == (3, 1, 8, 8)
+    assert ds.split_seed is None  # the folders' own split
     assert ds.test_y.tolist() == [0, 1, 1]
     ref = np.asarray(Image.fromarray(odd, mode="L").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255
     big = [j for j in range(3) if np.allclose(ds.test_x[j, 0].numpy(), ref)]

@@ -106,9 +106,14 @@ def test_model_file_reproduces_accuracy_and_certificate(first, name: str) -> Non
     assert acc > 0.5  # 1 epoch of small_cnn on 600 digits: measured ~0.9; chance is 0.1
     cert = json.loads((out / name / "certificate.json").read_text())
     assert cert["model"]["sha256"] == file_sha256(out / name / "model.safetensors") == metrics["model_sha256"]
-    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256}
+    assert cert["dataset"] == {"ref": "digits", "sha256": data.sha256, "split_seed": 0, "train_subset": 600}
     assert cert["params"]["n"] == 10 and cert["params"]["l"] == 2 and cert["params"]["samples"] == 5
     assert verify_certificate(out / name / "certificate.json") == []
+    # the files beside it are the certified ones, and re-running them reproduces the evidence
+    from core.verify import check_files, recompute
+
+    assert check_files(out / name / "certificate.json") == []
+    assert recompute(out / name / "certificate.json") == []
     # the certificate's clean predictions are the model file's predictions on the first 5 samples
     with torch.no_grad():
         pred = model.eval()(data.test_x[:5]).argmax(1).tolist()
