@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -163,13 +162,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     log_path = var / "worker.log"
     log_file = None if args.verbose else open(log_path, "ab")  # noqa: SIM115
-    worker = subprocess.Popen(
-        worker_command(loglevel="info"),
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT if log_file else None,
-        start_new_session=True,
-    )
+    from carcert.supervisor import WorkerSupervisor, print_restart
+
+    def start_worker() -> subprocess.Popen:
+        return subprocess.Popen(
+            worker_command(loglevel="info"),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT if log_file else None,
+            start_new_session=True,
+        )
+
+    # a worker that dies (crash, OOM, kill -9) is restarted with backoff; the API stays up
+    supervisor = WorkerSupervisor(start_worker, on_restart=print_restart(log_path))
     from api.main import create_app
     from store.settings import get_settings
 
@@ -180,16 +185,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_level="info" if args.verbose else "warning",
     )
     server = uvicorn.Server(config)
-
-    def watch() -> None:
-        worker.wait()
-        if not server.should_exit:
-            print(
-                f"carcert up: the worker exited (code {worker.returncode}); see {log_path}", file=sys.stderr
-            )
-            server.should_exit = True
-
-    threading.Thread(target=watch, daemon=True).start()
     url = f"http://{args.host}:{args.port}"
     print(f"carcert is up at {url}  (API docs: {url}/docs)", flush=True)
     print(f"API key (tenant {EMBEDDED_TENANT!r}, stored in {var / 'api_key'}): {key}", flush=True)
@@ -208,7 +203,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         pass
     finally:
         print("carcert up: stopping the worker...", flush=True)
-        stop_process(worker)
+        supervisor.stop()
         if log_file:
             log_file.close()
     return 0

@@ -372,6 +372,9 @@ def execute_job(
         job_id, tenant, spec_json, attempt = job.id, job.tenant, job.spec, job.attempts
     log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
     job_dir = Path(settings.work_root).resolve() / job_id
+    saved = sorted(p.name for p in (job_dir / "checkpoints").glob("*.pt"))
+    if saved:
+        log.warning("job %s attempt %d resumes from checkpoints %s", job_id, attempt, ", ".join(saved))
     store = get_artifact_store()
     status = "failed"
     with DbStageContext(job_id, worker_id, job_dir, settings) as ctx:
