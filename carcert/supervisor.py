@@ -43,7 +43,8 @@ def release_dead_worker_jobs(pid: int) -> int:
 
 class WorkerSupervisor:
     """Start `start()` (a callable returning a Popen) now and again whenever the process dies,
-    until stop(). `on_restart(returncode, delay)` is told about each restart (for the console)."""
+    until stop(). `on_death(pid)` runs first after each death (default: release_dead_worker_jobs);
+    `on_restart(returncode, delay)` is told about each restart (for the console)."""
 
     def __init__(
         self,
@@ -53,8 +54,10 @@ class WorkerSupervisor:
         max_delay: float = 30.0,
         stable_after: float = 60.0,
         on_restart: Callable[[int | None, float], Any] | None = None,
+        on_death: Callable[[int], Any] = release_dead_worker_jobs,
     ) -> None:
         self._start = start
+        self._on_death = on_death
         self.base_delay, self.max_delay, self.stable_after = base_delay, max_delay, stable_after
         self._on_restart = on_restart
         self._stopping = threading.Event()
@@ -72,7 +75,7 @@ class WorkerSupervisor:
             if self._stopping.is_set():
                 return
             try:
-                n = release_dead_worker_jobs(self.proc.pid)
+                n = self._on_death(self.proc.pid)
                 if n:
                     log.warning("handed back %d job(s) of the dead worker %d", n, self.proc.pid)
             except Exception as exc:  # the lease then simply expires on its own
