@@ -447,7 +447,8 @@ def execute_job(
                 return "lost"
         except Exception as exc:
             log.exception("job %s failed", job_id)
-            _fail(job_id, worker_id, "failed", "Internal error", f"{type(exc).__name__}: {exc}")
+            first = (str(exc).splitlines() or [""])[0][:500]  # e.g. no SQL statement of a DB error
+            _fail(job_id, worker_id, "failed", "Internal error", f"{type(exc).__name__}: {first}")
     shutil.rmtree(job_dir, ignore_errors=True)
     log.info("job %s finished: %s", job_id, status)
     return status
