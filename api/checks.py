@@ -7,6 +7,8 @@ the caller's tenant only, server paths (datasets, or weights given as paths) onl
 from __future__ import annotations
 
 import json
+import pickletools
+import re
 import struct
 import zipfile
 from collections.abc import Sequence
@@ -116,12 +118,48 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _torch_reason(exc: Exception) -> str:
-    """The informative part of torch's long weights_only message (e.g. 'Unsupported global: ...')."""
+TORCH_BOILERPLATE = ("weights only load failed", "weights_only", "re-running", "please file", "check the doc")
+GLOBAL_IN_MESSAGE = re.compile(r"GLOBAL ([\w.]+)")
+SAFE_PICKLE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy.core.multiarray")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """'module.name' of every global the pickle (the file, or data.pkl of a torch zip) imports,
+    read with pickletools (opcodes only; nothing is executed). Empty when it cannot be parsed."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(name) if name else b""
+        else:
+            data = path.read_bytes()[:50_000_000]
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                strings.append(str(arg))
+            elif op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+        return found
+    except Exception:
+        return []
+
+
+def _torch_reason(exc: Exception, path: Path | None = None) -> str:
+    """Why torch's restricted unpickler refused the file, without its boilerplate (which suggests
+    weights_only=False): the refused global ('refused global posix.system') when there is one."""
     text = str(exc)
+    m = GLOBAL_IN_MESSAGE.search(text)
+    if m:
+        return f"refused global {m.group(1)}"
+    unsafe = [g for g in (_pickle_globals(path) if path else []) if not g.startswith(SAFE_PICKLE_MODULES)]
+    if unsafe:
+        return f"refused global {unsafe[0]}"
     if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        text = text.split("WeightsUnpickler error:", 1)[1]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.lower().startswith(TORCH_BOILERPLATE)]
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
@@ -135,7 +173,7 @@ def _check_torch_checkpoint(path: Path) -> None:
     except Exception as exc:
         raise _invalid(
             "the weights file is neither safetensors nor a checkpoint loadable with "
-            f"torch.load(weights_only=True) (pickled code is refused): {_torch_reason(exc)}"
+            f"torch.load(weights_only=True) (pickled code is refused): {_torch_reason(exc, path)}"
         ) from None
     obj = unwrap_state_dict(obj)
     if obj is None:
@@ -206,11 +244,14 @@ def _artifact_ref(session: Session, tenant: str, field: str, ref: str) -> None:
 def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> Path:
     """The resolved path if it lies inside one of `data_roots` (symlinks and '..' resolved first)
     and exists; else 422. Upload files with POST /artifacts to use them from anywhere."""
-    path = Path(raw).expanduser().resolve()
-    if within_roots(path, data_roots):
-        if not path.exists():
-            raise _invalid(f"{field}: path {raw!r} does not exist", field)
-        return path
+    try:
+        path = Path(raw).expanduser().resolve()
+        if within_roots(path, data_roots):
+            if not path.exists():
+                raise _invalid(f"{field}: path {raw!r} does not exist", field)
+            return path
+    except (OSError, ValueError, RuntimeError) as exc:  # name too long, symlink loop, NUL byte
+        raise _invalid(f"{field}: path {raw!r} cannot be used: {type(exc).__name__}", field) from None
     roots = ", ".join(str(Path(r)) for r in data_roots) or "(none configured)"
     raise _invalid(
         f"{field}: path {raw!r} is outside the allowed data roots ({roots}); upload the file "
@@ -239,6 +280,25 @@ def _parametric_names() -> Sequence[str]:
     from core.transforms import PARAMETRIC  # torch: loaded on the first check (api.main warms it up)
 
     return tuple(PARAMETRIC)
+
+
+def check_work(spec: JobSpec, cap: int) -> int:
+    """The job's estimated work (core.work.estimate_work); 422 naming the estimate and the cap when
+    it exceeds `cap` (settings.max_job_work)."""
+    from core.work import estimate_work
+
+    work = estimate_work(spec)
+    if work > cap:
+        raise ApiProblem(
+            422,
+            "job-too-large",
+            f"the job's estimated work is {work:.3g} forward/backward passes of one image, over this "
+            f"server's cap of {cap:.3g} (CARCERT_MAX_JOB_WORK); use fewer epochs, variants, "
+            "certification samples or n x l, or a train_subset",
+            title="Job too large",
+            extra={"estimated_work": work, "max_job_work": cap},
+        )
+    return work
 
 
 def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Sequence[Path]) -> None:

@@ -134,8 +134,21 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(methods)
 
 
+BODY_PARSE_ERROR = "There was an error parsing the body"  # FastAPI's HTTPException(400) detail
+
+
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
     detail = exc.detail if isinstance(exc.detail, str) else _phrase(exc.status_code)
+    if exc.status_code == 400 and detail == BODY_PARSE_ERROR:
+        # json.loads failed without a position (e.g. RecursionError on deeply nested arrays)
+        return problem(
+            request,
+            400,
+            "The request body could not be parsed as JSON (nested too deeply, or not JSON at all); "
+            "send a JobSpec object (see /openapi.json)",
+            slug="malformed-body",
+            title="Malformed request body",
+        )
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:
         headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.orm import sessionmaker
 
 from api.auth import KeyCache
@@ -27,6 +28,7 @@ from api.routers import artifacts, dashboard, health, jobs, report
 from api.schemas import Problem, SweepCertificates
 
 log = logging.getLogger("carcert.api")
+STATIC_DOCS_URL = "/static-docs"
 
 DESCRIPTION = """Compress image classifiers and certify them against semantic perturbations
 (CAR pruning + CC-Cert). Authenticate with `Authorization: Bearer <api key>`. Every error is an
@@ -48,7 +50,16 @@ def create_app(settings: Any = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="carcert", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    # FastAPIOffline: a FastAPI app whose /docs and /redoc load their scripts and styles from this
+    # server (STATIC_DOCS_URL, the fastapi-offline package's files), not from a CDN
+    app = FastAPIOffline(
+        title="carcert",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url=STATIC_DOCS_URL,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge from the online spec validator
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
@@ -56,7 +67,7 @@ def create_app(settings: Any = None) -> FastAPI:
     app.state.key_cache = KeyCache()
     app.state.cert_cache = LruCache(jobs.CERT_CACHE_SIZE)
     app.state.metrics = ApiMetrics()
-    app.state.metrics.registry.register(JobsCollector(app.state.sessionmaker))
+    app.state.metrics.private.register(JobsCollector(app.state.sessionmaker))
 
     install_error_handlers(app)
     app.add_middleware(CertificateFastPath, state=app.state)  # inner: counted by the metrics

@@ -1,9 +1,14 @@
 """Prometheus metrics (one registry per app): request counts and latency histogram by method,
 route template and status, plus the number of jobs per status, read from the database at scrape
-time. The middleware is plain ASGI (no BaseHTTPMiddleware) so it adds microseconds, not a task."""
+time. The job counts describe every tenant's activity, so they are served only with
+`Authorization: Bearer <CARCERT_METRICS_TOKEN>`; without a configured token /metrics shows the
+request metrics alone, and with one, /metrics requires it (401 otherwise).
+
+The middleware is plain ASGI (no BaseHTTPMiddleware) so it adds microseconds, not a task."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import ApiProblem
+from api.schemas import problem_responses
 from store.jobs import count_by_status
 
 log = logging.getLogger("carcert.api")
@@ -25,6 +32,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.private = CollectorRegistry(auto_describe=True)  # job counts: behind the metrics token
         self.requests = Counter(
             "carcert_http_requests_total",
             "HTTP requests",
@@ -98,7 +106,24 @@ router = APIRouter(tags=["health"])
     "/metrics",
     response_class=Response,
     summary="Prometheus metrics",
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text exposition"},
+        **problem_responses(401),
+    },
 )
 def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    """Request metrics; with the configured CARCERT_METRICS_TOKEN as bearer token, job counts too."""
+    token = request.app.state.settings.metrics_token
+    body = generate_latest(request.app.state.metrics.registry)
+    if token:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiProblem(
+                401,
+                "unauthorized",
+                "GET /metrics needs 'Authorization: Bearer <metrics token>' (CARCERT_METRICS_TOKEN)",
+                title="Unauthorized",
+                headers={"WWW-Authenticate": 'Bearer realm="carcert-metrics"'},
+            )
+        body += generate_latest(request.app.state.metrics.private)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

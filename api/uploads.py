@@ -108,6 +108,7 @@ class _Collector:
                 raise _bad(f"Send exactly one '{self.file_field}' part.")
             self._is_file = True
             raw = filename.decode("utf-8", "replace") if filename is not None else "upload.bin"
+            raw = "".join(c for c in raw if c.isprintable())  # no NUL / control characters
             self.filename = Path(raw.replace("\\", "/")).name[:255] or "upload.bin"
             fd, path = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=self.tmp_dir)
             self.file_path = Path(path)

@@ -140,7 +140,8 @@ def make_key(db_url: str) -> str:
 @contextlib.contextmanager
 def service(env: dict[str, str], tmp: Path, threads: int) -> Iterator[tuple[str, int, int]]:
     """uvicorn (one process) + Celery worker (solo pool); yields (base url, api pid, worker pid)."""
-    from carcert.cli_service import api_command, free_port, stop_process, worker_command
+    from carcert.cli_service import api_command, free_port, worker_command
+    from carcert.supervisor import stop_process
 
     full = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
     full.update(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -15,10 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from carcert.supervisor import WorkerSupervisor, print_restart, stop_process
 
 EMBEDDED_TENANT = "local"
 
@@ -129,18 +130,6 @@ def api_command(port: int, host: str = "127.0.0.1", *extra: str) -> list[str]:
     ]
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
-    """SIGTERM (Celery: warm shutdown), then SIGKILL after `timeout` seconds."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
-
-
 def _repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
@@ -163,13 +152,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     log_path = var / "worker.log"
     log_file = None if args.verbose else open(log_path, "ab")  # noqa: SIM115
-    worker = subprocess.Popen(
-        worker_command(loglevel="info"),
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT if log_file else None,
-        start_new_session=True,
-    )
+
+    def start_worker() -> subprocess.Popen:
+        return subprocess.Popen(
+            worker_command(loglevel="info"),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT if log_file else None,
+            start_new_session=True,
+        )
+
+    # a worker that dies (crash, OOM, kill -9) is restarted with backoff; the API stays up
+    supervisor = WorkerSupervisor(start_worker, on_restart=print_restart(log_path))
     from api.main import create_app
     from store.settings import get_settings
 
@@ -180,16 +174,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         log_level="info" if args.verbose else "warning",
     )
     server = uvicorn.Server(config)
-
-    def watch() -> None:
-        worker.wait()
-        if not server.should_exit:
-            print(
-                f"carcert up: the worker exited (code {worker.returncode}); see {log_path}", file=sys.stderr
-            )
-            server.should_exit = True
-
-    threading.Thread(target=watch, daemon=True).start()
     url = f"http://{args.host}:{args.port}"
     print(f"carcert is up at {url}  (API docs: {url}/docs)", flush=True)
     print(f"API key (tenant {EMBEDDED_TENANT!r}, stored in {var / 'api_key'}): {key}", flush=True)
@@ -208,7 +192,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         pass
     finally:
         print("carcert up: stopping the worker...", flush=True)
-        stop_process(worker)
+        supervisor.stop()
         if log_file:
             log_file.close()
     return 0

@@ -7,9 +7,9 @@ The API uses these models directly as request bodies, so validation errors here 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from core.methods import METHODS, prunes
 
@@ -20,15 +20,31 @@ BoundOrder = Literal["conservative", "reference"]
 Bound = Literal["cccert", "binomial"]
 
 
+def _path_ref(value: str) -> str:
+    """A path reference (server path, 'artifact:ID', 'npz:PATH', ...) must be text the OS can
+    take as a path: no NUL byte (os functions raise 'embedded null byte') and no other control
+    character (they only ever arrive by mistake or from a fuzzer)."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found {bad!r})")
+    return value
+
+
+# Every field of the spec that names a file or dataset: validated once, here.
+PathRef = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_path_ref)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float is finite (NaN / Infinity literals and overflowing numbers
+    # such as 1e999, which JSON parsers turn into inf, are 422 naming the field)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
     arch: Arch = "small_cnn"
     num_classes: int | None = Field(default=None, ge=2, le=100_000, description="default: the dataset's")
     in_channels: int | None = Field(default=None, ge=1, le=16, description="default: the dataset's")
-    weights: str | None = Field(
+    weights: PathRef | None = Field(
         default=None,
         description="path (CLI) or 'artifact:ID' (API) of safetensors / weights_only torch checkpoint; "
         "None = train from scratch",
@@ -45,8 +61,8 @@ class TransformSpec(_Strict):
     name: str = Field(default="illumination", max_length=200)
     component: int = Field(default=0, ge=0, le=1000)
     strength: float = Field(default=1.0, gt=0, le=100, description="scales the documented range")
-    encoder: str | None = None
-    decoder: str | None = None
+    encoder: PathRef | None = None
+    decoder: PathRef | None = None
 
 
 class CarSpec(_Strict):
@@ -140,11 +156,11 @@ class JobSpec(_Strict):
 
     kind: Literal["prune", "certify"] = "prune"
     model: ModelSpec = ModelSpec()
-    dataset: str = Field(default="digits", max_length=1000)
+    dataset: PathRef = "digits"
     transform: TransformSpec = TransformSpec()
     pruning: PruningSpec = PruningSpec()
     certification: CertifySpec = CertifySpec()
-    mask: str | None = Field(default=None, description="certify jobs: mask safetensors")
+    mask: PathRef | None = Field(default=None, description="certify jobs: mask safetensors")
     sweep_methods: list[Method] | None = Field(default=None, max_length=10)
     sweep_prune_ratios: list[float] | None = Field(default=None, max_length=20)
     train_subset: int | None = Field(default=None, ge=1, description="cap on training samples")

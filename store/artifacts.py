@@ -21,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInput
-from store.models import ARTIFACT_KINDS, Artifact
+from store.models import ARTIFACT_KINDS, Artifact, is_id
 from store.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
@@ -232,7 +232,7 @@ def store_artifact(
 
 def get_artifact(s: Session, tenant: str, artifact_id: str) -> Artifact | None:
     """The artifact if it belongs to `tenant`, else None (another tenant's id looks absent)."""
-    row = s.get(Artifact, artifact_id) if artifact_id and len(artifact_id) <= 32 else None
+    row = s.get(Artifact, artifact_id) if is_id(artifact_id) else None
     return row if row is not None and row.tenant == tenant else None
 
 

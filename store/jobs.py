@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.results import VariantResult
 from core.spec import JobSpec
-from store.models import FINAL_STATUSES, Job, JobResult, utcnow
+from store.models import FINAL_STATUSES, Job, JobResult, is_id, utcnow
 from store.settings import get_settings
 
 
@@ -87,6 +87,11 @@ def _by_key(s: Session, tenant: str, key: str) -> Job | None:
     return s.scalar(select(Job).where(Job.tenant == tenant, Job.idempotency_key == key))
 
 
+def job_by_key(s: Session, tenant: str, key: str) -> Job | None:
+    """The tenant's job submitted with Idempotency-Key `key`, if any."""
+    return _by_key(s, tenant, key)
+
+
 def _same_or_conflict(job: Job, digest: str) -> Job:
     if job.request_hash != digest:
         raise IdempotencyConflict(job.id)
@@ -95,7 +100,7 @@ def _same_or_conflict(job: Job, digest: str) -> Job:
 
 def get_job(s: Session, tenant: str, job_id: str) -> Job | None:
     """The job if it belongs to `tenant`, else None."""
-    job = s.get(Job, job_id) if job_id and len(job_id) <= 32 else None
+    job = s.get(Job, job_id) if is_id(job_id) else None
     return job if job is not None and job.tenant == tenant else None
 
 
@@ -192,6 +197,81 @@ def claim_job(s: Session, job_id: str, worker_id: str) -> Job | None:
     if job is not None:
         s.refresh(job)
     return job
+
+
+def count_queued(s: Session, tenant: str) -> int:
+    """Jobs of `tenant` waiting to run (status queued)."""
+    return int(s.scalar(select(func.count()).where(Job.tenant == tenant, Job.status == "queued")) or 0)
+
+
+def fair_next(s: Session, preferred: str | None = None) -> str | None:
+    """The queued job to run next, fair across tenants: of the tenants with queued jobs, the one
+    with the fewest running jobs, then the one whose last job started longest ago (never: first),
+    so tenants take turns (round robin) however many jobs each has queued; its oldest queued job.
+    When `preferred` (the job named by the broker message) is queued and its tenant is among the
+    fairest, it is returned itself. None when nothing is queued."""
+    waiting = dict(
+        s.execute(
+            select(Job.tenant, func.min(Job.created_at))
+            .where(Job.status == "queued", Job.cancel_requested.is_(False))
+            .group_by(Job.tenant)
+        ).all()
+    )
+    if not waiting:
+        return None
+    tenants = list(waiting)
+    running = dict(
+        s.execute(
+            select(Job.tenant, func.count())
+            .where(Job.status == "running", Job.tenant.in_(tenants))
+            .group_by(Job.tenant)
+        ).all()
+    )
+    started = dict(
+        s.execute(
+            select(Job.tenant, func.max(Job.started_at)).where(Job.tenant.in_(tenants)).group_by(Job.tenant)
+        ).all()
+    )
+    never = datetime.min.replace(tzinfo=waiting[tenants[0]].tzinfo)
+
+    def key(t: str) -> tuple[int, datetime]:
+        return running.get(t, 0), started.get(t) or never
+
+    best = min(key(t) for t in tenants)
+    if preferred is not None:
+        row = s.execute(
+            select(Job.tenant, Job.status, Job.cancel_requested).where(Job.id == preferred)
+        ).one_or_none()
+        waiting_itself = row is not None and row.status == "queued" and not row.cancel_requested
+        if waiting_itself and key(row.tenant) == best:
+            return preferred
+    tenant = min(tenants, key=lambda t: (*key(t), waiting[t]))
+    return s.scalar(
+        select(Job.id)
+        .where(Job.tenant == tenant, Job.status == "queued", Job.cancel_requested.is_(False))
+        .order_by(Job.created_at, Job.id)
+        .limit(1)
+    )
+
+
+def claim_fair(s: Session, job_id: str, worker_id: str, tries: int = 5) -> Job | None:
+    """Claim the job a broker message for `job_id` should run: `job_id` itself when it is a running
+    job whose lease expired (a dead worker's job resumes first), else fair_next(preferred=job_id).
+    Every job is sent to the broker once, so each message still runs at most one queued job and
+    no queued job is left without a message. Retries when another worker claimed the pick first.
+    None when nothing is claimable. Commits (claim_job)."""
+    status = s.scalar(select(Job.status).where(Job.id == job_id))
+    if status == "running":
+        return claim_job(s, job_id, worker_id)
+    for _ in range(tries):
+        pick = fair_next(s, preferred=job_id)
+        if pick is None:
+            s.commit()
+            return None
+        job = claim_job(s, pick, worker_id)
+        if job is not None:
+            return job
+    return None
 
 
 def update_progress(

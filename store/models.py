@@ -37,6 +37,12 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+def is_id(value: str | None) -> bool:
+    """Could `value` be an id of new_id()? (1..32 letters/digits: a NUL byte or other control
+    character in a URL must never reach the database, which refuses it with an error.)"""
+    return bool(value) and len(value) <= 32 and value.isascii() and value.isalnum()
+
+
 class UTCDateTime(TypeDecorator):
     """DateTime that always returns aware UTC datetimes (SQLite stores naive UTC)."""
 

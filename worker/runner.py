@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -33,6 +34,7 @@ from store.jobs import (
     LeaseLost,
     add_result,
     check_lease,
+    claim_fair,
     claim_job,
     finish_job,
     release_job,
@@ -290,10 +292,28 @@ def persist_outputs(
         raise
 
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~<>-])/(?:[^\s/'\"(),;]+/)+([^\s/'\"(),;]+)")
+
+
+def public_detail(detail: str, settings: Settings | None = None) -> str:
+    """`detail` without absolute server paths, for the job's error shown to the tenant: the work,
+    artifact and data folders become <work>, <artifacts>, <data>; any other absolute path keeps
+    its file name only (".../name"). A path the user wrote after a prefix ('npz:/data/x.npz')
+    stays as written."""
+    settings = settings or get_settings()
+    roots = [(settings.work_root, "<work>"), (settings.artifact_root, "<artifacts>")]
+    roots += [(r, "<data>") for r in settings.data_roots]
+    for root, name in sorted(roots, key=lambda rn: -len(str(Path(rn[0]).resolve()))):
+        for form in {str(Path(root).resolve()), str(Path(root).expanduser())}:
+            if form.startswith("/") and len(form) > 1:
+                detail = detail.replace(form, name)
+    return ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(1), detail)
+
+
 def _fail(
     job_id: str, worker_id: str, status: str, title: str | None = None, detail: str | None = None
 ) -> None:
-    error = {"title": title, "detail": detail} if title else None
+    error = {"title": title, "detail": public_detail(detail or "")} if title else None
     with session_scope() as s:
         finish_job(s, job_id, status, error=error, worker_id=worker_id)
 
@@ -310,10 +330,17 @@ def _release(job_id: str, worker_id: str, reason: str = "shutdown") -> str:
 
 
 def execute_job(
-    job_id: str, *, worker_id: str | None = None, settings: Settings | None = None, device: str | None = None
+    job_id: str,
+    *,
+    worker_id: str | None = None,
+    settings: Settings | None = None,
+    device: str | None = None,
+    fair: bool = False,
 ) -> str:
-    """Run job `job_id` if it can be claimed. Returns the final status ("succeeded", "failed",
-    "cancelled"), "skipped" (not claimable: already running elsewhere, finished, cancelled) or
+    """Run job `job_id` if it can be claimed; with `fair` (the Celery task), the job a broker message
+    for `job_id` stands for: the one store.jobs.claim_fair picks (tenants take turns). Returns the
+    final status ("succeeded", "failed", "cancelled"), "skipped" (not claimable: already running
+    elsewhere, finished, cancelled) or
     "lost" (the lease was taken over by another worker) or "released" (worker shutting down; the
     job was put back in the queue and resumes from its checkpoints)."""
     settings = settings or get_settings()
@@ -322,13 +349,18 @@ def execute_job(
         dispatch(job_id)
         return "released"
     with session_scope() as s:
-        job = claim_job(s, job_id, worker_id)
+        job = claim_fair(s, job_id, worker_id) if fair else claim_job(s, job_id, worker_id)
         if job is None:
-            log.info("job %s not claimable; skipped", job_id)
+            log.info("job %s not claimable and nothing queued; skipped", job_id)
             return "skipped"
-        tenant, spec_json, attempt = job.tenant, job.spec, job.attempts
+        if job.id != job_id:
+            log.info("message for job %s runs job %s (fair share across tenants)", job_id, job.id)
+        job_id, tenant, spec_json, attempt = job.id, job.tenant, job.spec, job.attempts
     log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
     job_dir = Path(settings.work_root).resolve() / job_id
+    saved = sorted(p.name for p in (job_dir / "checkpoints").glob("*.pt"))
+    if saved:
+        log.warning("job %s attempt %d resumes from checkpoints %s", job_id, attempt, ", ".join(saved))
     store = get_artifact_store()
     with DbStageContext(job_id, worker_id, job_dir, settings) as ctx:
         try:
@@ -414,6 +446,7 @@ def _outcome_of_failure(
         title, detail = "Time limit exceeded", _time_limit_detail(settings)
     else:
         log.exception("job %s failed", job_id)
-        title, detail = "Internal error", f"{type(exc).__name__}: {exc}"
+        first = (str(exc).splitlines() or [""])[0][:500]  # e.g. no SQL statement of a DB error
+        title, detail = "Internal error", f"{type(exc).__name__}: {first}"
     _fail(job_id, worker_id, "failed", title, detail)
     return "failed"

@@ -9,7 +9,8 @@ from worker.queue import TASK_NAME
 
 @app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    """Run one job (worker.runner.execute_job); a job already leased by a live worker is skipped."""
+    """Run one job (worker.runner.execute_job): the queued job that is fair across tenants, which is
+    `job_id` itself unless another tenant is owed a turn; a job leased by a live worker is skipped."""
     from worker.runner import execute_job  # torch and core load with the first job, not at import
 
-    return execute_job(job_id)
+    return execute_job(job_id, fair=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.checks import check_job_spec
+from api.checks import check_job_spec, check_work
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiProblem
 from api.lru import LruCache
@@ -93,9 +94,9 @@ def job_out(job: Any) -> JobOut:
         updated_at=job.updated_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        error=job.error,
-        summary=job.summary,
-        spec=_spec(job.spec),
+        error=finite_json(job.error),
+        summary=finite_json(job.summary),
+        spec=_spec(finite_json(job.spec)),
         links=links,
     )
 
@@ -135,6 +136,29 @@ async def strict_spec(request: Request) -> None:
         ) from None
 
 
+QUOTA_RETRY_AFTER_S = 30
+
+
+def check_quota(session: Any, tenant: str, cap: int, idempotency_key: str | None) -> None:
+    """429 problem "too-many-queued-jobs" (Retry-After) when the tenant already has `cap` queued jobs
+    (settings.tenant_max_queued); a replay of an existing Idempotency-Key is never refused. Two
+    concurrent submits may both pass at cap - 1: the cap is a guard against floods, not a ledger."""
+    from store.jobs import count_queued, job_by_key
+
+    queued = count_queued(session, tenant)
+    if queued < cap or (idempotency_key is not None and job_by_key(session, tenant, idempotency_key)):
+        return
+    raise ApiProblem(
+        429,
+        "too-many-queued-jobs",
+        f"this tenant already has {queued} queued jobs (limit {cap}, CARCERT_TENANT_MAX_QUEUED); "
+        "submit more once some have started, or cancel some",
+        title="Too Many Requests",
+        headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
+        extra={"queued": queued, "max_queued": cap},
+    )
+
+
 @router.post(
     "",
     status_code=202,
@@ -147,7 +171,7 @@ async def strict_spec(request: Request) -> None:
             "same body; the existing job is returned",
         },
         202: {"description": "Accepted: the job is queued; Location points to it"},
-        **problem_responses(400, 401, 409, 422, 503),
+        **problem_responses(400, 401, 409, 422, 429, 503),
     },
     dependencies=[Depends(strict_spec)],
 )
@@ -163,7 +187,9 @@ def submit_job(
     ] = None,
 ) -> JobOut:
 
+    check_work(spec, settings.max_job_work)
     check_job_spec(session, tenant, spec, settings.data_roots)
+    check_quota(session, tenant, settings.tenant_max_queued, idempotency_key)
     try:
         job, created = create_job(session, tenant, spec, idempotency_key)
     except IdempotencyConflict as exc:
@@ -266,8 +292,21 @@ class RenderedCertificate:
     etag: str
 
 
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN / +-inf float replaced by None: JSON has no such numbers, so a stored
+    non-finite value (e.g. from a spec accepted before they were refused) must not make a read 500."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def render_certificate(results: list[Any]) -> bytes:
-    """One result: its certificate document; several (a sweep): {"certificates": [...]}."""
+    """One result: its certificate document; several (a sweep): {"certificates": [...]}.
+    Non-finite numbers are written as null (finite_json)."""
     with_cert = [r for r in results if r.certificate is not None]
     if len(with_cert) == 1 and len(results) == 1:
         doc: Any = with_cert[0].certificate
@@ -283,7 +322,7 @@ def render_certificate(results: list[Any]) -> bytes:
                 for r in with_cert
             ]
         }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return json.dumps(finite_json(doc), separators=(",", ":"), allow_nan=False).encode()
 
 
 def _load_certificate(request: Request, tenant: str, job_id: str, variant: str | None) -> RenderedCertificate:

@@ -5,10 +5,12 @@ stops API and worker on Ctrl-C; `carcert demo --quick` runs the README's demo.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -149,3 +151,54 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert pca == pytest.approx(100 * cert["pca"], abs=0.051)  # printed with one decimal
     assert (saved / "model.safetensors").stat().st_size > 1000
     assert "embedded service stopped" in out
+
+
+def test_worker_sigkill_is_survived_and_the_job_resumes(tmp_path):
+    """SIGKILL of `carcert up`'s worker mid-job: the API stays up, the supervisor starts a new
+    worker and hands the dead worker's job back at once (no wait for its 60 s lease), and the job
+    resumes from its checkpoints and succeeds on attempt 2."""
+    port = free_port()
+    proc, log = start_up(tmp_path, port)
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {(tmp_path / 'var' / 'api_key').read_text().strip()}"}
+    # a search of some seconds, so the kill lands mid-job with checkpoints on disk
+    spec = {**TINY_JOB, "pruning": {**TINY_JOB["pruning"], "pretrain_epochs": 2, "search_epochs": 8}}
+    try:
+        r = httpx.post(f"{base}/jobs", json=spec, headers=auth, timeout=30)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+
+        def job() -> dict:
+            return httpx.get(f"{base}/jobs/{job_id}", headers=auth, timeout=10).json()
+
+        wait_for(lambda: job()["stage"] == "search", 180, interval=0.2, what="the job to reach the search")
+        checkpoints = tmp_path / "var" / "work" / job_id / "checkpoints"
+        wait_for(lambda: any(checkpoints.glob("*search*.pt")), 120, what="a search checkpoint on disk")
+        (victim,) = worker_pids(proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200  # the API is still up
+        new = wait_for(lambda: [p for p in worker_pids(proc.pid) if p != victim], 60, what="a new worker")
+        assert len(new) == 1 and proc.poll() is None
+        # resumed by the new worker well within the dead worker's 60 s lease
+        wait_for(
+            lambda: job()["status"] == "running" and job()["attempts"] == 2,
+            45,
+            interval=0.2,
+            what="the job to run again",
+        )
+        assert time.monotonic() - killed_at < 55
+        done = wait_for(
+            lambda: (j := job())["status"] in ("succeeded", "failed", "cancelled") and j, 240, interval=0.5
+        )
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done.get("error")
+        assert httpx.get(f"{base}/jobs/{job_id}/certificate", headers=auth, timeout=10).status_code == 200
+        assert "restarting it" in log.read_text()
+        worker_log = (tmp_path / "var" / "worker.log").read_text(errors="replace")
+        assert re.search(rf"job {job_id} attempt 2 resumes from checkpoints .*search", worker_log), (
+            worker_log[-3000:]
+        )
+    finally:
+        code = stop_up(proc)
+    assert code == 0, log.read_text()
+    wait_for(lambda: not worker_pids(proc.pid), 30, what="the worker to exit")

@@ -394,11 +394,16 @@ def test_cancel_of_a_finished_job_is_409(env, alice):
 # ------------------------------------------------------------------------------ metrics, openapi
 
 
-def test_metrics_count_requests_and_jobs_by_status(env, alice):
+def test_metrics_count_requests_and_jobs_by_status(env, alice, tmp_path):
     alice.get("/jobs")
     text_ = httpx.get(env.url + "/metrics").text
     assert re.search(r'carcert_http_requests_total\{method="GET",route="/jobs",status="200"\} [1-9]', text_)
     assert 'carcert_http_request_duration_seconds_bucket{le="0.05",method="GET",route="/jobs"}' in text_
+    # every tenant's job counts are not for anyone who can reach the port: only with the token
+    assert "carcert_jobs" not in text_
+    token = {"Authorization": "Bearer m-token"}
+    with run_server({**env.env, "CARCERT_METRICS_TOKEN": "m-token"}, tmp_path / "metrics.log") as srv:
+        text_ = httpx.get(srv.url + "/metrics", headers=token).text
     engine = create_engine(env.db_url)
     with engine.connect() as conn:
         queued = conn.execute(text("SELECT count(*) FROM jobs WHERE status='queued'")).scalar_one()

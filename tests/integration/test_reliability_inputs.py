@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -234,3 +235,15 @@ def test_diverging_training_fails_the_job_and_writes_no_model(api, client, tmp_p
         loss.backward()
         opt.step()
     assert not torch.isfinite(torch.tensor(losses[-1])), losses
+
+
+def test_a_job_error_shows_no_absolute_server_path(api, client, service_dirs):
+    """A data-root folder without the IDX files: the job fails "Invalid input" and its error names
+    the folder as <data>/..., not by the server's absolute path."""
+    empty = service_dirs["data"] / f"no-idx-{uuid.uuid4().hex[:6]}"
+    empty.mkdir()
+    job = run_to_end(api, client, {**BASE, "dataset": f"fashion-mnist:{empty}"})
+    assert job["status"] == "failed" and job["error"]["title"] == "Invalid input", job["error"]
+    detail = job["error"]["detail"]
+    assert f"<data>/{empty.name}" in detail, detail
+    assert str(service_dirs["data"]) not in detail and not re.search(r"(^|[\s'\"])/\w", detail), detail
