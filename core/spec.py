@@ -89,6 +89,33 @@ class CarSpec(_Strict):
         description="BatchNorm in the mask search: the pretrained running statistics (frozen) or each "
         "masked network's own batch statistics over x and T(x) together (batch)",
     )
+    lambda_ce: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="extension of the paper: weight of a task anchor, cross-entropy of the hard-mask "
+        "network C* on the labels (Alg. 1 line 3 writes L_CAR(theta, m, x, y)); 0 = Eq. 9 as published",
+    )
+    ratio_rows: Literal["all", "correct"] = Field(
+        default="all",
+        description="rows that feed L_ratio: every original row, or only those the network L_ratio is "
+        "evaluated under classifies correctly (certification never counts a misclassified sample)",
+    )
+    ratio_cap: float | None = Field(
+        default=None, gt=0.0, description="cap on r = Z / (d + eps) before Eq. 7 (None: uncapped)"
+    )
+    project: bool = Field(
+        default=True, description="project the scores onto [0, 1] after every step (False: unclamped scores)"
+    )
+    balance: bool = Field(
+        default=False,
+        description="rescale each active lambda so that every term's gradient norm at init equals the "
+        "geometric mean of the norms (reported in the search's `term_grad_norms`)",
+    )
+    control: Literal["none", "random_sign"] = Field(
+        default="none",
+        description="diagnostic control: random_sign replaces each step's gradient by the same "
+        "magnitudes with random signs (a search that cannot beat it carries no signal)",
+    )
 
 
 class PruningSpec(_Strict):

@@ -12,9 +12,11 @@ from torch import nn
 
 from core.car import (
     RATIO_EPS,
+    balanced_lambdas,
     batch_stat_copy,
     car_loss,
     car_step,
+    car_terms,
     consistency_loss,
     init_scores,
     l1_loss,
@@ -24,6 +26,7 @@ from core.car import (
     run_car,
     search_mask,
     stability_loss,
+    term_grad_norms,
 )
 from core.context import LocalContext
 from core.data import load_dataset
@@ -437,3 +440,145 @@ def test_fold_batchnorm_is_the_same_masked_function():
 
     u = Untraceable()
     assert fold_batchnorm(u) is u
+
+
+# ------------------------------------------------------------------ issue 9: fixes, options, control
+def test_search_transforms_only_original_rows_never_an_augmented_row_twice():
+    """Rows at positions >= n_original already are T(x, 1) (augment_with_transform): L_ratio's
+    x_T = T(x, 1) must come from the original rows only, never T(T(x))."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x0, y0 = d.train_x[:48], d.train_y[:48]
+    aug = brightness(x0[:16], torch.ones(16))
+    x, y = torch.cat([x0, aug]), torch.cat([y0, y0[:16]])
+    seen: list[torch.Tensor] = []
+
+    def spy(xb, delta, index=None):
+        seen.append(xb.clone())
+        return brightness(xb, delta)
+
+    spec = CarSpec(lambda_stab=0.0, lambda_consis=0.0, lambda_l1=0.0)
+    search_mask(net, x, y, spy, spec, prune_ratio=0.5, epochs=2, batch_size=20, seed=0, n_original=48)
+    rows = torch.cat(seen)
+    assert len(rows) == 2 * 48  # every original row once per epoch, no augmented row
+    flat_orig = x0.flatten(1)
+    for r in rows.flatten(1):
+        assert bool((flat_orig == r).all(1).any()), "a transformed row is not an original row"
+
+
+def test_random_sign_control_keeps_magnitudes_and_randomises_directions():
+    """control "random_sign": with SGD (no momentum yet) the first update is lr * |g| * s with s = +-1,
+    |update| equal to the true gradient step entry by entry, and about half the signs flipped."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x = d.train_x[:64]
+    x_t = brightness(x, torch.ones(len(x)))
+    base = CarSpec(mask_lr=0.1, mask_optimizer="sgd", noise=0.0, lambda_stab=0.0)
+    steps = {}
+    for control in ("none", "random_sign"):
+        spec = base.model_copy(update={"control": control, "project": False})
+        scores = {n: s.clone().requires_grad_(True) for n, s in init_scores(net, spec).items()}
+        init = {n: s.detach().clone() for n, s in scores.items()}
+        opt = mask_optimizer(list(scores.values()), spec.mask_lr, "sgd")
+        torch.manual_seed(5)
+        car_step(net, scores, opt, x, x_t, spec, prune_ratio=0.5)
+        steps[control] = torch.cat([(s.detach() - init[n]).flatten() for n, s in scores.items()])
+    true, ctrl = steps["none"], steps["random_sign"]
+    torch.testing.assert_close(ctrl.abs(), true.abs())
+    live = true != 0
+    agree = float((torch.sign(ctrl[live]) == torch.sign(true[live])).float().mean())
+    n = int(live.sum())
+    assert n > 1000
+    assert abs(agree - 0.5) < 4 * 0.5 / math.sqrt(n)  # binomial(n, 1/2), 4 standard deviations
+
+
+def test_anchor_is_cross_entropy_of_the_top_k_network():
+    """lambda_ce: "ce" = CE(f(x; theta * C*), y) checked on the in-place pruned network; its
+    gradient reaches the scores through the straight-through estimator."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x, y = d.train_x[:64], d.train_y[:64]
+    spec = CarSpec(lambda_stab=0.0, lambda_ratio=0.0, lambda_consis=0.0, lambda_l1=0.0, lambda_ce=1.0)
+    scores = {n: s.requires_grad_(True) for n, s in init_scores(net, spec).items()}
+    loss, parts = car_loss(net, scores, x, None, spec, prune_ratio=0.6, y=y)
+    pruned = copy.deepcopy(net)
+    apply_masks_(pruned, topk_mask(scores, 0.6))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(pruned(x), y)
+    assert parts == {"ce": pytest.approx(float(want), rel=1e-5)}
+    loss.backward()
+    assert any(float(s.grad.abs().sum()) > 0 for s in scores.values())
+    with pytest.raises(InvalidInput, match="labels"):
+        car_loss(net, scores, x, None, spec, prune_ratio=0.6)
+
+
+def test_ratio_rows_correct_and_cap_against_a_per_row_formula():
+    """ratio_rows "correct" averages Eq. 7 over the rows the network classifies correctly; ratio_cap
+    clips r first; no correct row gives 0 with a graph."""
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.1, 0.05, 0.85]])
+    p_t = torch.tensor([[0.2, 0.7, 0.1], [0.4, 0.3, 0.3], [0.89, 0.06, 0.05]])
+    y = torch.tensor([0, 1, 2])
+
+    def one(pp, pt, cap):
+        z = max(abs(a - b) for a, b in zip(pp, pt, strict=True))
+        s = sorted(pp, reverse=True)
+        r = min(z / ((s[0] - s[1]) / 2 + RATIO_EPS), cap)
+        return math.log1p(math.exp(max(r - 1.0, 0.0)))
+
+    rows = p.argmax(-1) == y  # rows 0 and 2
+    want = (one(p[0].tolist(), p_t[0].tolist(), 3.0) + one(p[2].tolist(), p_t[2].tolist(), 3.0)) / 2
+    assert float(ratio_loss(p, p_t, 1.0, cap=3.0, rows=rows)) == pytest.approx(want, rel=1e-6)
+    every = sum(one(a, b, 3.0) for a, b in zip(p.tolist(), p_t.tolist(), strict=True)) / 3
+    assert float(ratio_loss(p, p_t, 1.0, cap=3.0)) == pytest.approx(every, rel=1e-6)
+    pg = p.clone().requires_grad_(True)
+    none = ratio_loss(pg, p_t, 1.0, rows=torch.zeros(3, dtype=torch.bool))
+    assert float(none) == 0.0 and none.requires_grad
+
+
+def test_balanced_lambdas_equalise_the_term_gradient_norms_at_init():
+    """balance: term_grad_norms equals a fresh backward of each term alone, and the rescaled
+    lambdas make lambda_k' ||g_k|| the same for every active term (the geometric mean of the norms)."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    x, y = d.train_x[:64], d.train_y[:64]
+    x_t = brightness(x, torch.ones(len(x)))
+    # noise 0 makes the terms deterministic (L_stab is then identically 0: switched off)
+    spec = CarSpec(noise=0.0, eta=0.0, lambda_stab=0.0, lambda_ce=1.0, balance=True)
+    scores = {n: s.clone().requires_grad_(True) for n, s in init_scores(net, spec).items()}
+    parts = car_terms(net, scores, x, x_t, spec, prune_ratio=0.5, y=y)
+    norms = term_grad_norms(parts, scores)
+    for k in parts:
+        fresh = {n: s.detach().clone().requires_grad_(True) for n, s in scores.items()}
+        car_terms(net, fresh, x, x_t, spec, prune_ratio=0.5, y=y)[k].backward()
+        want = math.sqrt(sum(float(s.grad.square().sum()) for s in fresh.values() if s.grad is not None))
+        assert norms[k] == pytest.approx(want, rel=1e-4)
+    lam = balanced_lambdas(spec, norms)
+    weighted = [lam[k] * norms[k] for k in parts]
+    gmean = math.exp(sum(math.log(norms[k]) for k in parts) / len(parts))
+    assert weighted == pytest.approx([gmean] * len(parts), rel=1e-9)
+    report: dict = {}
+    search_mask(net, x, y, brightness, spec, prune_ratio=0.5, epochs=1, batch_size=64, seed=0, report=report)
+    assert set(report["term_grad_norms"]) == set(parts) and set(report["lambdas"]) == set(parts)
+
+
+def test_unprojected_scores_leave_the_unit_interval():
+    """project False keeps the scores unclamped (the paper clips only the noisy masks); binarization
+    uses |m|."""
+    d = digits_small()
+    net = build_model("small_cnn", 10, 1).eval()
+    spec = CarSpec(
+        lambda_stab=0.0, lambda_ratio=0.0, lambda_consis=0.0, lambda_ce=1.0, mask_lr=0.05, project=False
+    )
+    m = search_mask(
+        net,
+        d.train_x[:128],
+        d.train_y[:128],
+        brightness,
+        spec,
+        prune_ratio=0.5,
+        epochs=2,
+        batch_size=64,
+        seed=0,
+    )
+    allm = torch.cat([v.flatten() for v in m.values()])
+    assert float(allm.max()) > 1.0
