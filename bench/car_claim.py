@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.car_diagnostics import overlap, parse_variant
+from bench.car_diagnostics import car_spec, overlap, parse_variant
 from core.baselines import run_method
 from core.certify import certify_model
 from core.data import load_dataset
@@ -73,7 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--augment-q", type=int, default=1000)
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7])
-    ap.add_argument("--car", default="", help="CarSpec overrides key:value,... on top of the defaults")
+    ap.add_argument(
+        "--car",
+        default="",
+        help="CarSpec overrides key:value,... on top of the product defaults "
+        "(with preset:paper on top of Eq. 9 as published)",
+    )
     ap.add_argument("--no-control", action="store_true")
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--n", type=int, default=100)
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     tspec = TransformSpec(name=a.transform, strength=a.strength)
     t_train = build_transform(tspec, data=data, split="train")
     t_test = build_transform(tspec, data=data, split="test")
-    car = CarSpec(**parse_variant("car=" + a.car)[1])
+    car = car_spec(parse_variant("car=" + a.car)[1])
     base_spec = PruningSpec(
         pretrain_epochs=a.pretrain_epochs,
         search_epochs=a.search_epochs,
@@ -181,7 +186,7 @@ def render(a: argparse.Namespace, rows: list[dict], command: str, seconds: float
     lines = [
         f"Command: `{command}` ({seconds / 60:.1f} min on 2 shared cores)",
         "",
-        f"Setting: {a.arch} on {a.dataset} (train subset {a.train_subset}), {a.transform} "
+        f"Setting: {a.arch} on {a.dataset} (train subset {a.train_subset or "all"}), {a.transform} "
         f"strength {a.strength}, "
         f"q = {a.augment_q}; epochs pretrain {a.pretrain_epochs} / search {a.search_epochs} / fine-tune "
         f"{a.finetune_epochs}; CAR {car.model_dump(exclude_defaults=True) or 'product defaults'}; "

@@ -16,8 +16,8 @@ same magnitudes with random signs (`CarSpec.control = "random_sign"`). A search 
 its own control on F carries no signal; one that beats it on F but not on test generalises badly.
 Curves go to `<out>/curves.json` and `<out>/curves.png`, the last point of each to stdout.
 
-    python -m bench.car_curves --out var/car-curves --variant paper= \\
-        --variant anchored=lambda_ce:1,mask_lr:0.001
+    python -m bench.car_curves --out var/car-curves --variant paper=preset:paper \\
+        --variant default=
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.car_diagnostics import overlap, parse_variant
+from bench.car_diagnostics import car_spec, overlap, parse_variant
 from bench.table1 import proxy_pca
 from core.baselines import run_method
 from core.car import ratio_loss, search_mask
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pr {ratio} LMP {lmp[str(ratio)]}", flush=True)
         for name, overrides in variants:
             for control in [False] if a.no_control else [False, True]:
-                car = CarSpec(**{**overrides, "control": "random_sign" if control else "none"})
+                car = car_spec({**overrides, "control": "random_sign" if control else "none"})
                 t0 = time.perf_counter()
                 points = run_curve(a, base, fit, t_train, car, ratio, score)
                 key = f"{name}{' control' if control else ''} @ {ratio}"

@@ -148,7 +148,7 @@ def test_car_loss_shares_passes_and_skips_switched_off_terms(on, expected):
     calls = count_forwards(net)
     scores = {n: s.requires_grad_(True) for n, s in partial_scaled_init(prunable_weights(net), 0.3).items()}
     # eta = 0 keeps the hinge of L_ratio active, so every term has a non-zero gradient
-    spec = CarSpec(eta=0.0, **{f"lambda_{t}": (1.0 if t in on else 0.0) for t in TERMS})
+    spec = CarSpec.published(eta=0.0, **{f"lambda_{t}": (1.0 if t in on else 0.0) for t in TERMS})
     x = torch.rand(8, 1, 8, 8)
     loss, parts = car_loss(net, scores, x, brightness(x, torch.ones(8)), spec, prune_ratio=0.5)
     assert calls[0] == expected
@@ -163,7 +163,7 @@ def test_car_loss_total_is_weighted_sum_of_the_terms():
     scores = partial_scaled_init(prunable_weights(net), 0.3)
     x = torch.rand(8, 1, 8, 8)
     xt = brightness(x, torch.ones(8))
-    spec = CarSpec(lambda_stab=0.5, lambda_ratio=2.0, lambda_consis=3.0, lambda_l1=0.25)
+    spec = CarSpec.published(lambda_stab=0.5, lambda_ratio=2.0, lambda_consis=3.0, lambda_l1=0.25)
     torch.manual_seed(7)
     loss, parts = car_loss(net, scores, x, xt, spec, prune_ratio=0.5)
     loss = loss.detach()
@@ -193,7 +193,7 @@ def test_consistency_gradient_flows_through_straight_through_hard_mask():
     base = partial_scaled_init(prunable_weights(net), 0.3)
     base = {n: b.double() for n, b in base.items()}
     x = torch.rand(8, 1, 8, 8, dtype=torch.float64)
-    spec = CarSpec(noise=0.0, lambda_stab=0, lambda_ratio=0, lambda_consis=1.0, lambda_l1=0)
+    spec = CarSpec.published(noise=0.0, lambda_stab=0, lambda_ratio=0, lambda_consis=1.0, lambda_l1=0)
     scores = {n: s.clone().requires_grad_(True) for n, s in base.items()}
     loss, _ = car_loss(net, scores, x, None, spec, prune_ratio=0.6)
     loss.backward()
@@ -214,7 +214,7 @@ def test_search_runs_with_a_single_term_on(term):
     d = digits_small()
     net = build_model("small_cnn", 10, 1)
     # an untrained net has r < eta = 1 almost everywhere (zero gradient): eta = 0 keeps L_ratio active
-    spec = CarSpec(eta=0.0, **{f"lambda_{t}": (1.0 if t == term else 0.0) for t in TERMS})
+    spec = CarSpec.published(eta=0.0, **{f"lambda_{t}": (1.0 if t == term else 0.0) for t in TERMS})
     x, y = d.train_x[:256], d.train_y[:256]
     seen = []
 
@@ -246,8 +246,8 @@ def test_ratio_under_the_hard_mask_is_eq6_of_the_top_k_network():
     net = build_model("small_cnn", 10, 1).eval()
     x = d.train_x[:64]
     x_t = brightness(x, torch.ones(len(x)))
-    scores = {n: s.requires_grad_(True) for n, s in init_scores(net, CarSpec()).items()}
-    spec = CarSpec(eta=0.0, ratio_mask="hard", lambda_stab=0.0, lambda_consis=0.0, lambda_l1=0.0)
+    scores = {n: s.requires_grad_(True) for n, s in init_scores(net, CarSpec.published()).items()}
+    spec = CarSpec.published(eta=0.0, ratio_mask="hard", lambda_stab=0.0, lambda_consis=0.0, lambda_l1=0.0)
     calls = []
     hook = net.register_forward_hook(lambda m, i, o: calls.append(1))
     loss, parts = car_loss(net, scores, x, x_t, spec, prune_ratio=0.5)
@@ -273,7 +273,7 @@ def test_batch_statistics_search_runs_x_and_t_x_as_one_batch():
     net = build_model("small_cnn", 10, 1).eval()
     x = d.train_x[:32]
     x_t = brightness(x, torch.ones(len(x)))
-    spec = CarSpec(eta=0.0, noise=0.0, search_bn="batch", lambda_l1=0.0)
+    spec = CarSpec.published(eta=0.0, noise=0.0, search_bn="batch", lambda_l1=0.0)
     scores = init_scores(net, spec)
     rows = []
     bnet = batch_stat_copy(net)
@@ -309,7 +309,7 @@ def test_sgd_mask_optimizer_steps_along_the_gradient():
     d = digits_small()
     net = build_model("small_cnn", 10, 1).eval()
     x = d.train_x[:64]
-    spec = CarSpec(lambda_stab=0.0, lambda_ratio=0.0, lambda_consis=0.0, lambda_l1=1.0, mask_lr=0.5)
+    spec = CarSpec.published(lambda_stab=0.0, lambda_ratio=0.0, lambda_consis=0.0, lambda_l1=1.0, mask_lr=0.5)
     scores = {n: s.clone().requires_grad_(True) for n, s in init_scores(net, spec).items()}
     init = {n: s.detach().clone() for n, s in scores.items()}
     opt = mask_optimizer(list(scores.values()), spec.mask_lr, "sgd")
@@ -331,7 +331,7 @@ def test_amp_search_runs_the_passes_in_bf16_and_keeps_the_mask_fp32():
         d.train_x[:128],
         d.train_y[:128],
         brightness,
-        CarSpec(eta=0.0),
+        CarSpec.published(eta=0.0),
         prune_ratio=0.5,
         epochs=1,
         batch_size=64,
@@ -345,7 +345,7 @@ def test_amp_search_runs_the_passes_in_bf16_and_keeps_the_mask_fp32():
 def test_search_all_lambdas_zero_is_a_no_op():
     d = digits_small()
     net = build_model("small_cnn", 10, 1)
-    spec = CarSpec(lambda_stab=0, lambda_ratio=0, lambda_consis=0, lambda_l1=0)
+    spec = CarSpec.published(lambda_stab=0, lambda_ratio=0, lambda_consis=0, lambda_l1=0)
     scores = search_mask(net, d.train_x[:64], d.train_y[:64], brightness, spec, prune_ratio=0.5, epochs=1,
                          batch_size=32, seed=0)  # fmt: skip
     init = init_scores(net, spec)
@@ -357,7 +357,7 @@ def test_search_resume_equals_uninterrupted_and_cancel(tmp_path):
     x, y = d.train_x[:192], d.train_y[:192]
     net = build_model("small_cnn", 10, 1)
     kw = dict(prune_ratio=0.5, scope="layer", batch_size=64, seed=4)
-    spec = CarSpec()
+    spec = CarSpec.published()
     straight = search_mask(net, x, y, brightness, spec, epochs=3, ctx=LocalContext(tmp_path / "a"), **kw)
     ctx = LocalContext(tmp_path / "b")
     search_mask(net, x, y, brightness, spec, epochs=2, ctx=ctx, **kw)
@@ -400,8 +400,8 @@ def test_search_nan_raises_training_diverged_and_writes_nothing(tmp_path):
     ctx = LocalContext(tmp_path)
     x = torch.rand(32, 1, 8, 8)
     with pytest.raises(TrainingDiverged):
-        search_mask(net, x, torch.zeros(32, dtype=torch.long), brightness, CarSpec(), prune_ratio=0.5,
-                    epochs=1, batch_size=16, seed=0, ctx=ctx)  # fmt: skip
+        search_mask(net, x, torch.zeros(32, dtype=torch.long), brightness, CarSpec.published(),
+                    prune_ratio=0.5, epochs=1, batch_size=16, seed=0, ctx=ctx)  # fmt: skip
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
@@ -471,7 +471,7 @@ def test_random_sign_control_keeps_magnitudes_and_randomises_directions():
     |update| equal to the true gradient step entry by entry, and about half the signs flipped."""
     d = digits_small()
     net = build_model("small_cnn", 10, 1).eval()
-    x = d.train_x[:64]
+    x, y = d.train_x[:64], d.train_y[:64]
     x_t = brightness(x, torch.ones(len(x)))
     base = CarSpec(mask_lr=0.1, mask_optimizer="sgd", noise=0.0, lambda_stab=0.0)
     steps = {}
@@ -481,7 +481,7 @@ def test_random_sign_control_keeps_magnitudes_and_randomises_directions():
         init = {n: s.detach().clone() for n, s in scores.items()}
         opt = mask_optimizer(list(scores.values()), spec.mask_lr, "sgd")
         torch.manual_seed(5)
-        car_step(net, scores, opt, x, x_t, spec, prune_ratio=0.5)
+        car_step(net, scores, opt, x, x_t, spec, prune_ratio=0.5, y=y)
         steps[control] = torch.cat([(s.detach() - init[n]).flatten() for n, s in scores.items()])
     true, ctrl = steps["none"], steps["random_sign"]
     torch.testing.assert_close(ctrl.abs(), true.abs())
@@ -532,7 +532,7 @@ def test_ratio_rows_correct_and_cap_against_a_per_row_formula():
     assert float(ratio_loss(p, p_t, 1.0, cap=3.0)) == pytest.approx(every, rel=1e-6)
     pg = p.clone().requires_grad_(True)
     none = ratio_loss(pg, p_t, 1.0, rows=torch.zeros(3, dtype=torch.bool))
-    assert float(none) == 0.0 and none.requires_grad
+    assert float(none.detach()) == 0.0 and none.requires_grad
 
 
 def test_balanced_lambdas_equalise_the_term_gradient_norms_at_init():
