@@ -186,7 +186,7 @@ def render(a: argparse.Namespace, rows: list[dict], command: str, seconds: float
     lines = [
         f"Command: `{command}` ({seconds / 60:.1f} min on 2 shared cores)",
         "",
-        f"Setting: {a.arch} on {a.dataset} (train subset {a.train_subset or "all"}), {a.transform} "
+        f"Setting: {a.arch} on {a.dataset} (train subset {a.train_subset or 'all'}), {a.transform} "
         f"strength {a.strength}, "
         f"q = {a.augment_q}; epochs pretrain {a.pretrain_epochs} / search {a.search_epochs} / fine-tune "
         f"{a.finetune_epochs}; CAR {car.model_dump(exclude_defaults=True) or 'product defaults'}; "
