@@ -413,6 +413,22 @@ def car_step(
     return loss.detach()
 
 
+def search_batch(
+    x: Tensor, y: Tensor, idx: Tensor, index: Tensor, n_original: int, transform: Any, dev: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """One search batch: (x, y, x_T, t_rows) on `dev`. t_rows are the batch rows at positions
+    < n_original (original rows); x_T = T(x[t_rows], 1, index) (None without a transform): an
+    augmented row already is T(x, 1) and is never transformed again."""
+    xb, yb = x[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+    t_rows = (idx < n_original).nonzero().flatten()
+    x_t = None
+    if transform is not None:
+        with torch.no_grad():
+            ones = torch.ones(len(t_rows), device=dev)
+            x_t = transform(xb[t_rows.to(dev)], ones, index=index[idx][t_rows].to(dev))
+    return xb, yb, x_t, t_rows.to(dev)
+
+
 def search_mask(
     model: nn.Module,
     x: Tensor,
@@ -451,31 +467,14 @@ def search_mask(
     done = [0]
 
     def batch(idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        xb, yb = x[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
-        t_rows = (idx < n_orig).nonzero().flatten().to(dev)
-        x_t = None
-        if spec.lambda_ratio > 0:
-            with torch.no_grad():
-                ones = torch.ones(len(t_rows), device=dev)
-                x_t = transform(xb[t_rows], ones, index=index[idx][t_rows.cpu()].to(dev))
-        return xb, yb, x_t, t_rows
+        return search_batch(x, y, idx, index, n_orig, transform if spec.lambda_ratio > 0 else None, dev)
 
     def step(idx: Tensor) -> Tensor:
         xb, yb, x_t, t_rows = batch(idx)
         loss = car_step(
-            net,
-            scores,
-            opt,
-            xb,
-            x_t,
-            spec,
-            prune_ratio=prune_ratio,
-            scope=scope,
-            amp=amp,
-            y=yb,
-            t_rows=t_rows,
-            lambdas=lambdas,
-        )
+            net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp,
+            y=yb, t_rows=t_rows, lambdas=lambdas,
+        )  # fmt: skip
         done[0] += 1
         if on_step is not None:
             on_step(done[0], scores)
