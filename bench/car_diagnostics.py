@@ -27,6 +27,7 @@ from bench.table1 import parse_args as table1_args
 from core.baselines import run_method
 from core.data import load_dataset
 from core.models import build_model, default_small_input
+from core.spec import CarSpec
 from core.training import evaluate
 from core.transforms import build_transform
 
@@ -42,6 +43,16 @@ def parse_variant(text: str) -> tuple[str, dict[str, object]]:
         except ValueError:
             out[k] = v
     return name, out
+
+
+def car_spec(overrides: dict[str, object]) -> CarSpec:
+    """CarSpec from variant overrides on top of the product defaults, or on top of the paper's Eq. 9
+    as published with the key `preset:paper` (CarSpec.published)."""
+    over = dict(overrides)
+    preset = over.pop("preset", "default")
+    if preset not in ("default", "paper"):
+        raise ValueError(f"preset must be default or paper, got {preset!r}")
+    return CarSpec.published(**over) if preset == "paper" else CarSpec(**over)
 
 
 def overlap(mask: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "method": method,
                 "prune_ratio": ratio,
                 "pretrain_epochs": 0,
-                "car": spec.pruning.car.model_copy(update=car),
+                "car": car_spec({**spec.pruning.car.model_dump(exclude_defaults=True), **car}),
             }
         )
         t0 = time.perf_counter()

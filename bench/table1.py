@@ -34,15 +34,14 @@ import torch
 from core.spec import CarSpec, CertifySpec, JobSpec, ModelSpec, PruningSpec, TransformSpec
 
 SECTION = "## Table 1"
+CAR_LAMBDAS = ("stab", "ratio", "consis", "l1", "ce")
 
 
 def build_spec(a: argparse.Namespace) -> JobSpec:
     """The one sweep JobSpec of this benchmark from the command-line arguments."""
-    car = CarSpec(
-        tau=a.tau, noise=a.noise, eta=a.eta, lambda_stab=a.lambda_stab, lambda_ratio=a.lambda_ratio,
-        lambda_consis=a.lambda_consis, lambda_l1=a.lambda_l1, mask_lr=a.mask_lr,
-        mask_optimizer=a.mask_optimizer, ratio_mask=a.ratio_mask, search_bn=a.search_bn,
-    )
+    keys = ("tau", "noise", "eta", *(f"lambda_{t}" for t in CAR_LAMBDAS), "mask_lr", "mask_optimizer",
+            "ratio_mask", "ratio_rows", "ratio_cap", "search_bn")
+    car = CarSpec(**{k: getattr(a, k) for k in keys if getattr(a, k) is not None})
     pruning = PruningSpec(
         method=a.methods[0], prune_ratio=a.ratios[0], scope=a.scope, pretrain_epochs=a.pretrain_epochs,
         search_epochs=a.search_epochs, finetune_epochs=a.finetune_epochs, lr=a.lr,
@@ -91,9 +90,11 @@ def render_table(spec: JobSpec, out: Path, summary: dict, command: str, seconds:
         f"delta ~ U[0,1] for certification), q = {p.augment_q} augmented samples; epochs pretrain "
         f"{p.pretrain_epochs} (lr {p.lr}, shared by vanilla/lmp/hydra/car), search {p.search_epochs}, "
         f"fine-tune {p.finetune_epochs} (lr {p.finetune_lr}), batch {p.batch_size}, scope {p.scope}; "
-        f"CAR tau {p.car.tau}, delta_n {p.car.noise}, eta {p.car.eta}, lambdas stab/ratio/consis/l1 "
-        f"{p.car.lambda_stab}/{p.car.lambda_ratio}/{p.car.lambda_consis}/{p.car.lambda_l1}, "
-        f"mask lr {p.car.mask_lr} ({p.car.mask_optimizer}), L_ratio mask {p.car.ratio_mask}, search BN "
+        f"CAR tau {p.car.tau}, delta_n {p.car.noise}, eta {p.car.eta}, lambdas stab/ratio/consis/l1/ce "
+        f"{p.car.lambda_stab}/{p.car.lambda_ratio}/{p.car.lambda_consis}/{p.car.lambda_l1}/"
+        f"{p.car.lambda_ce}, "
+        f"mask lr {p.car.mask_lr} ({p.car.mask_optimizer}), L_ratio mask {p.car.ratio_mask} on rows "
+        f"{p.car.ratio_rows} (r cap {p.car.ratio_cap}), search BN "
         f"{p.car.search_bn}; HYDRA TRADES L2 PGD eps {p.adv_eps}, {p.adv_steps} steps; "
         f"CC-Cert n {c.n}, l {c.l}, alpha {c.alpha}, epsilon {c.epsilon}, {c.bound_order} bound, "
         f"first {c.samples} test samples, seed {spec.seed}.",
@@ -195,17 +196,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scope", default="layer", choices=["layer", "global"])
     ap.add_argument("--adv-eps", type=float, default=0.5)
     ap.add_argument("--adv-steps", type=int, default=3)
-    ap.add_argument("--tau", type=float, default=0.3)
-    ap.add_argument("--noise", type=float, default=0.5)
-    ap.add_argument("--eta", type=float, default=1.0)
-    ap.add_argument("--lambda-stab", type=float, default=1.0)
-    ap.add_argument("--lambda-ratio", type=float, default=1.0)
-    ap.add_argument("--lambda-consis", type=float, default=1.0)
-    ap.add_argument("--lambda-l1", type=float, default=1.0)
-    ap.add_argument("--mask-lr", type=float, default=0.01)
-    ap.add_argument("--mask-optimizer", choices=("adam", "sgd"), default="adam")
-    ap.add_argument("--ratio-mask", choices=("soft", "hard"), default="soft")
-    ap.add_argument("--search-bn", choices=("frozen", "batch"), default="frozen")
+    # CAR options: None = the product default (core.spec.CarSpec)
+    ap.add_argument("--tau", type=float)
+    ap.add_argument("--noise", type=float)
+    ap.add_argument("--eta", type=float)
+    for term in CAR_LAMBDAS:
+        ap.add_argument(f"--lambda-{term}", type=float)
+    ap.add_argument("--mask-lr", type=float)
+    ap.add_argument("--mask-optimizer", choices=("adam", "sgd"))
+    ap.add_argument("--ratio-mask", choices=("soft", "hard"))
+    ap.add_argument("--ratio-rows", choices=("all", "correct"))
+    ap.add_argument("--ratio-cap", type=float)
+    ap.add_argument("--search-bn", choices=("frozen", "batch"))
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--l", type=int, default=10)
     ap.add_argument("--alpha", type=float, default=0.9)

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from core.methods import METHODS, prunes
+from core.spec import CarSpec
 
 ARCHS = ("small_cnn", "resnet18", "mobilenet_v2", "googlenet")
 WORK = ".carcert-work"
@@ -63,15 +64,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--augment-q", type=int, help="transformed training samples added (default 1000)")
     p.add_argument("--train-subset", type=int, help="use a seeded random N training samples")
-    p.add_argument("--tau", type=float, help="CAR partial-scaled init fraction (default 0.3)")
+    car = CarSpec.model_fields
+
+    def car_default(key: str) -> object:
+        return car[key].default
+
+    p.add_argument("--tau", type=float,
+                   help=f"CAR partial-scaled init fraction (default {car_default('tau')})")
     for term in ("stab", "ratio", "consis", "l1"):
-        p.add_argument(f"--lambda-{term}", type=float, help=f"CAR Eq. 9 weight of L_{term} (default 1)")
-    p.add_argument("--mask-lr", type=float, help="CAR mask-search learning rate (default 0.01)")
-    p.add_argument("--mask-optimizer", choices=("adam", "sgd"), help="CAR mask optimiser (default adam)")
+        p.add_argument(f"--lambda-{term}", type=float,
+                       help=f"CAR Eq. 9 weight of L_{term} (default {car_default('lambda_' + term)})")
+    p.add_argument("--lambda-ce", type=float,
+                   help=f"CAR task anchor: cross-entropy of the hard-mask network (extension of the paper; "
+                        f"default {car_default('lambda_ce')}, 0 = Eq. 9 as published)")
+    p.add_argument("--mask-lr", type=float,
+                   help=f"CAR mask-search learning rate (default {car_default('mask_lr')})")
+    p.add_argument("--mask-optimizer", choices=("adam", "sgd"),
+                   help=f"CAR mask optimiser (default {car_default('mask_optimizer')})")
     p.add_argument("--ratio-mask", choices=("soft", "hard"),
-                   help="CAR: L_ratio under the noisy soft mask or the hard top-k mask (default soft)")
+                   help=f"CAR: L_ratio under the noisy soft mask or the hard top-k mask "
+                        f"(default {car_default('ratio_mask')})")
+    p.add_argument("--ratio-rows", choices=("all", "correct"),
+                   help=f"CAR: rows feeding L_ratio (default {car_default('ratio_rows')})")
+    p.add_argument("--ratio-cap", type=float,
+                   help=f"CAR: cap on r = Z / (d + eps) in L_ratio (default {car_default('ratio_cap')})")
     p.add_argument("--search-bn", choices=("frozen", "batch"),
-                   help="CAR: BatchNorm statistics in the mask search (default frozen)")
+                   help=f"CAR: BatchNorm statistics in the mask search (default {car_default('search_bn')})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast in training (CUDA; CPUs with bf16)")
     p.add_argument("--n", type=int, default=100, help="certification: deltas per repeat (default 100)")
     p.add_argument("--l", type=int, default=10, help="certification: repeats (default 10)")
@@ -153,8 +171,8 @@ def build_spec(args: argparse.Namespace):
             pruning[key] = getattr(args, key)
     if args.amp:
         pruning["amp"] = True
-    car_keys = ("tau", "lambda_stab", "lambda_ratio", "lambda_consis", "lambda_l1", "mask_lr",
-                "mask_optimizer", "ratio_mask", "search_bn")
+    car_keys = ("tau", "lambda_stab", "lambda_ratio", "lambda_consis", "lambda_l1", "lambda_ce", "mask_lr",
+                "mask_optimizer", "ratio_mask", "ratio_rows", "ratio_cap", "search_bn")
     car = {k: getattr(args, k) for k in car_keys if getattr(args, k) is not None}
     if car:
         pruning["car"] = car

@@ -11,14 +11,13 @@ mask search = spec.search_epochs, fine-tune = spec.finetune_epochs at spec.finet
 - lmp: pretrain (CE), one-shot least-magnitude pruning (exact top-k of |theta|, spec.scope),
   fine-tune (CE) under the fixed mask.
 - advtrain+lmp: the same with the advtrain loss in both pretrain and fine-tune.
-- hydra (Sehwag et al. 2020): pretrain (CE), scores with the scaled init (partial_scaled_init
-  with tau = 0, i.e. |theta| / max|theta| per layer), optimised with the weights frozen through
-  the straight-through top-k mask under the TRADES loss CE(f(x), y) + 6 KL(p(x) || p(x_adv))
-  (x_adv: L2 PGD on that KL from x + 0.001 N(0, 1), same eps/steps as advtrain); binarize;
-  fine-tune with TRADES (HYDRA uses its robust loss in every stage). Scores use Adam at
-  spec.car.mask_lr (as CAR, for a like-for-like comparison) and are not clipped; the network
-  runs in train mode during the score search (as HYDRA); BatchNorm statistics are re-estimated
-  after binarization.
+- hydra (Sehwag et al. 2020), its reference recipe: pretrain (CE), scores with HYDRA's scaled init
+  s = sqrt(6 / fan_in) theta / max|theta|, forward through the straight-through top-k mask of |s|
+  under the TRADES loss CE(f(x), y) + 6 KL(p(x) || p(x_adv)) (x_adv: L2 PGD on that KL from
+  x + 0.001 N(0, 1), same eps/steps as advtrain), weights frozen, BatchNorm affine parameters
+  trainable and the network in train mode, SGD lr 0.1 momentum 0.9 weight decay 1e-4 with a cosine
+  schedule; binarize; fine-tune with TRADES (HYDRA uses its robust loss in every stage); BatchNorm
+  statistics are re-estimated after binarization.
 - car: core.car.run_car (Algorithm 1).
 After binarization every pruning method re-estimates BatchNorm statistics of the pruned net
 (core.training.recalibrate_batchnorm) before fine-tuning.
@@ -26,6 +25,7 @@ After binarization every pruning method re-estimates BatchNorm statistics of the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.car import frozen_params, mask_optimizer, run_car, score_checkpoint, score_params
+from core.car import run_car, score_checkpoint, score_params
 from core.context import StageContext
 from core.data import DatasetSplit
 from core.errors import InvalidInput
-from core.masking import masked_forward, partial_scaled_init, prunable_weights, topk_mask
+from core.masking import masked_forward, prunable_weights, topk_mask
 from core.masking import straight_through_mask as st_mask
 from core.methods import METHODS, method_info
 from core.spec import PruningSpec
@@ -55,6 +55,7 @@ from core.training import (
 )
 
 TRADES_BETA = 6.0
+HYDRA_LR, HYDRA_MOMENTUM, HYDRA_WEIGHT_DECAY = 0.1, 0.9, 1e-4  # HYDRA's pruning-phase SGD
 Forward = Callable[[Tensor], Tensor]
 
 
@@ -147,6 +148,37 @@ def trades_loss(eps: float, steps: int, beta: float = TRADES_BETA) -> LossFn:
     return loss
 
 
+def hydra_scaled_init(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HYDRA's scaled score init: s = sqrt(6 / fan_in) * theta / max|theta| per layer (signed; the
+    forward uses |s|), fan_in = the weight's entries per output unit."""
+    out = {}
+    for name, w in weights.items():
+        w = w.detach().float()
+        fan_in = w[0].numel()
+        out[name] = (math.sqrt(6.0 / fan_in) * w / w.abs().max().clamp_min(1e-12)).contiguous()
+    return out
+
+
+@contextmanager
+def _only_batchnorm_trainable(model: nn.Module):
+    """HYDRA's pruning phase: every weight and bias frozen, BatchNorm affine parameters trainable
+    (HYDRA freezes BN only on request); requires_grad restored after."""
+    bn = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for p in m.parameters()
+    }
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in bn)
+        yield [p for p, _ in saved if id(p) in bn]
+    finally:
+        for p, req in saved:
+            p.requires_grad_(req)
+
+
 def hydra_search(
     model: nn.Module,
     x: Tensor,
@@ -157,11 +189,13 @@ def hydra_search(
     ctx: StageContext | None = None,
     checkpoint_key: str = "hydra-search",
 ) -> dict[str, Tensor]:
-    """HYDRA's score optimisation: scores s (scaled init, tau = 0), forward f(x; theta * C*(s))
-    with C* the straight-through top-k mask, TRADES loss, weights frozen, Adam on s. Returns s."""
+    """HYDRA's score optimisation (the reference recipe): scores with HYDRA's scaled init, forward
+    f(x; theta * C*(|s|)) with C* the straight-through top-k mask, TRADES loss, weights frozen but
+    BatchNorm affine parameters trainable, network in train mode, SGD (lr HYDRA_LR, momentum 0.9,
+    weight decay 1e-4) with a per-step cosine schedule to 0 over the search. Returns s."""
     dev = model_device(model)
-    scores = score_params(partial_scaled_init(prunable_weights(model), 0.0), dev)
-    opt = mask_optimizer(list(scores.values()), spec.car.mask_lr)
+    scores = score_params(hydra_scaled_init(prunable_weights(model)), dev)
+    n_steps = max(1, spec.search_epochs * math.ceil(len(x) / spec.batch_size))
 
     def step(idx: Tensor) -> Tensor:
         xb, yb = x[idx].to(dev), y[idx].to(dev)
@@ -180,10 +214,32 @@ def hydra_search(
         check_finite(loss)
         loss.backward()
         opt.step()
+        sched.step()
         return loss.detach()
 
-    state, load_state = score_checkpoint(scores, opt)
-    with frozen_params(model):
+    with _only_batchnorm_trainable(model) as bn_params:
+        opt = torch.optim.SGD(
+            [*scores.values(), *bn_params],
+            lr=HYDRA_LR,
+            momentum=HYDRA_MOMENTUM,
+            weight_decay=HYDRA_WEIGHT_DECAY,
+        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
+        score_state, load_score_state = score_checkpoint(scores, opt)
+
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+        def state() -> dict[str, Any]:
+            # BatchNorm affine parameters and running statistics (the TRADES attack runs in eval mode)
+            bn = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in bns]
+            return {**score_state(), "sched": sched.state_dict(), "bn": bn}
+
+        def load_state(st: dict[str, Any]) -> None:
+            load_score_state(st)
+            sched.load_state_dict(st["sched"])
+            for m, sd in zip(bns, st["bn"], strict=True):
+                m.load_state_dict(sd)
+
         run_epochs(
             len(x),
             epochs=spec.search_epochs,

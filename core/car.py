@@ -1,32 +1,38 @@
 """CAR: compression-aware semantic robustness (paper Algorithm 1, Eq. 5-9; METHOD.md "CAR").
 
-Mask search (Algorithm 1 line 3) optimises the soft mask m in [0, 1] of every prunable weight
-with the weights theta_pre frozen, for
+Mask search (Algorithm 1 line 3) optimises the soft mask m of every prunable weight with the
+weights theta_pre frozen, for
 
-    L_CAR = l_stab L_stab + l_ratio L_ratio + l_consis L_consis + l_L1 L_L1          (Eq. 9)
+    L_CAR = l_stab L_stab + l_ratio L_ratio + l_consis L_consis + l_L1 L_L1 [+ l_ce L_ce]   (Eq. 9)
 
-Decisions the paper leaves open (documented here and in the final report):
-- compression instances C ~ Q_phi are noisy masks m' = clip(m + U(-delta_n, delta_n), 0, 1);
-- L_ratio uses the probabilities of the first noisy mask C_m for both x and T(x, 1), so the clean
-  pass under C_m is shared by L_stab, L_ratio and L_consis: one step costs four forward passes
-  (C_m on x, C_n on x, C_m on T(x), C* on x) and one backward of the summed loss; a term whose
-  lambda is 0 is not computed and its forward pass is skipped (ablations, Tables 3-5);
+Eq. 9 alone is minimised by a collapsed, constant network (Z = 0, L_stab = L_consis = 0; measured:
+chance accuracy after 300 steps, bench/RESULTS.md "CAR: the decisive experiment"). The product's
+defaults (core.spec.CarSpec; CarSpec.published() is Eq. 9 as the paper states it) settle the choices
+the paper leaves open by controlled experiments, each against a random-sign control:
+- L_ce = CE(f(x; theta * C*), y), a task anchor under the hard mask (an extension: Alg. 1 line 3
+  writes L_CAR(theta, m, x, y)); lambda_ce = 1;
+- L_ratio under the straight-through hard mask C* (the network the certificate bounds), averaged over
+  the rows C* classifies correctly (certification never counts the others), r capped at 10 (the
+  lowest-margin rows otherwise dominate the loss);
+- Adam at 0.001 on m (at 0.01 the mask drifts by noise), m projected onto [0, 1] after every step
+  (CarSpec.project; unprojected scores are an option);
+- x_T = T(x, 1) from the original rows only: the q augmented rows already are T(x, 1);
+- compression instances C ~ Q_phi are noisy masks m' = clip(m + U(-delta_n, delta_n), 0, 1); the
+  clean pass under C_m is shared by L_stab, L_consis (and L_ratio with ratio_mask "soft"); a term
+  whose lambda is 0 is not computed and its forward pass is skipped (ablations, Tables 3-5);
 - BatchNorm (CarSpec.search_bn): "frozen" runs the network in eval mode (the pretrained running
-  statistics, i.e. all of theta_pre frozen; BN folded into the preceding conv, `fold_batchnorm`,
-  the same function, cheaper); "batch" lets each masked network normalise with its own batch
-  statistics (`batch_stat_copy`), as the pruned network does once its statistics are re-estimated
-  after binarization, and then runs x and T(x) as one batch so the statistics cannot normalise the
-  transformation away (three passes over 2B rows instead of four over B);
-- the optimiser is Adam (or SGD, CarSpec.mask_optimizer) on m at CarSpec.mask_lr, and m is
-  projected back to [0, 1] after every step (a mask lives in [0, 1], Sec. 2.2);
-- L_ratio is evaluated under C_m (CarSpec.ratio_mask "soft") or under the straight-through hard
-  mask C* whose Z the certificate bounds ("hard");
+  statistics, folded into the preceding conv, `fold_batchnorm`); "batch" lets each masked network
+  normalise with its own batch statistics over x and T(x) together (`batch_stat_copy`);
+- CarSpec.balance rescales the lambdas so that every term's gradient norm at init is the same;
+  CarSpec.control "random_sign" is the control of every experiment (same gradient magnitudes,
+  random signs);
 - eps of Eq. 6 is RATIO_EPS = 1e-3.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -50,6 +56,7 @@ from core.training import (
     augment_with_transform,
     autocast,
     check_finite,
+    epoch_batches,
     model_device,
     pretrain,
     prune_and_finetune,
@@ -65,7 +72,7 @@ RATIO_EPS = 1e-3
 def noisy_masks(scores: Mapping[str, Tensor], noise: float) -> dict[str, Tensor]:
     """One compression instance C ~ Q_phi: m' = clip(m + U(-delta_n, delta_n), 0, 1) (METHOD.md).
     Differentiable in m (zero gradient where clipped). Uses the global torch RNG. noise = 0 gives
-    m itself (the search keeps m in [0, 1] by projection)."""
+    m itself (in [0, 1] when the search projects m, CarSpec.project)."""
     if noise == 0:
         return dict(scores)
     return {n: (m + torch.empty_like(m).uniform_(-noise, noise)).clamp(0.0, 1.0) for n, m in scores.items()}
@@ -84,12 +91,29 @@ def margin(p: Tensor) -> Tensor:
     return (top2[..., 0] - top2[..., 1]) / 2
 
 
-def ratio_loss(p: Tensor, p_t: Tensor, eta: float, eps: float = RATIO_EPS) -> Tensor:
+def ratio_loss(
+    p: Tensor,
+    p_t: Tensor,
+    eta: float,
+    eps: float = RATIO_EPS,
+    *,
+    cap: float | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
     """Eq. 6-7: r = Z / (d + eps) with Z = ||p(x) - p(T(x))||_inf and d = margin(p(x));
-    L_ratio = E softplus(max(r - eta, 0)) (batch mean; softplus(0) = log 2 is its floor)."""
+    L_ratio = E softplus(max(r - eta, 0)) (batch mean; softplus(0) = log 2 is its floor).
+    cap: r <- min(r, cap) first (CarSpec.ratio_cap); rows: bool selection of the rows averaged
+    (CarSpec.ratio_rows "correct"); no selected row gives a zero that keeps the graph."""
     z = (p - p_t).abs().amax(dim=-1)
     r = z / (margin(p) + eps)
-    return F.softplus(F.relu(r - eta)).mean()
+    if cap is not None:
+        r = r.clamp(max=cap)
+    loss = F.softplus(F.relu(r - eta))
+    if rows is None:
+        return loss.mean()
+    if not bool(rows.any()):
+        return (loss * 0.0).sum()
+    return loss[rows].mean()
 
 
 def consistency_loss(logits_soft: Tensor, logits_hard: Tensor) -> Tensor:
@@ -107,7 +131,7 @@ def l1_loss(scores: Mapping[str, Tensor]) -> Tensor:
     return total / max(1, count)
 
 
-def car_loss(
+def car_terms(
     model: nn.Module,
     scores: Mapping[str, Tensor],
     x: Tensor,
@@ -116,17 +140,25 @@ def car_loss(
     *,
     prune_ratio: float,
     scope: str = "layer",
-) -> tuple[Tensor, dict[str, float]]:
-    """Eq. 9 on one batch, sharing forward passes (module docstring). x_t = T(x, 1) (needed only
-    when lambda_ratio > 0). With spec.search_bn "batch" every pass runs on x and x_t as one batch
-    (shared BatchNorm statistics, so Z is not normalised away; L_stab and L_consis then cover x and
-    x_T, terms (A) and (C) of Eq. 4). Returns (total loss, {term: value}) with the active terms."""
+    y: Tensor | None = None,
+    t_rows: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The active terms of Eq. 9 on one batch (a term whose lambda is 0 is not computed), sharing
+    forward passes (module docstring), plus the task anchor "ce" = CE(f(x; theta * C*), y) when
+    spec.lambda_ce > 0. x_t = T(x[t_rows], 1): the transformed originals (t_rows, int indices into
+    x; default all rows), needed only when lambda_ratio > 0. With spec.search_bn "batch" every pass
+    runs on x and x_t as one batch (shared BatchNorm statistics, so Z is not normalised away)."""
     parts: dict[str, Tensor] = {}
+    use_ratio = spec.lambda_ratio > 0 and x_t is not None and len(x_t) > 0
     if spec.lambda_ratio > 0 and x_t is None:
         raise InvalidInput("lambda_ratio > 0 needs the transformed batch x_t")
-    ratio_hard = spec.lambda_ratio > 0 and spec.ratio_mask == "hard"
-    ratio_soft = spec.lambda_ratio > 0 and not ratio_hard
-    joint = spec.search_bn == "batch" and x_t is not None
+    if (spec.lambda_ce > 0 or spec.ratio_rows == "correct") and y is None:
+        raise InvalidInput("lambda_ce > 0 and ratio_rows 'correct' need the labels y")
+    if t_rows is None:
+        t_rows = torch.arange(len(x), device=x.device)
+    ratio_hard = use_ratio and spec.ratio_mask == "hard"
+    ratio_soft = use_ratio and not ratio_hard
+    joint = spec.search_bn == "batch" and use_ratio
     xb = torch.cat([x, x_t]) if joint else x
     logits_m = p_m = mask_m = None
     if spec.lambda_stab > 0 or spec.lambda_consis > 0 or ratio_soft:
@@ -137,30 +169,83 @@ def car_loss(
         p_n = F.softmax(masked_forward(model, xb, noisy_masks(scores, spec.noise)), dim=-1)
         parts["stab"] = stability_loss(p_m, p_n)
     hard = logits_h = None
-    if spec.lambda_consis > 0 or ratio_hard:
+    if spec.lambda_consis > 0 or ratio_hard or spec.lambda_ce > 0:
         hard = straight_through_mask(scores, prune_ratio, scope)
         logits_h = masked_forward(model, xb, hard)
-    if spec.lambda_ratio > 0:
+    if use_ratio:
         # Z and d under the noisy soft mask C_m, or under the deployed network C* (Eq. 3)
         p_r, mask_r = (F.softmax(logits_h, dim=-1), hard) if ratio_hard else (p_m, mask_m)
-        if joint:
-            parts["ratio"] = ratio_loss(p_r[: len(x)], p_r[len(x) :], spec.eta)
-        else:
-            parts["ratio"] = ratio_loss(p_r, F.softmax(masked_forward(model, x_t, mask_r), dim=-1), spec.eta)
+        p_x = p_r[: len(x)][t_rows]
+        p_t = p_r[len(x) :] if joint else F.softmax(masked_forward(model, x_t, mask_r), dim=-1)
+        rows = None
+        if spec.ratio_rows == "correct":
+            rows = p_x.detach().argmax(dim=-1) == y[t_rows]
+        parts["ratio"] = ratio_loss(p_x, p_t, spec.eta, cap=spec.ratio_cap, rows=rows)
     if spec.lambda_consis > 0:
         parts["consis"] = consistency_loss(logits_m, logits_h)
     if spec.lambda_l1 > 0:
         parts["l1"] = l1_loss(scores)
-    lam = {
+    if spec.lambda_ce > 0:
+        parts["ce"] = F.cross_entropy(logits_h[: len(x)], y)
+    return parts
+
+
+def term_lambdas(spec: CarSpec) -> dict[str, float]:
+    """Eq. 9's lambdas (and the anchor's) by term name."""
+    return {
         "stab": spec.lambda_stab,
         "ratio": spec.lambda_ratio,
         "consis": spec.lambda_consis,
         "l1": spec.lambda_l1,
+        "ce": spec.lambda_ce,
     }
+
+
+def car_loss(
+    model: nn.Module,
+    scores: Mapping[str, Tensor],
+    x: Tensor,
+    x_t: Tensor | None,
+    spec: CarSpec,
+    *,
+    prune_ratio: float,
+    scope: str = "layer",
+    y: Tensor | None = None,
+    t_rows: Tensor | None = None,
+    lambdas: Mapping[str, float] | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 9 on one batch: sum_k lambda_k L_k over `car_terms` (lambdas default: the spec's).
+    Returns (total loss, {term: value}) with the active terms."""
+    parts = car_terms(model, scores, x, x_t, spec, prune_ratio=prune_ratio, scope=scope, y=y, t_rows=t_rows)
+    lam = term_lambdas(spec) if lambdas is None else lambdas
     if not parts:
         return torch.zeros((), device=x.device), {}
     total = sum(lam[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def term_grad_norms(parts: Mapping[str, Tensor], scores: Mapping[str, Tensor]) -> dict[str, float]:
+    """||dL_k / dm||_2 over all score entries, for every term k (one backward each, graph kept)."""
+    params = list(scores.values())
+    out = {}
+    for k, v in parts.items():
+        grads = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        out[k] = float(
+            torch.sqrt(sum((g.float().square().sum() for g in grads if g is not None), torch.zeros(())))
+        )
+    return out
+
+
+def balanced_lambdas(spec: CarSpec, norms: Mapping[str, float]) -> dict[str, float]:
+    """CarSpec.balance: lambda_k' = lambda_k * G / ||g_k|| with G the geometric mean of the active
+    terms' gradient norms at init, so every weighted term starts with a gradient of norm lambda_k G
+    (terms with a zero gradient keep their lambda)."""
+    lam = term_lambdas(spec)
+    live = {k: v for k, v in norms.items() if v > 0 and lam[k] > 0}
+    if not live:
+        return lam
+    g = math.exp(sum(math.log(v) for v in live.values()) / len(live))
+    return {k: (lam[k] * g / live[k] if k in live else lam[k]) for k in lam}
 
 
 def init_scores(model: nn.Module, spec: CarSpec, seed: int = 0) -> dict[str, Tensor]:
@@ -273,6 +358,14 @@ def batch_stat_copy(model: nn.Module) -> nn.Module:
     return net
 
 
+def random_sign_(grads: list[Tensor | None]) -> None:
+    """The control of every CAR experiment: g <- |g| * s in place, s = +-1 uniformly (global RNG).
+    Same per-entry magnitudes (so the same step sizes under Adam or SGD), no direction."""
+    for g in grads:
+        if g is not None:
+            g.copy_(g.abs() * (torch.randint_like(g, 2) * 2 - 1))
+
+
 def car_step(
     model: nn.Module,
     scores: Mapping[str, Tensor],
@@ -284,22 +377,56 @@ def car_step(
     prune_ratio: float,
     scope: str = "layer",
     amp: bool = False,
+    y: Tensor | None = None,
+    t_rows: Tensor | None = None,
+    lambdas: Mapping[str, float] | None = None,
 ) -> Tensor:
-    """One mask-search step (inside `frozen_eval`): Eq. 9 on the batch (four shared forward
-    passes), one backward of the summed loss, an optimiser step on m, projection onto [0, 1].
-    Raises TrainingDiverged before updating on a NaN/inf loss. Returns the detached loss. amp: the
+    """One mask-search step (inside `frozen_eval`): Eq. 9 on the batch (shared forward passes,
+    `car_terms`), one backward of the summed loss, (control "random_sign": the gradient's signs
+    randomised), an optimiser step on m, projection onto [0, 1] when spec.project. Raises
+    TrainingDiverged before updating on a NaN/inf loss. Returns the detached loss. amp: the
     forward passes under bf16 autocast (the mask and its update stay float32)."""
     opt.zero_grad(set_to_none=True)
     with autocast(x.device, amp):
-        loss, _ = car_loss(model, scores, x, x_t, spec, prune_ratio=prune_ratio, scope=scope)
+        loss, _ = car_loss(
+            model,
+            scores,
+            x,
+            x_t,
+            spec,
+            prune_ratio=prune_ratio,
+            scope=scope,
+            y=y,
+            t_rows=t_rows,
+            lambdas=lambdas,
+        )
     check_finite(loss)
     if loss.requires_grad:
         loss.backward()
+        if spec.control == "random_sign":
+            random_sign_([s.grad for s in scores.values()])
         opt.step()
-        with torch.no_grad():
-            for s in scores.values():
-                s.clamp_(0.0, 1.0)
+        if spec.project:
+            with torch.no_grad():
+                for s in scores.values():
+                    s.clamp_(0.0, 1.0)
     return loss.detach()
+
+
+def search_batch(
+    x: Tensor, y: Tensor, idx: Tensor, index: Tensor, n_original: int, transform: Any, dev: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """One search batch: (x, y, x_T, t_rows) on `dev`. t_rows are the batch rows at positions
+    < n_original (original rows); x_T = T(x[t_rows], 1, index) (None without a transform): an
+    augmented row already is T(x, 1) and is never transformed again."""
+    xb, yb = x[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+    t_rows = (idx < n_original).nonzero().flatten()
+    x_t = None
+    if transform is not None:
+        with torch.no_grad():
+            ones = torch.ones(len(t_rows), device=dev)
+            x_t = transform(xb[t_rows.to(dev)], ones, index=index[idx][t_rows].to(dev))
+    return xb, yb, x_t, t_rows.to(dev)
 
 
 def search_mask(
@@ -316,34 +443,59 @@ def search_mask(
     seed: int,
     ctx: StageContext | None = None,
     index: Tensor | None = None,
+    n_original: int | None = None,
     stage: str = "search",
     checkpoint_key: str = "search",
     amp: bool = False,
+    on_step: Callable[[int, Mapping[str, Tensor]], None] | None = None,
+    report: dict[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Algorithm 1 lines 2-3: initialise the soft mask and minimise Eq. 9 over it for `epochs`
-    epochs with the model frozen (eval mode, no weight gradients). Returns the soft mask m
-    (float in [0, 1], detached, on the model's device). `y` is not used by L_CAR (the loss is
-    label-free); it is accepted for the common signature. transform(x, delta, index) gives x_T
-    at delta = 1; `index` (default arange) are the dataset indices passed to it.
-    Resumable per epoch through ctx (key `checkpoint_key`)."""
+    """Algorithm 1 lines 2-3: initialise the soft mask and minimise Eq. 9 (+ the optional anchor)
+    over it for `epochs` epochs with the model frozen (eval mode, no weight gradients). Returns the
+    scores m (detached, on the model's device; in [0, 1] when spec.project). Rows at positions
+    >= n_original (default len(x)) are augmented rows that already are T(x, 1): they feed every
+    term but L_ratio, whose x_T = T(x, 1, index) comes from the original rows only. `y` feeds the
+    anchor and ratio_rows "correct". on_step(step, scores) runs after every step (curves);
+    `report` (a dict) receives the lambdas used and, with spec.balance, the term gradient norms at
+    init. Resumable per epoch through ctx (key `checkpoint_key`)."""
     dev = model_device(model)
     scores = score_params(init_scores(model, spec, seed), dev)
     opt = mask_optimizer(list(scores.values()), spec.mask_lr, spec.mask_optimizer)
     if index is None:
         index = torch.arange(len(x))
+    n_orig = len(x) if n_original is None else int(n_original)
+    done = [0]
+
+    def batch(idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        return search_batch(x, y, idx, index, n_orig, transform if spec.lambda_ratio > 0 else None, dev)
 
     def step(idx: Tensor) -> Tensor:
-        xb = x[idx].to(dev, non_blocking=True)
-        x_t = None
-        if spec.lambda_ratio > 0:
-            with torch.no_grad():
-                ones = torch.ones(len(xb), device=dev)
-                x_t = transform(xb, ones, index=index[idx].to(dev))
-        return car_step(net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp)
+        xb, yb, x_t, t_rows = batch(idx)
+        loss = car_step(
+            net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp,
+            y=yb, t_rows=t_rows, lambdas=lambdas,
+        )  # fmt: skip
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], scores)
+        return loss
 
     state, load_state = score_checkpoint(scores, opt)
     with frozen_eval(model):
         net = batch_stat_copy(model) if spec.search_bn == "batch" else fold_batchnorm(model)
+        lambdas = term_lambdas(spec)
+        if spec.balance and len(x) > 0:
+            torch.manual_seed(seed)
+            xb, yb, x_t, t_rows = batch(epoch_batches(len(x), batch_size, seed, 0)[0])
+            parts = car_terms(
+                net, scores, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, y=yb, t_rows=t_rows
+            )
+            norms = term_grad_norms(parts, scores)
+            lambdas = balanced_lambdas(spec, norms)
+            if report is not None:
+                report["term_grad_norms"] = norms
+        if report is not None:
+            report["lambdas"] = {k: v for k, v in lambdas.items() if v > 0}
         run_epochs(
             len(x),
             epochs=epochs,
@@ -390,6 +542,7 @@ def run_car(
         seed=seed,
         ctx=ctx,
         index=index,
+        n_original=len(data.train_x),
         stage="search",
         checkpoint_key=f"{key}-search",
         amp=spec.amp,

@@ -2,6 +2,7 @@
 TRADES at eps 0, and the run_method dispatch (exact sparsity for every pruning method)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from core.baselines import advtrain_loss, pgd_l2, run_method, trades_loss
+from core.baselines import advtrain_loss, hydra_scaled_init, hydra_search, pgd_l2, run_method, trades_loss
+from core.context import LocalContext
 from core.data import load_dataset
-from core.errors import InvalidInput
+from core.errors import Cancelled, InvalidInput
 from core.masking import prunable_weights
 from core.methods import METHODS, prunes
 from core.models import build_model
@@ -152,3 +154,37 @@ def test_hydra_scores_move_away_from_magnitude(digits, trained):
     masks = run_method("hydra", model, digits, brightness, spec, seed=0)
     changed = sum(int((masks[n] != mag[n]).sum()) for n in mag)
     assert changed > 0
+
+
+def test_hydra_scaled_init_is_kaiming_scaled_weight_over_its_max():
+    """s = sqrt(6 / fan_in) * theta / max|theta| per layer, signed (HYDRA's scaled init)."""
+    w = torch.tensor([[[[1.0, -2.0], [0.5, 4.0]]], [[[-8.0, 0.0], [2.0, 1.0]]]])  # (2, 1, 2, 2): fan_in 4
+    s = hydra_scaled_init({"conv.weight": w})["conv.weight"]
+    torch.testing.assert_close(s, math.sqrt(6 / 4) * w / 8.0)
+
+
+def test_hydra_search_trains_scores_and_batchnorm_only_and_resumes_exactly(digits, tmp_path):
+    """The reference recipe: conv/linear weights and biases stay fixed, BatchNorm affine parameters
+    move; a search interrupted after two epochs and resumed (scores, SGD momentum, cosine schedule and
+    BatchNorm parameters from the checkpoint) ends exactly where an uninterrupted one does."""
+    torch.manual_seed(0)
+    base = build_model("small_cnn", 10, 1)
+    bn_names = {n for n, m in base.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bn_names, "small_cnn has BatchNorm"
+    x, y = digits.train_x[:192], digits.train_y[:192]
+    spec = PruningSpec(method="hydra", prune_ratio=0.5, search_epochs=3, batch_size=64, adv_steps=1)
+    straight_net = copy.deepcopy(base)
+    straight = hydra_search(straight_net, x, y, spec, seed=1, ctx=LocalContext(tmp_path / "a"))
+    for name, p in straight_net.named_parameters():
+        moved = not torch.equal(p, dict(base.named_parameters())[name])
+        assert moved == (name.rsplit(".", 1)[0] in bn_names), name
+    calls = iter(range(10_000))
+    stop = LocalContext(tmp_path / "b", cancel_flag=lambda: next(calls) >= 2 * 3 + 1)  # 3 steps an epoch
+    with pytest.raises(Cancelled):
+        hydra_search(copy.deepcopy(base), x, y, spec, seed=1, ctx=stop)
+    resumed_net = copy.deepcopy(base)
+    resumed = hydra_search(resumed_net, x, y, spec, seed=1, ctx=LocalContext(tmp_path / "b"))
+    for n in straight:
+        assert torch.equal(straight[n], resumed[n])
+    for (n, p), q in zip(straight_net.named_parameters(), resumed_net.parameters(), strict=True):
+        assert torch.equal(p, q), n
