@@ -378,3 +378,40 @@ def export_program(model: nn.Module, x: Tensor, path: str | Path) -> str:
     torch.export.save(ep, str(tmp))
     tmp.replace(path)
     return file_sha256(path)
+
+
+def describe_program(ep: torch.export.ExportedProgram) -> dict[str, Any]:
+    """What can be checked from the program alone (the upload check): one image-batch input
+    (N, C, H, W) with a dynamic batch dimension, one (N, K) output, at least one conv / linear
+    weight. Returns {"input_shape": [C, H, W] (None for a dynamic size), "classes": K or None,
+    "prunable": [names]}; ProgramError naming the first violation."""
+    from core.masking import graph_prunable_weights
+
+    sig = ep.graph_signature
+    inputs = {n.name: n for n in ep.graph.nodes if n.op == "placeholder" and n.name in sig.user_inputs}
+    if len(sig.user_inputs) != 1 or len(inputs) != 1:
+        raise ProgramError(f"the program must take one image batch, it takes {len(sig.user_inputs)} inputs")
+    val = next(iter(inputs.values())).meta.get("val")
+    if not isinstance(val, Tensor) or val.dim() != 4:
+        shape = tuple(val.shape) if isinstance(val, Tensor) else type(val).__name__
+        raise ProgramError(f"the program's input must be an image batch (N, C, H, W), got {shape}")
+    if isinstance(val.shape[0], int):
+        raise ProgramError(
+            f"the program's batch dimension is static ({val.shape[0]}); export it with a dynamic one: "
+            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}"
+        )
+    outs = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
+    user_outs = outs[len(outs) - len(sig.user_outputs) :]
+    vals = [o.meta.get("val") if isinstance(o, torch.fx.Node) else o for o in user_outs]
+    if len(vals) != 1 or not isinstance(vals[0], Tensor) or vals[0].dim() != 2:
+        got = [tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in vals]
+        raise ProgramError(f"the program must return one (N, classes) logits tensor, it returns {got}")
+    prunable = list(graph_prunable_weights(ep.module()))
+    if not prunable:
+        raise ProgramError("the program has no conv or linear weight to prune")
+    k = vals[0].shape[1]
+    return {
+        "input_shape": [int(d) if isinstance(d, int) else None for d in val.shape[1:]],
+        "classes": int(k) if isinstance(k, int) else None,
+        "prunable": prunable,
+    }

@@ -68,8 +68,13 @@ class FlatOut(TwoHeadGroupNet):
         return super().forward(x).sum(1)
 
 
-def export(module: nn.Module, path: Path, mode: str = "eval", shape: tuple[int, ...] = (1, 8, 8),
-           dynamic_batch: bool = True) -> Path:
+def export(
+    module: nn.Module,
+    path: Path,
+    mode: str = "eval",
+    shape: tuple[int, ...] = (1, 8, 8),
+    dynamic_batch: bool = True,
+) -> Path:
     """torch.export.save of `module` captured in `mode` ("eval" or "train") on a batch of 4."""
     module.train(mode == "train")
     dyn = {"x": {0: Dim("batch")}} if dynamic_batch else None

@@ -18,9 +18,31 @@ from core.data import load_dataset
 from core.models import file_sha256
 from tests.programs import TwoHeadGroupNet, export, torchvision_new_head
 
-TINY = ["--dataset", "digits", "--transform", "brightness", "--epochs", "1", "--batch-size", "64",
-        "--train-subset", "200", "--augment-q", "20", "--n", "10", "--l", "2", "--samples", "4",
-        "--t-steps", "20", "--device", "cpu", "--quiet"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--transform",
+    "brightness",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--train-subset",
+    "200",
+    "--augment-q",
+    "20",
+    "--n",
+    "10",
+    "--l",
+    "2",
+    "--samples",
+    "4",
+    "--t-steps",
+    "20",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 LOAD_ALONE = """
 import sys, torch
@@ -42,8 +64,13 @@ def load_alone(pt2s: list[Path], names: list[str], tmp: Path) -> list[tuple[int,
     torch.save(data.test_x, tmp / "x.pt")
     torch.save(data.test_y, tmp / "y.pt")
     argv = [str(tmp / "x.pt"), str(tmp / "y.pt"), ",".join(names), *map(str, pt2s)]
-    out = subprocess.run([sys.executable, "-I", "-c", LOAD_ALONE, *argv], capture_output=True, text=True,
-                         check=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", LOAD_ALONE, *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     return [(int(a), float(b)) for a, b in (line.split() for line in out.stdout.splitlines())]
 
 
@@ -52,8 +79,23 @@ def test_prune_program_lmp_hydra_car(tmp_path: Path, mode: str) -> None:
     torch.manual_seed(1)
     net = export(TwoHeadGroupNet(), tmp_path / "net.pt2", mode)
     out = tmp_path / "out"
-    assert main(["prune", "--model", str(net), "--method", "lmp,hydra,car", "--prune-ratio", "0.5", *TINY,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(net),
+                "--method",
+                "lmp,hydra,car",
+                "--prune-ratio",
+                "0.5",
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     expected = ["stem.weight", "grouped.weight", "depthwise.weight", "head_a.weight", "head_b.weight"]
     folders = [out / f"{method}-0.50" for method in ("lmp", "hydra", "car")]
     alone = load_alone([f / "model.pt2" for f in folders], expected, tmp_path)
@@ -72,22 +114,72 @@ def test_prune_program_lmp_hydra_car(tmp_path: Path, mode: str) -> None:
 def test_certify_program_and_its_pruned_output(tmp_path: Path, capsys) -> None:
     net = export(torchvision_new_head(), tmp_path / "mnv3.pt2", "eval")
     out = tmp_path / "out"
-    assert main(["prune", "--model", str(net), "--method", "lmp", "--prune-ratio", "0.3", *TINY,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(net),
+                "--method",
+                "lmp",
+                "--prune-ratio",
+                "0.3",
+                *TINY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     cert = json.loads((out / "certificate.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01) and len(metrics["layers"]) > 30
     # certify the pruned program alone, and the input program + pruned weights + mask: same model
-    common = ["--dataset", "digits", "--transform", "brightness", "--n", "10", "--l", "2", "--samples", "4",
-              "--t-steps", "20", "--device", "cpu", "--quiet"]
-    assert main(["certify", "--model", str(out / "model.pt2"), *common, "--out", str(tmp_path / "a.json")]) == 0
-    assert main(["certify", "--model", str(net), "--weights", str(out / "model.safetensors"), "--mask",
-                 str(out / "mask.safetensors"), *common, "--out", str(tmp_path / "b.json")]) == 0
+    common = [
+        "--dataset",
+        "digits",
+        "--transform",
+        "brightness",
+        "--n",
+        "10",
+        "--l",
+        "2",
+        "--samples",
+        "4",
+        "--t-steps",
+        "20",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    assert (
+        main(["certify", "--model", str(out / "model.pt2"), *common, "--out", str(tmp_path / "a.json")]) == 0
+    )
+    assert (
+        main(
+            [
+                "certify",
+                "--model",
+                str(net),
+                "--weights",
+                str(out / "model.safetensors"),
+                "--mask",
+                str(out / "mask.safetensors"),
+                *common,
+                "--out",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     for c in (a, b):
         assert verify_certificate(tmp_path / (("a" if c is a else "b") + ".json")) == []
         assert c["model"]["arch"] == "program" and c["model"]["nonzero"] == metrics["nonzero"]
     assert a["model"]["program_sha256"] == file_sha256(out / "model.pt2")
     assert b["model"]["program_sha256"] == file_sha256(net) and b["mask_sha256"] == cert["mask_sha256"]
-    assert [s["pred"] for s in a["samples"]] == [s["pred"] for s in b["samples"]] == [
-        s["pred"] for s in cert["samples"]]
+    assert (
+        [s["pred"] for s in a["samples"]]
+        == [s["pred"] for s in b["samples"]]
+        == [s["pred"] for s in cert["samples"]]
+    )
