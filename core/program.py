@@ -287,6 +287,7 @@ def fold_program_batchnorm(model: torch.fx.GraphModule) -> nn.Module:
                 src.args = tuple(args)
         node.replace_all_uses_with(src)
         graph.erase_node(node)
+        net.delete_submodule(node.target)
     graph.lint()
     net.recompile()
     for p in net.parameters():
