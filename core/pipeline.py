@@ -148,10 +148,12 @@ def _arch(spec: Any) -> str:
 def _build_program(spec: Any, data: Any, allowed_roots: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A user's torch.export program (core.program), checked against the dataset."""
     from core.models import file_sha256
-    from core.program import check_classifier, load_program_model
+    from core.program import check_classifier, load_program_model, require_trainable
 
     path = _weights_path(allowed_roots, "program", spec.model.program)
     model = load_program_model(path)
+    if spec.kind == "prune":
+        require_trainable(model)
     num_classes = check_classifier(model, data.test_x, spec.model.num_classes or data.num_classes)
     return model, {"num_classes": num_classes, "in_channels": data.in_channels,
                    "program_sha256": file_sha256(path)}

@@ -155,6 +155,8 @@ def _replace_batch_norms(gm: torch.fx.GraphModule) -> list[str]:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in BATCH_NORMS:
             continue
+        if node.args[3] is None:  # no running statistics: batch statistics in both modes
+            continue
         found = _bn_module(gm, node)
         users = list(node.users)
         tuple_out = BATCH_NORMS[node.target] != "batch_norm"
@@ -220,6 +222,19 @@ class ProgramModule(torch.fx.GraphModule):
         fed by a conv / linear node alone is folded into it (w * s, (b - mean) * s + beta), the
         weight keeping its name, so f(x; m * theta) is unchanged for every mask m."""
         return fold_program_batchnorm(self)
+
+
+def require_trainable(model: nn.Module) -> None:
+    """ProgramError when the program has batch-norm nodes whose running statistics cannot be run in
+    train mode (their parameters do not belong to one BatchNorm module): pruning would fine-tune and
+    re-estimate them silently wrong. Certification (eval mode) does not need this."""
+    fixed = getattr(model, "bn_fixed", ())
+    if fixed:
+        raise ProgramError(
+            f"the program's batch-norm node(s) {', '.join(fixed[:5])} cannot be switched to train mode "
+            "(their weight and running statistics are not the tensors of one BatchNorm module), so their "
+            "statistics cannot be re-estimated after pruning; use nn.BatchNorm1d/2d/3d and export again"
+        )
 
 
 def program_module(ep: torch.export.ExportedProgram) -> ProgramModule:

@@ -153,3 +153,30 @@ def test_read_program_refuses_pickles_and_non_programs(tmp_path: Path) -> None:
         read_program(tmp_path / "w.pt2")
     with pytest.raises(ProgramError, match="not found"):
         read_program(tmp_path / "missing.pt2")
+
+
+class LooseBatchNorm(nn.Module):
+    """Batch norm through F.batch_norm on tensors of the root module: no BatchNorm module to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.register_buffer("rm", torch.zeros(4))
+        self.register_buffer("rv", torch.ones(4))
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.batch_norm(self.conv(x), self.rm, self.rv, training=self.training)
+        return self.head(x.mean((2, 3)))
+
+
+def test_batchnorm_that_cannot_train_is_refused_for_pruning(tmp_path: Path) -> None:
+    from core.pipeline import LocalContext, run_job
+    from core.spec import JobSpec
+
+    path = export(LooseBatchNorm(), tmp_path / "loose.pt2")
+    prog = load_program_model(path)
+    assert prog.bn_fixed  # left as exported (eval mode), so certification still works
+    spec = JobSpec(model={"program": str(path)}, pruning={"method": "lmp"}, train_subset=50)
+    with pytest.raises(ProgramError, match="cannot be switched to train mode"):
+        run_job(spec, tmp_path / "out", LocalContext(tmp_path / "work"), device="cpu")
