@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from carcert.cli import main
 from core.certify import verify_certificate
 from store import jobs as repo
 from store.artifacts import get_artifact_store
@@ -53,7 +54,7 @@ def _evidence(job_id: str, variant: str, dest: Path) -> Path:
     return dest
 
 
-def test_program_job_lmp_hydra_car(api, tmp_path: Path) -> None:
+def test_program_job_lmp_hydra_car(api, tmp_path: Path, capsys) -> None:
     torch.manual_seed(2)
     net = export(TwoHeadGroupNet(), tmp_path / "net.pt2", "train")
     with api.client("alice") as alice:
@@ -92,21 +93,32 @@ def test_program_job_lmp_hydra_car(api, tmp_path: Path) -> None:
         for cert, (nonzero, _acc) in zip(certs, load_alone(pt2s, PRUNABLE, tmp_path), strict=True):
             assert nonzero == cert["model"]["nonzero"]
             assert cert["model"]["sparsity"] == pytest.approx(0.5, abs=0.01)
-        # a certify job of the returned program (uploaded again as kind "model")
-        r = _upload(alice, pt2s[2], "car.pt2")
-        assert r.status_code == 201, r.text
-        r = alice.post(
-            "/jobs",
-            json={
-                "kind": "certify",
-                "model": {"program": r.json()["ref"]},
-                "dataset": "digits",
-                "transform": spec["transform"],
-                "certification": spec["certification"],
-            },
-        )
-        assert r.status_code == 202, r.text
-        done = poll_job(alice, r.json()["id"], timeout=200)
+        # a certify job of the returned program, submitted by the CLI client (uploads it as kind "model")
+        argv = [
+            "submit",
+            "--kind",
+            "certify",
+            "--model",
+            str(pt2s[2]),
+            "--dataset",
+            "digits",
+            "--transform",
+            "illumination",
+            "--n",
+            "10",
+            "--l",
+            "2",
+            "--samples",
+            "4",
+            "--url",
+            api.url,
+            "--api-key",
+            api.keys["alice"],
+        ]
+        assert main(argv) == 0
+        submitted = json.loads(capsys.readouterr().out)
+        assert submitted["spec"]["model"]["program"].startswith("artifact:")
+        done = poll_job(alice, submitted["id"], timeout=200)
         assert done["status"] == "succeeded", (done, api.worker.log()[-3000:])
         cert = alice.get(f"/jobs/{done['id']}/certificate").json()
         assert cert["model"]["nonzero"] == certs[2]["model"]["nonzero"]
