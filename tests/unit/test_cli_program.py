@@ -15,7 +15,7 @@ import torch
 from carcert.cli import main
 from core.certify import verify_certificate
 from core.data import load_dataset
-from core.models import file_sha256
+from core.models import file_sha256, weights_metadata
 from tests.programs import TwoHeadGroupNet, export, torchvision_new_head
 
 TINY = [
@@ -105,6 +105,7 @@ def test_prune_program_lmp_hydra_car(tmp_path: Path, mode: str) -> None:
         assert metrics["arch"] == "program" and [e["name"] for e in metrics["layers"]] == expected
         assert metrics["program_sha256"] == file_sha256(net) == cert["model"]["program_sha256"]
         assert cert["model"]["pt2_sha256"] == file_sha256(folder / "model.pt2")
+        assert weights_metadata(folder / "mask.safetensors")["program_sha256"] == file_sha256(net)
         assert verify_certificate(folder / "certificate.json") == []
         assert cert["model"]["sparsity"] == pytest.approx(0.5, abs=0.01)
         assert nonzero == metrics["nonzero"] == cert["model"]["nonzero"]
