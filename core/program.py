@@ -9,7 +9,8 @@ Contract:
   parameters from one module of the original network (nn.BatchNorm1d/2d/3d, the usual case) runs
   through a real nn.BatchNorm module holding the same tensors under the same state-dict names,
   and every aten dropout node through nn.Dropout, so `.train()` / `.eval()` switch them as in the
-  original nn.Module, whichever mode the program was exported in. Parameter and buffer names are
+  original nn.Module, whichever mode the program was exported in (attention dropout too; any other
+  random op, e.g. stochastic depth exported in train mode, is refused). Parameter and buffer names are
   the program's state-dict names; conv / linear weights are found from the graph
   (core.masking.prunable_weights), masks are keyed by those names.
 - `check_classifier(model, x, num_classes)` runs the program on a batch of 1 and of 3 samples of the
@@ -44,7 +45,13 @@ BATCH_NORMS = {
     _aten.batch_norm.default: "batch_norm",
     _aten._native_batch_norm_legit_no_training.default: "legit_no_training",
 }
-DROPOUTS = {_aten.dropout.default: nn.Dropout, _aten.feature_dropout.default: nn.Dropout2d}
+DROPOUTS = {
+    _aten.dropout.default: nn.Dropout,
+    _aten.dropout_.default: nn.Dropout,
+    _aten.feature_dropout.default: nn.Dropout2d,
+    _aten.feature_dropout_.default: nn.Dropout2d,
+}
+SDPA = _aten.scaled_dot_product_attention.default
 _BN_LEAVES = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
@@ -205,6 +212,56 @@ def _replace_dropouts(gm: torch.fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
+class AttentionDropout(nn.Module):
+    """aten.scaled_dot_product_attention with its dropout probability applied in train mode only
+    (a train-mode export fixes dropout_p in the graph)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Any = None, is_causal: bool = False, **kwargs: Any
+    ) -> Tensor:
+        return SDPA(q, k, v, attn_mask, self.p if self.training else 0.0, is_causal, **kwargs)
+
+
+def _replace_attention_dropouts(gm: torch.fx.GraphModule) -> None:
+    for i, node in enumerate(list(gm.graph.nodes)):
+        if node.op != "call_function" or node.target is not SDPA:
+            continue
+        args = list(node.args) + [None, 0.0, False][len(node.args) - 3 :]
+        p = float(node.kwargs.get("dropout_p", args[4]))
+        if p == 0.0:
+            continue
+        kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dropout_p", "attn_mask", "is_causal")}
+        name = f"carcert_attention_{i}"
+        gm.add_submodule(name, AttentionDropout(p))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(
+                name,
+                (*args[:3], node.kwargs.get("attn_mask", args[3]), node.kwargs.get("is_causal", args[5])),
+                kwargs,
+            )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _refuse_random_ops(gm: torch.fx.GraphModule) -> None:
+    """ProgramError for a random op left in the graph (e.g. stochastic depth exported in train mode):
+    it would make evaluation and certification random."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if torch.Tag.nondeterministic_seeded in target.tags and target is not SDPA:
+            raise ProgramError(
+                f"the program contains the random op {target} (node {node.name}), which carcert cannot "
+                "switch off in eval mode (e.g. stochastic depth exported in train mode); export after net.eval()"
+            )
+
+
 def _drop_unused_attrs(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -244,6 +301,8 @@ def program_module(ep: torch.export.ExportedProgram) -> ProgramModule:
         gm.__dict__.pop(name, None)
     _replace_batch_norms_left = _replace_batch_norms(gm)
     _replace_dropouts(gm)
+    _replace_attention_dropouts(gm)
+    _refuse_random_ops(gm)
     _drop_unused_attrs(gm)
     gm.graph.lint()
     out = ProgramModule(gm, gm.graph, class_name="ProgramModule")

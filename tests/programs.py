@@ -81,3 +81,31 @@ def export(
     ep = torch.export.export(module, (torch.rand(4, *shape),), dynamic_shapes=dyn)
     torch.export.save(ep, str(path))
     return path
+
+
+class TinyViT(nn.Module):
+    """Patch-embedding conv + one transformer encoder layer (attention, LayerNorm, dropout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 16, 2, stride=2)
+        self.pos = nn.Parameter(torch.zeros(1, 16, 16))
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.enc(t).mean(1))
+
+
+class StochasticDepthNet(TwoHeadGroupNet):
+    """A residual branch dropped at random in train mode (torchvision's StochasticDepth)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.sd = StochasticDepth(0.5, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + self.sd(x))

@@ -180,3 +180,16 @@ def test_batchnorm_that_cannot_train_is_refused_for_pruning(tmp_path: Path) -> N
     spec = JobSpec(model={"program": str(path)}, pruning={"method": "lmp"}, train_subset=50)
     with pytest.raises(ProgramError, match="cannot be switched to train mode"):
         run_job(spec, tmp_path / "out", LocalContext(tmp_path / "work"), device="cpu")
+
+
+def test_attention_dropout_follows_the_mode_and_random_layers_are_refused(tmp_path: Path) -> None:
+    from tests.programs import StochasticDepthNet, TinyViT
+
+    net = TinyViT()
+    prog = load_program_model(export(copy.deepcopy(net), tmp_path / "vit.pt2", "train"))
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.allclose(prog.eval()(x), net.eval()(x), atol=1e-5)  # dropout_p of the export off
+    assert "enc.self_attn.in_proj_weight" in prunable_weights(prog)  # the attention's linear weight
+    with pytest.raises(ProgramError, match="random op aten.bernoulli"):
+        load_program_model(export(StochasticDepthNet(), tmp_path / "sd.pt2", "train"))
+    load_program_model(export(StochasticDepthNet(), tmp_path / "sd-eval.pt2", "eval"))  # fine in eval
