@@ -258,7 +258,7 @@ def _refuse_random_ops(gm: torch.fx.GraphModule) -> None:
         if torch.Tag.nondeterministic_seeded in target.tags and target is not SDPA:
             raise ProgramError(
                 f"the program contains the random op {target} (node {node.name}), which carcert cannot "
-                "switch off in eval mode (e.g. stochastic depth exported in train mode); export after net.eval()"
+                "switch off in eval mode (stochastic depth exported in train mode?); export after net.eval()"
             )
 
 
