@@ -299,14 +299,14 @@ def program_module(ep: torch.export.ExportedProgram) -> ProgramModule:
     gm = ep.module()
     for name in ("train", "eval"):  # ep.module() forbids them; BatchNorm / dropout now follow them
         gm.__dict__.pop(name, None)
-    _replace_batch_norms_left = _replace_batch_norms(gm)
+    fixed = _replace_batch_norms(gm)
     _replace_dropouts(gm)
     _replace_attention_dropouts(gm)
     _refuse_random_ops(gm)
     _drop_unused_attrs(gm)
     gm.graph.lint()
     out = ProgramModule(gm, gm.graph, class_name="ProgramModule")
-    out.bn_fixed = tuple(_replace_batch_norms_left)
+    out.bn_fixed = tuple(fixed)
     return out.eval()
 
 
@@ -329,6 +329,8 @@ def fold_program_batchnorm(model: torch.fx.GraphModule) -> nn.Module:
             continue
         if src.op != "call_function" or src.target not in (*CONV_OPS, *LINEAR_OPS) or len(src.users) != 1:
             continue
+        if src.target is _aten.convolution.default and src.args[6]:
+            continue  # transposed: the weight's output channels are not its first dimension
         w_name, b_node = _attr_target(src.args[1]), src.args[2] if len(src.args) > 2 else None
         if (
             w_name is None
