@@ -140,14 +140,15 @@ def _load_data(spec: JobSpec, allowed_roots: Any) -> DatasetSplit:
                         train_subset=spec.train_subset)
 
 
-def _arch(spec: Any) -> str:
+def _arch(spec: JobSpec) -> str:
     """The model's name in metrics and certificates: the architecture, or "program"."""
     return "program" if getattr(spec.model, "program", None) else spec.model.arch
 
 
-def _build_program(spec: Any, data: Any, allowed_roots: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _build_program(
+    spec: JobSpec, data: DatasetSplit, allowed_roots: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A user's torch.export program (core.program), checked against the dataset."""
-    from core.models import file_sha256
     from core.program import check_classifier, load_program_model, require_trainable
 
     path = _weights_path(allowed_roots, "program", spec.model.program)
@@ -159,10 +160,9 @@ def _build_program(spec: Any, data: Any, allowed_roots: Any) -> tuple[torch.nn.M
                    "program_sha256": file_sha256(path)}
 
 
-def _build(spec: Any, data: Any, allowed_roots: Any = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from core.errors import InvalidInput
-    from core.models import build_model, default_small_input
-
+def _build(
+    spec: JobSpec, data: DatasetSplit, allowed_roots: Any = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     if getattr(spec.model, "program", None):
         return _build_program(spec, data, allowed_roots)
     num_classes = spec.model.num_classes or data.num_classes
