@@ -171,7 +171,8 @@ class LooseBatchNorm(nn.Module):
 
 
 def test_batchnorm_that_cannot_train_is_refused_for_pruning(tmp_path: Path) -> None:
-    from core.pipeline import LocalContext, run_job
+    from core.context import LocalContext
+    from core.pipeline import run_job
     from core.spec import JobSpec
 
     path = export(LooseBatchNorm(), tmp_path / "loose.pt2")
