@@ -25,6 +25,7 @@ ARTIFACT_PREFIX = "artifact:"
 WEIGHT_KINDS = ("weights", "model")
 REF_KINDS: dict[str, tuple[str, ...]] = {
     "model.weights": WEIGHT_KINDS,
+    "model.program": ("model",),  # a torch.export .pt2 (api.program_checks)
     "mask": ("mask",),
     "dataset": ("dataset",),
     "transform.encoder": ("generator", *WEIGHT_KINDS),
@@ -201,6 +202,10 @@ def _check_npz(path: Path) -> None:
 
 def check_uploaded_file(path: Path, kind: str, filename: str) -> None:
     """Raise 422 (ApiProblem) when the file cannot be used safely as `kind`."""
+    from api.program_checks import check_program_upload
+
+    if kind == "model" and check_program_upload(path, filename):
+        return
     if kind in ("weights", "model", "mask", "generator"):
         if _is_safetensors(path):
             _check_safetensors(path)
@@ -305,6 +310,8 @@ def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Seq
     """Raise 422 for any reference in `spec` the tenant may not or cannot use."""
     if spec.model.weights is not None:
         _file_ref(session, tenant, "model.weights", spec.model.weights, data_roots)
+    if spec.model.program is not None:
+        _file_ref(session, tenant, "model.program", spec.model.program, data_roots)
     if spec.mask is not None:
         _file_ref(session, tenant, "mask", spec.mask, data_roots)
     for name in ("encoder", "decoder"):

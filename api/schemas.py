@@ -14,7 +14,7 @@ from core.spec import JobSpec
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ArtifactKind = Literal["weights", "dataset", "generator", "model", "mask", "evidence", "report", "other"]
-UPLOAD_KINDS: tuple[str, ...] = ("weights", "mask", "dataset", "generator", "other")
+UPLOAD_KINDS: tuple[str, ...] = ("weights", "model", "mask", "dataset", "generator", "other")
 
 
 class Problem(BaseModel):

@@ -5,6 +5,7 @@
         --dataset digits --transform illumination [--n 100 --l 10 --alpha 0.9 --epsilon 1e-3 \\
         --samples 100 --seed 0 --bound-order conservative --bound cccert|binomial \\
         --failure-probability 1e-3 --early-stop] --out cert.json
+    carcert certify --model net.pt2 [--weights W] [--mask M] --dataset digits ... --out cert.json
 writes cert.json and cert.evidence.npz beside it. --transform takes a parametric name
 (core.transforms.PARAMETRIC, or 'a+b'), 'pca' (built-in PCA latent direction, --component),
 'latent' with --encoder/--decoder .pt2 files, or 'precomputed' (variants shipped in an npz).
@@ -23,8 +24,11 @@ ARCH_CHOICES = ("small_cnn", "resnet18", "mobilenet_v2", "googlenet")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("certify", help="certify a model against a semantic transformation (CC-Cert)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", required=True, choices=ARCH_CHOICES)
-    p.add_argument("--weights", required=True, help="safetensors or weights_only torch checkpoint")
+    p.add_argument("--arch", choices=ARCH_CHOICES, help="a built-in architecture (or --model)")
+    p.add_argument("--model", help="your own network: a torch.export .pt2 program (e.g. model.pt2 of "
+                   "`carcert prune --model`)")
+    p.add_argument("--weights", help="safetensors or weights_only torch checkpoint (with --model: of the "
+                   "program's state dict; default: the program's own weights)")
     p.add_argument("--mask", help="bool masks (safetensors, from `carcert prune`), applied as w * m")
     p.add_argument("--dataset", required=True,
                    help="digits | fashion-mnist[:DIR] | npz:PATH | imagefolder:PATH")
@@ -134,6 +138,29 @@ def _specs(args: argparse.Namespace):
     return tspec, cspec
 
 
+def _model(args: argparse.Namespace, data, small: bool):
+    """(model, arch name, model sha256, extra certificate fields) for --arch / --model."""
+    from core.errors import InvalidInput
+    from core.models import build_model, file_sha256, load_weights
+
+    if (args.arch is None) == (args.model is None):
+        raise InvalidInput("give exactly one of --arch (built-in architecture) and --model (.pt2 program)")
+    if args.model is None:
+        if args.weights is None:
+            raise InvalidInput("--arch needs --weights")
+        classes = args.num_classes or data.num_classes
+        model = build_model(args.arch, classes, data.in_channels, small_input=small)
+        load_weights(model, args.weights)
+        return model, args.arch, file_sha256(args.weights), {}
+    from core.program import ARCH, check_classifier, load_program_model
+
+    model = load_program_model(args.model, args.weights)
+    check_classifier(model, data.test_x, args.num_classes or data.num_classes)
+    program_sha = file_sha256(args.model)
+    sha = file_sha256(args.weights) if args.weights else program_sha
+    return model, ARCH, sha, {"program_sha256": program_sha}
+
+
 def run_certify(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -142,7 +169,7 @@ def run_certify(args: argparse.Namespace) -> int:
     from core.context import LocalContext
     from core.data import load_dataset
     from core.masking import apply_masks_, load_masks
-    from core.models import build_model, default_small_input, file_sha256, load_weights
+    from core.models import default_small_input, file_sha256
     from core.transforms import build_transform, transform_description
 
     tspec, cspec = _specs(args)
@@ -151,8 +178,7 @@ def run_certify(args: argparse.Namespace) -> int:
     small = args.input_size == "small" or (
         args.input_size == "auto" and default_small_input(*data.test_x.shape[2:])
     )
-    model = build_model(args.arch, args.num_classes or data.num_classes, data.in_channels, small_input=small)
-    load_weights(model, args.weights)
+    model, arch, model_sha, extra = _model(args, data, small)
     masks, mask_sha = None, None
     if args.mask:
         masks = load_masks(args.mask)
@@ -177,8 +203,8 @@ def run_certify(args: argparse.Namespace) -> int:
     num_classes = args.num_classes or data.num_classes
     cert = build_certificate(
         result,
-        model_info={**describe_model(model, args.arch, file_sha256(args.weights), masks),
-                    "num_classes": num_classes, "in_channels": data.in_channels, "small_input": small},
+        model_info={**describe_model(model, arch, model_sha, masks), "num_classes": num_classes,
+                    "in_channels": data.in_channels, "small_input": small, **extra},
         mask_sha256=mask_sha,
         dataset={"ref": data.ref, "sha256": data.sha256, "split_seed": data.split_seed, "train_subset": None},
         transform=transform_description(transform),

@@ -57,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--strength", type=float, help="transform strength (scales the documented range)")
     p.add_argument("--weights", help="local weights file (uploaded first) or artifact:ID")
+    p.add_argument(
+        "--model",
+        help="your own network: a local torch.export .pt2 (uploaded first as kind "
+        "'model') or artifact:ID; replaces --arch",
+    )
     p.add_argument("--mask", help="certify jobs: local mask file (uploaded first) or artifact:ID")
     p.add_argument("--pretrain-epochs", type=int)
     p.add_argument("--search-epochs", type=int)
@@ -186,6 +191,8 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
         section("model")["arch"] = args.arch
     if args.weights:
         section("model")["weights"] = args.weights
+    if getattr(args, "model", None):
+        section("model")["program"] = args.model
     if args.dataset:
         spec["dataset"] = args.dataset
     if args.mask:
@@ -275,6 +282,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             art = client.upload_artifact(model["weights"], "weights")
             print(f"uploaded {model['weights']} -> artifact:{art['id']}", file=sys.stderr)
             model["weights"] = f"artifact:{art['id']}"
+        if _is_local(model.get("program")):
+            art = client.upload_artifact(model["program"], "model")
+            print(f"uploaded {model['program']} -> artifact:{art['id']}", file=sys.stderr)
+            model["program"] = f"artifact:{art['id']}"
         if _is_local(spec.get("mask")):
             art = client.upload_artifact(spec["mask"], "other")
             print(f"uploaded {spec['mask']} -> artifact:{art['id']}", file=sys.stderr)

@@ -5,7 +5,10 @@
         --finetune-epochs E] [--train-subset N --batch-size B] [--n 100 --l 10 --samples 100] \\
         [--seed S] [--device cpu|cuda] --out DIR
 
-writes DIR/model.safetensors (pruned weights), DIR/mask.safetensors (bool masks; not for vanilla /
+    carcert prune --model net.pt2 --dataset digits ...   (your own network, a torch.export program)
+
+writes DIR/model.safetensors (pruned weights; with --model also DIR/model.pt2, the pruned program,
+loadable with torch.export.load(p).module() alone), DIR/mask.safetensors (bool masks; not for vanilla /
 advtrain), DIR/metrics.json, DIR/certificate.json and DIR/evidence.npz (`carcert verify`).
 Several methods or ratios (comma-separated, e.g. --method car,lmp --prune-ratio 0.3,0.5) run as a
 sweep sharing one pretraining; each result then goes to DIR/<method>-<ratio>/ and DIR/summary.json.
@@ -29,7 +32,8 @@ from core.spec import CarSpec
 
 ARCHS = ("small_cnn", "resnet18", "mobilenet_v2", "googlenet")
 WORK = ".carcert-work"
-FILES = ("model.safetensors", "mask.safetensors", "metrics.json", "certificate.json", "evidence.npz")
+FILES = ("model.safetensors", "model.pt2", "mask.safetensors", "metrics.json", "certificate.json",
+         "evidence.npz")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("prune", help="prune a model (CAR or a baseline) and certify it",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", required=True, help=f"one of {', '.join(ARCHS)}")
+    p.add_argument("--arch", help=f"one of {', '.join(ARCHS)} (or --model)")
+    p.add_argument("--model", help="your own network: a torch.export .pt2 program (torch.export.save); "
+                   "its weights are the trained weights (no pretraining); writes DIR/model.pt2 too")
     p.add_argument("--dataset", required=True,
                    help="digits | fashion-mnist[:DIR] | npz:PATH | imagefolder:PATH")
     p.add_argument("--transform", default="illumination",
@@ -53,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="in (0, 1); comma-separated for a sweep (default 0.5)")
     p.add_argument("--scope", choices=("layer", "global"), default="layer")
     p.add_argument("--weights",
-                   help="trained weights (safetensors / weights_only checkpoint): no pretraining")
+                   help="trained weights (safetensors / weights_only checkpoint; with --model: of the "
+                        "program's state dict): no pretraining")
     p.add_argument("--num-classes", type=int, help="default: the dataset's")
     p.add_argument("--epochs", type=int, help="shorthand: pretrain, search and fine-tune epochs")
     p.add_argument("--pretrain-epochs", type=int, help="default 2 (paper 50)")
@@ -147,7 +154,9 @@ def build_spec(args: argparse.Namespace):
     from core.errors import InvalidInput
     from core.spec import JobSpec
 
-    if args.arch not in ARCHS:
+    if (args.arch is None) == (getattr(args, "model", None) is None):
+        raise InvalidInput("give exactly one of --arch (built-in architecture) and --model (.pt2 program)")
+    if args.arch is not None and args.arch not in ARCHS:
         raise InvalidInput(f"unknown architecture {args.arch!r} for --arch; valid: {', '.join(ARCHS)}")
     methods = _split(args.method, "method")
     bad = [m for m in methods if m not in METHODS]
@@ -178,7 +187,7 @@ def build_spec(args: argparse.Namespace):
         pruning["car"] = car
     body = {
         "kind": "prune",
-        "model": {"arch": args.arch, "weights": args.weights, "num_classes": args.num_classes},
+        "model": _model_fields(args),
         "dataset": args.dataset,
         "transform": transform_spec(args.transform, component=args.component, strength=args.strength,
                                     encoder=args.encoder, decoder=args.decoder),
@@ -199,6 +208,14 @@ def build_spec(args: argparse.Namespace):
     except ValidationError as exc:
         msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"invalid options: {msgs}") from None
+
+
+def _model_fields(args: argparse.Namespace) -> dict:
+    """--arch / --model / --weights / --num-classes -> ModelSpec fields."""
+    fields = {"weights": args.weights, "num_classes": args.num_classes}
+    if getattr(args, "model", None) is not None:
+        return {**fields, "program": args.model}
+    return {**fields, "arch": args.arch}
 
 
 def _table(rows: list[dict]) -> str:
@@ -263,6 +280,7 @@ def run_prune(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(_table(rows))
     where = [str(out)] if single else [str(out / v["name"]) for v in variants]
-    print(f"results: {', '.join(where)} (model.safetensors, mask.safetensors, metrics.json, "
+    program = ", model.pt2" if spec.model.program else ""
+    print(f"results: {', '.join(where)} (model.safetensors{program}, mask.safetensors, metrics.json, "
           "certificate.json, evidence.npz)")
     return 0

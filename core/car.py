@@ -330,6 +330,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     elementwise pass less per layer forward and backward (about 10% of a CAR step on CPU).
     Parameter names are unchanged, so masks apply as they are. A model that torch.fx cannot
     trace is returned as it is (the search is then only slower). Call inside `frozen_eval`."""
+    if callable(getattr(model, "fold_batchnorm", None)):  # a torch.export program (core.program)
+        return model.fold_batchnorm()
     try:
         from torch.fx.experimental.optimization import fuse
 

@@ -22,6 +22,10 @@ class TransformError(InvalidInput):
     """Unknown or malformed semantic transformation."""
 
 
+class ProgramError(InvalidInput):
+    """A torch.export program that cannot be loaded safely, pruned or run on the dataset."""
+
+
 class TrainingDiverged(CarcertError):
     """A loss became NaN/inf; nothing is written."""
 

@@ -1,4 +1,5 @@
-"""Masks on the prunable weights (every nn.Conv2d / nn.Linear weight): init, binarize, export.
+"""Masks on the prunable weights (every nn.Conv2d / nn.Linear weight, or aten conv / linear weight of a
+torch.export program): init, binarize, export.
 
 Conventions (METHOD.md, "CAR" and the paper's Sec. 2.1):
 - a mask is a dict {parameter name: tensor of the weight's shape}; soft masks are float in [0, 1],
@@ -28,12 +29,51 @@ Scope = str  # "layer" | "global"
 _SCOPES = ("layer", "global")
 
 
+_aten = torch.ops.aten
+CONV_OPS = (
+    _aten.conv1d.default,
+    _aten.conv2d.default,
+    _aten.conv3d.default,
+    _aten.convolution.default,
+    _aten.conv1d.padding,
+    _aten.conv2d.padding,
+    _aten.conv3d.padding,
+)
+LINEAR_OPS = (_aten.linear.default,)
+
+
+def graph_prunable_weights(gm: torch.fx.GraphModule) -> dict[str, nn.Parameter]:
+    """In a torch.fx graph of aten ops (a torch.export program's module, core.program): every
+    parameter read by a get_attr node and used as the weight argument of an aten conv (any
+    groups, so grouped and depthwise convs too; not transposed) or linear node, in graph order,
+    keyed by its state-dict name."""
+    out: dict[str, nn.Parameter] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (*CONV_OPS, *LINEAR_OPS) or len(node.args) < 2:
+            continue
+        w = node.args[1]
+        if node.target is _aten.convolution.default and node.args[6]:
+            continue  # transposed convolution
+        if isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target not in out:
+            try:
+                p = gm.get_parameter(w.target)
+            except AttributeError:
+                continue  # a buffer or constant, not a trained weight
+            out[w.target] = p
+    return out
+
+
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weight of every nn.Conv2d / nn.Linear, keyed by its parameter name (as in state_dict)."""
+    """The weight of every nn.Conv2d / nn.Linear, keyed by its parameter name (as in state_dict);
+    for a torch.fx GraphModule also the conv / linear weights its graph uses
+    (`graph_prunable_weights`)."""
     out: dict[str, nn.Parameter] = {}
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear)) and isinstance(mod.weight, nn.Parameter):
             out[f"{mod_name}.weight" if mod_name else "weight"] = mod.weight
+    if isinstance(model, torch.fx.GraphModule):
+        for name, p in graph_prunable_weights(model).items():
+            out.setdefault(name, p)
     return out
 
 

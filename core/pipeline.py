@@ -7,6 +7,7 @@ Contract (used by the CLI and the Celery worker alike):
 writes, for each variant of `spec.variants()` (a variant = one method x prune ratio), a folder
 `out_dir/<method>-<ratio>/` (e.g. `car-0.50`, `vanilla-0.00`) holding
     model.safetensors   pruned weights (zeros where the mask is 0), loadable into a plain model
+    model.pt2           model.program jobs only: the pruned torch.export program (core.program)
     mask.safetensors    bool masks per prunable layer (absent for unpruned methods)
     metrics.json        {"method","prune_ratio","accuracy","sparsity","layers":[...],"seconds",...}
     certificate.json    the DESIGN.md certificate
@@ -140,7 +141,31 @@ def _load_data(spec: JobSpec, allowed_roots: Any) -> DatasetSplit:
                         train_subset=spec.train_subset)
 
 
-def _build(spec: JobSpec, data: DatasetSplit) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _arch(spec: JobSpec) -> str:
+    """The model's name in metrics and certificates: the architecture, or "program"."""
+    return "program" if getattr(spec.model, "program", None) else spec.model.arch
+
+
+def _build_program(
+    spec: JobSpec, data: DatasetSplit, allowed_roots: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A user's torch.export program (core.program), checked against the dataset."""
+    from core.program import check_classifier, load_program_model, require_trainable
+
+    path = _weights_path(allowed_roots, "program", spec.model.program)
+    model = load_program_model(path)
+    if spec.kind == "prune":
+        require_trainable(model)
+    num_classes = check_classifier(model, data.test_x, spec.model.num_classes or data.num_classes)
+    return model, {"num_classes": num_classes, "in_channels": data.in_channels,
+                   "program_sha256": file_sha256(path)}
+
+
+def _build(
+    spec: JobSpec, data: DatasetSplit, allowed_roots: Any = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if getattr(spec.model, "program", None):
+        return _build_program(spec, data, allowed_roots)
     num_classes = spec.model.num_classes or data.num_classes
     in_channels = spec.model.in_channels or data.in_channels
     if in_channels != data.in_channels:
@@ -203,9 +228,10 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     if (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
         return {"variants": [_summary_entry(folder)]}
     t0 = time.perf_counter()
-    model, shape_info = _build(spec, data)
-    wpath = _weights_path(allowed_roots, "weights", spec.model.weights)
-    load_weights(model, wpath)
+    model, shape_info = _build(spec, data, allowed_roots)
+    wpath = _weights_path(allowed_roots, "weights", spec.model.weights) if spec.model.weights else None
+    if wpath is not None:
+        load_weights(model, wpath)
     masks = mask_sha = None
     if spec.mask:
         mpath = _weights_path(allowed_roots, "mask", spec.mask)
@@ -221,15 +247,15 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     check_cancel(ctx, "evaluation")
     sctx.progress("evaluate", 0.0, "evaluating")
     accuracy = evaluate(model, data.test_x, data.test_y)
-    model_sha = file_sha256(wpath)
-    info = _model_info(model, masks, spec.model.arch, model_sha, shape_info)
+    model_sha = file_sha256(wpath) if wpath is not None else shape_info["program_sha256"]
+    info = _model_info(model, masks, _arch(spec), model_sha, shape_info)
     result = _certify_and_write(model, data, transform, spec, folder, sctx, device, info, mask_sha, job_id)
     metrics = {
         "name": "certify", "method": None, "prune_ratio": None, "accuracy": accuracy,
         "certified_accuracy": result.accuracy, "pca": result.pca,
         "failure_probability": result.failure_probability, "sparsity": info["sparsity"],
         "params": info["params"], "nonzero": info["nonzero"], "layers": info["layers"],
-        "model_sha256": model_sha, "mask_sha256": mask_sha, "arch": spec.model.arch, **shape_info,
+        "model_sha256": model_sha, "mask_sha256": mask_sha, "arch": _arch(spec), **shape_info,
         "dataset": data.describe(), "device": device, "seconds": time.perf_counter() - t0,
         "certify_seconds": result.seconds,
     }
@@ -270,7 +296,7 @@ class _PrunePlan:
             name = variant_name(v.method, v.prune_ratio)
             if name not in (n for n, _ in self.variants):
                 self.variants.append((name, v))
-        self.user_weights = spec.model.weights is not None
+        self.user_weights = spec.model.weights is not None or spec.model.program is not None
         todo = [(n, v) for n, v in self.variants if not (out_dir / n / "certificate.json").is_file()]
         self.pretrain_epochs = spec.pruning.pretrain_epochs
         self.shared = not self.user_weights and self.pretrain_epochs > 0
@@ -352,15 +378,20 @@ def _finish_variant(name: str, v: PruningSpec, vmodel: torch.nn.Module, masks: A
     vctx.progress("evaluate", 0.0, "evaluating")
     accuracy = evaluate(vmodel, data.test_x, data.test_y)
     vctx.progress("evaluate", 1.0, f"accuracy {accuracy:.4f}")
-    meta = {"arch": spec.model.arch, "method": v.method, "prune_ratio": repr(v.prune_ratio),
+    meta = {"arch": _arch(spec), "method": v.method, "prune_ratio": repr(v.prune_ratio),
             "dataset": data.ref, **{k: str(val) for k, val in shape_info.items()}}
     model_sha, mask_sha = _save_model_files(vmodel, masks, folder, meta)
-    info = _model_info(vmodel, masks, spec.model.arch, model_sha, shape_info)
+    extra = dict(shape_info)
+    if "program_sha256" in shape_info:  # the pruned program: torch.export.load(p).module()
+        from core.program import export_program
+
+        extra["pt2_sha256"] = export_program(vmodel, data.test_x, folder / "model.pt2")
+    info = _model_info(vmodel, masks, _arch(spec), model_sha, extra)
     metrics = {
         "name": name, "method": v.method, "prune_ratio": v.prune_ratio, "scope": v.scope,
         "accuracy": accuracy, "sparsity": info["sparsity"], "params": info["params"],
         "nonzero": info["nonzero"], "layers": info["layers"], "model_sha256": model_sha,
-        "mask_sha256": mask_sha, "arch": spec.model.arch, **shape_info, "dataset": data.describe(),
+        "mask_sha256": mask_sha, "arch": _arch(spec), **extra, "dataset": data.describe(),
         "pretrained": pretrained, "device": device, "seed": spec.seed, "train_seconds": train_seconds,
     }
     write_json(folder / "metrics.json", metrics)  # before certifying: accuracy is known
@@ -375,8 +406,8 @@ def _finish_variant(name: str, v: PruningSpec, vmodel: torch.nn.Module, masks: A
 def _run_prune(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext, device: str,
                job_id: str | None, allowed_roots: Any) -> dict:
     plan = _PrunePlan(spec, data, out_dir, ctx)
-    model, shape_info = _build(spec, data)
-    if plan.user_weights:
+    model, shape_info = _build(spec, data, allowed_roots)
+    if spec.model.weights is not None:
         load_weights(model, _weights_path(allowed_roots, "weights", spec.model.weights))
     model.to(device)
     train_t = test_t = None

@@ -49,6 +49,13 @@ class ModelSpec(_Strict):
         description="path (CLI) or 'artifact:ID' (API) of safetensors / weights_only torch checkpoint; "
         "None = train from scratch",
     )
+    program: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="path (CLI) or 'artifact:ID' (API, kind 'model') of a torch.export .pt2 program of "
+        "any network: it replaces arch, its weights are the trained weights (or `weights`, a "
+        "safetensors of its state dict); core.program",
+    )
 
 
 class TransformSpec(_Strict):
@@ -223,8 +230,8 @@ class JobSpec(_Strict):
         for r in self.sweep_prune_ratios or []:
             if not 0.0 < r < 1.0:
                 raise ValueError("every sweep prune ratio must be in (0, 1)")
-        if self.kind == "certify" and self.model.weights is None:
-            raise ValueError("certify jobs need model.weights")
+        if self.kind == "certify" and self.model.weights is None and self.model.program is None:
+            raise ValueError("certify jobs need model.weights or model.program")
         return self
 
     def variants(self) -> list[PruningSpec]:

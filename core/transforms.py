@@ -53,12 +53,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
@@ -289,9 +286,6 @@ class PCADirection(SemanticTransform):
         }
 
 
-_LOAD_LOCK = threading.Lock()
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -301,45 +295,15 @@ def _file_sha256(path: Path) -> str:
 
 
 def load_exported(path: str | Path) -> Callable[[Tensor], Tensor]:
-    """Load a torch.export .pt2 program without executing pickled code.
+    """Load a torch.export .pt2 program without executing pickled code (core.program.read_program:
+    pickled weights/constants, custom or opaque objects, legacy and AOTInductor payloads are
+    refused, and torch.load is forced to weights_only=True while torch.export.load runs)."""
+    from core.program import read_program
 
-    The archive is checked first (pickled weights/constants, custom or opaque objects, legacy
-    and AOTInductor payloads are refused), and torch.load is forced to weights_only=True while
-    torch.export.load runs."""
     p = Path(path)
     if not p.is_file():
         raise TransformError(f"generator file not found: {p}")
-    try:
-        with zipfile.ZipFile(p) as z:
-            names = z.namelist()
-            for n in names:
-                if "/aotinductor/" in n:
-                    raise TransformError(f"{p.name}: AOTInductor packages are not supported")
-                if n.endswith((".pkl", "data/weights/model.pt", "data/constants/model.pt")):
-                    raise TransformError(f"{p.name}: pickled payload {n} refused")
-                if n.endswith(("_weights_config.json", "_constants_config.json")):
-                    cfg = json.loads(z.read(n)).get("config", {})
-                    for key, meta in cfg.items():
-                        path_name = str(meta.get("path_name", ""))
-                        if meta.get("use_pickle") or path_name.startswith(("custom_obj", "opaque")):
-                            raise TransformError(f"{p.name}: pickled entry {key!r} refused")
-    except zipfile.BadZipFile as exc:
-        raise TransformError(f"{p.name} is not a torch.export .pt2 archive") from exc
-
-    real_load = torch.load
-
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
-
-    try:
-        with _LOAD_LOCK, mock.patch.object(torch, "load", safe_load):
-            program = torch.export.load(str(p))
-        return program.module()
-    except TransformError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        raise TransformError(f"cannot load exported program {p.name}: {exc}") from exc
+    return read_program(p, error=TransformError).module()
 
 
 class LatentGenerator(SemanticTransform):

@@ -1,6 +1,6 @@
 """Turn a job spec's references into local paths the pipeline can open.
 
-"artifact:ID" in model.weights / mask / transform.encoder / transform.decoder -> a copy of the
+"artifact:ID" in model.weights / model.program / mask / transform.encoder / transform.decoder -> a copy of the
 blob under <job dir>/inputs/ keeping the uploaded file's extension (the loaders pick the format by
 it). "artifact:ID" as dataset -> "npz:<path>" for a .npz upload, or, for a .zip / .tar(.gz|.bz2|.xz)
 archive of class folders, "imagefolder:<dir>" after a safe extraction (regular files and folders
@@ -188,7 +188,12 @@ class InputResolver:
 
     def resolve(self, spec: JobSpec) -> JobSpec:
         """A copy of `spec` with every reference replaced by a local one."""
-        model = spec.model.model_copy(update={"weights": self.file(spec.model.weights, "weights")})
+        model = spec.model.model_copy(
+            update={
+                "weights": self.file(spec.model.weights, "weights"),
+                "program": self.file(spec.model.program, "program"),
+            }
+        )
         transform = spec.transform.model_copy(
             update={
                 "encoder": self.file(spec.transform.encoder, "encoder"),

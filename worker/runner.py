@@ -225,6 +225,7 @@ def ref_mapping(original: JobSpec, resolved: JobSpec) -> dict[str, str]:
     pairs = [
         (resolved.dataset, original.dataset),
         (resolved.model.weights, original.model.weights),
+        (resolved.model.program, original.model.program),
         (resolved.mask, original.mask),
         (resolved.transform.encoder, original.transform.encoder),
         (resolved.transform.decoder, original.transform.decoder),
@@ -267,6 +268,12 @@ def persist_outputs(
                         )
                         stored_keys.append(art.storage_key)
                         ids[kind] = art.id
+                if (folder / "model.pt2").is_file():  # a model.program job: the pruned program
+                    art = store_artifact(
+                        s, tenant, "model", f"{job_id}-{name}-model.pt2", folder / "model.pt2", store=store
+                    )
+                    stored_keys.append(art.storage_key)
+                    metrics["program_artifact_id"] = art.id
                 add_result(
                     s,
                     job_id,

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +34,7 @@ from store.jobs import list_jobs as repo_list
 from worker.queue import dispatch
 
 log = logging.getLogger("carcert.api")
+FILE_SUFFIX = {"evidence": "evidence.npz", "program": "model.pt2"}  # download names by file kind
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -182,14 +183,17 @@ def submit_job(
     tenant: TenantDep,
     session: SessionDep,
     settings: SettingsDep,
+    store: StoreDep,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
     ] = None,
 ) -> JobOut:
+    from api.program_checks import check_program_job
 
     check_work(spec, settings.max_job_work)
     check_job_spec(session, tenant, spec, settings.data_roots)
     check_quota(session, tenant, settings.tenant_max_queued, idempotency_key)
+    check_program_job(session, store, tenant, spec)
     try:
         job, created = create_job(session, tenant, spec, idempotency_key)
     except IdempotencyConflict as exc:
@@ -401,14 +405,17 @@ def _result_file(
         )
     result = chosen[0]
     art_id = {"mask": result.mask_artifact_id, "model": result.model_artifact_id,
-              "evidence": result.evidence_artifact_id}[what]
+              "evidence": result.evidence_artifact_id}.get(what)
+    if what == "program":  # a model.program job's pruned torch.export program
+        art_id = (result.metrics or {}).get("program_artifact_id")
     art = get_artifact(session, tenant, art_id) if art_id else None
     if art is None:
         raise ApiProblem(
             404,
             "not-found",
             f"variant {result.name!r} of job {job_id} has no {what} file"
-            + (" (an unpruned method has no mask)" if what == "mask" else ""),
+            + (" (an unpruned method has no mask)" if what == "mask" else "")
+            + (" (only jobs of a model.program have a .pt2)" if what == "program" else ""),
             title="Not Found",
         )
     etag = f'"{art.sha256}"'
@@ -430,7 +437,7 @@ def _result_file(
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"{job_id}-{result.name}-{what}.{'npz' if what == 'evidence' else 'safetensors'}",
+        filename=f"{job_id}-{result.name}-" + FILE_SUFFIX.get(what, f"{what}.safetensors"),
         headers=headers,
     )
 
@@ -465,7 +472,8 @@ def get_mask(
 @router.get(
     "/{job_id}/model",
     response_class=Response,
-    summary="Download the pruned model (safetensors)",
+    summary="Download the pruned model (safetensors; format=pt2: the pruned torch.export program of a "
+    "model.program job)",
     responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)},
 )
 def get_model(
@@ -475,8 +483,10 @@ def get_model(
     session: SessionDep,
     store: StoreDep,
     variant: Annotated[str | None, Query(max_length=100)] = None,
+    format: Annotated[Literal["safetensors", "pt2"], Query()] = "safetensors",  # noqa: A002 - the API name
 ) -> Response:
-    return _result_file(session, store, tenant, job_id, variant, "model", request)
+    what = "program" if format == "pt2" else "model"
+    return _result_file(session, store, tenant, job_id, variant, what, request)
 
 
 @router.get(
