@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.car_diagnostics import car_spec, overlap, parse_variant
+from bench.car_diagnostics import cached_pretrained, car_spec, overlap, parse_variant
 from core.baselines import run_method
 from core.certify import certify_model
 from core.data import load_dataset
-from core.models import build_model, default_small_input
 from core.spec import CarSpec, CertifySpec, PruningSpec, TransformSpec
 from core.training import evaluate
 from core.transforms import build_transform
@@ -124,18 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         car=car,
     )
     cert = CertifySpec(n=a.n, l=a.l, samples=a.samples)
-    torch.manual_seed(a.seed)
-    base = build_model(
-        a.arch, data.num_classes, data.in_channels, small_input=default_small_input(*data.train_x.shape[2:])
-    )
-    cache = a.out / "pretrained.pt"
-    if cache.exists():
-        base.load_state_dict(torch.load(cache, weights_only=True))
-    else:
-        run_method(
-            "vanilla", base, data, t_train, base_spec.model_copy(update={"method": "vanilla"}), seed=a.seed
-        )
-        torch.save(base.state_dict(), cache)
+    base = cached_pretrained(a.arch, data, t_train, base_spec, a.seed, a.out / "pretrained.pt")
 
     def score(name: str, ratio: float, model, mask, lmp_mask, seconds: float) -> dict:
         res = certify_model(copy.deepcopy(model), data.test_x, data.test_y, t_test, cert, seed=a.seed)

@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.car_diagnostics import car_spec, overlap, parse_variant
+from bench.car_diagnostics import cached_pretrained, car_spec, overlap, parse_variant
 from bench.table1 import proxy_pca
-from core.baselines import run_method
 from core.car import ratio_loss, search_mask
 from core.data import load_dataset
 from core.masking import apply_masks_, prunable_weights, topk_mask
-from core.models import build_model, default_small_input
 from core.spec import CarSpec, PruningSpec, TransformSpec
 from core.training import evaluate, recalibrate_batchnorm
 from core.transforms import build_transform
@@ -95,21 +93,6 @@ class Scorer:
             "overlap_lmp": overlap(hard, self.lmp) if self.lmp is not None else 1.0,
             "fit_ratio": lr,
         }
-
-
-def pretrained(a: argparse.Namespace, data, transform) -> torch.nn.Module:
-    torch.manual_seed(a.seed)
-    model = build_model(
-        a.arch, data.num_classes, data.in_channels, small_input=default_small_input(*data.train_x.shape[2:])
-    )
-    cache = a.out / "pretrained.pt"
-    if cache.exists():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        return model
-    spec = PruningSpec(method="vanilla", pretrain_epochs=a.pretrain_epochs, lr=a.lr, batch_size=a.batch_size)
-    run_method("vanilla", model, data, transform, spec, seed=a.seed)
-    torch.save(model.state_dict(), cache)
-    return model
 
 
 def run_curve(a, base, fit, transform, car: CarSpec, ratio: float, score: Scorer) -> list[dict]:
@@ -182,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     tspec = TransformSpec(name=a.transform, strength=a.strength)
     t_train = build_transform(tspec, data=data, split="train")
     t_test = build_transform(tspec, data=data, split="test")
-    base = pretrained(a, data, t_train).eval()
+    spec = PruningSpec(pretrain_epochs=a.pretrain_epochs, lr=a.lr, batch_size=a.batch_size)
+    base = cached_pretrained(a.arch, data, t_train, spec, a.seed, a.out / "pretrained.pt").eval()
     fit = (data.train_x[: a.fit], data.train_y[: a.fit])
     test = (data.test_x[: a.test_samples], data.test_y[: a.test_samples])
     weights = prunable_weights(base)

@@ -19,6 +19,7 @@ import copy
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,7 @@ from bench.table1 import parse_args as table1_args
 from core.baselines import run_method
 from core.data import load_dataset
 from core.models import build_model, default_small_input
-from core.spec import CarSpec
+from core.spec import CarSpec, PruningSpec
 from core.training import evaluate
 from core.transforms import build_transform
 
@@ -55,6 +56,23 @@ def car_spec(overrides: dict[str, object]) -> CarSpec:
     return CarSpec.published(**over) if preset == "paper" else CarSpec(**over)
 
 
+def cached_pretrained(
+    arch: str, data, transform, spec: PruningSpec, seed: int, cache: Path
+) -> torch.nn.Module:
+    """The shared pretrained model of a CAR benchmark: loaded from `cache` when present, else
+    trained as the product's vanilla method with `spec` (seeded) and saved there."""
+    torch.manual_seed(seed)
+    model = build_model(
+        arch, data.num_classes, data.in_channels, small_input=default_small_input(*data.train_x.shape[2:])
+    )
+    if cache.exists():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model
+    run_method("vanilla", model, data, transform, spec.model_copy(update={"method": "vanilla"}), seed=seed)
+    torch.save(model.state_dict(), cache)
+    return model
+
+
 def overlap(mask: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     """Fraction of the weights kept by `mask` that `ref` keeps too."""
     both = sum(int((mask[n] & ref[n]).sum()) for n in mask)
@@ -77,18 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     test_t = build_transform(spec.transform, data=data, split="test")
     xs, ys = data.test_x[: own.eval_samples], data.test_y[: own.eval_samples]
 
-    torch.manual_seed(a.seed)
-    base = build_model(
-        a.arch, data.num_classes, data.in_channels, small_input=default_small_input(*data.train_x.shape[2:])
-    )
-    cache = a.out / "pretrained.pt"
-    if cache.exists():
-        base.load_state_dict(torch.load(cache, weights_only=True))
-    else:
-        run_method(
-            "vanilla", base, data, train_t, spec.pruning.model_copy(update={"method": "vanilla"}), seed=a.seed
-        )
-        torch.save(base.state_dict(), cache)
+    base = cached_pretrained(a.arch, data, train_t, spec.pruning, a.seed, a.out / "pretrained.pt")
 
     def row(name: str, ratio: float, model: torch.nn.Module, ov: float, sec: float) -> tuple:
         acc = evaluate(model, data.test_x, data.test_y)
