@@ -267,6 +267,7 @@ def test_stored_non_finite_values_never_make_a_read_500(sqlite_env):
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
+    from core.results import VariantResult
     from core.spec import JobSpec
     from store import jobs as repo
     from store.db import make_engine
@@ -281,10 +282,7 @@ def test_stored_non_finite_values_never_make_a_read_500(sqlite_env):
         repo.add_result(
             s,
             job.id,
-            name="lmp-0.50",
-            method="lmp",
-            prune_ratio=0.5,
-            pca=0.0,
+            VariantResult(name="lmp-0.50", method="lmp", prune_ratio=0.5, pca=0.0),
             certificate={
                 "job_id": job.id,
                 "pca": 0.0,
