@@ -34,13 +34,14 @@ from core.transforms import build_transform
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, object]]:
-    """'name=key:value,key:value' -> (name, CarSpec overrides); values parsed as float where they can."""
+    """'name=key:value,key:value' -> (name, CarSpec overrides); values parsed as float where they
+    can, 'none' as None (e.g. ratio_cap:none)."""
     name, _, body = text.partition("=")
     out: dict[str, object] = {}
     for item in filter(None, body.split(",")):
         k, _, v = item.partition(":")
         try:
-            out[k] = float(v)
+            out[k] = None if v.lower() == "none" else float(v)
         except ValueError:
             out[k] = v
     return name, out
