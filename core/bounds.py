@@ -40,6 +40,7 @@ from functools import lru_cache
 from core.errors import InvalidInput
 
 BOUNDS = ("cccert", "binomial")
+DEFAULT_BETA = 1e-3  # the binomial bound's failure probability (CertifySpec.failure_probability)
 CCCERT_STOP_MARGIN = 1e-9
 
 GUARANTEES = {

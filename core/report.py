@@ -37,6 +37,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from core.bounds import DEFAULT_BETA, clopper_pearson_upper  # noqa: E402
+
 FIGURES = ("accuracy_pca", "sparsity", "epsilon", "margins", "examples")
 TITLES = {
     "accuracy_pca": "Accuracy and PCA vs prune ratio",
@@ -340,9 +342,26 @@ def render_figure_png(
     return figure_png(builders[name](results), dpi)
 
 
+def binomial_pca(cert: Mapping[str, Any]) -> float | None:
+    """PCA under the distribution-free bound whatever bound the certificate used: the share of its
+    samples that are correct with clopper_pearson_upper(failures, draws, beta) <= epsilon (the
+    samples' own counts; beta = params.beta, else DEFAULT_BETA). Shown beside the certificate's own
+    PCA; None when the certificate has no per-sample counts."""
+    samples, params = cert.get("samples") or [], cert.get("params") or {}
+    counted = all(s.get("draws") and "failures" in s for s in samples)
+    if not samples or "epsilon" not in params or not counted:
+        return None
+    beta, eps = float(params.get("beta") or DEFAULT_BETA), float(params["epsilon"])
+    ok = sum(
+        s["pred"] == s["label"] and clopper_pearson_upper(s["failures"], s["draws"], beta) <= eps
+        for s in samples
+    )
+    return ok / len(samples)
+
+
 def summary_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per result: name, method, prune_ratio, accuracy, pca, sparsity, certified, samples,
-    failure_probability (None where unknown)."""
+    """One row per result: name, method, prune_ratio, accuracy, pca, pca_binomial (binomial_pca),
+    sparsity, certified, samples, failure_probability (None where unknown)."""
     rows = []
     for r in results:
         cert = r.get("certificate") or {}
@@ -357,6 +376,7 @@ def summary_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "prune_ratio": float(r["prune_ratio"]),
                 "accuracy": r.get("accuracy"),
                 "pca": r.get("pca"),
+                "pca_binomial": binomial_pca(cert),
                 "sparsity": sparsity,
                 "certified": sum(bool(s.get("certified")) for s in samples) if samples else None,
                 "samples": len(samples) if samples else None,
@@ -387,7 +407,9 @@ def render_pdf(results: Sequence[Mapping[str, Any]], examples: Examples = None) 
     return buf.getvalue()
 
 
-SUMMARY_COLUMNS = ["name", "method", "prune ratio", "test accuracy", "PCA", "sparsity", "certified"]
+SUMMARY_COLUMNS = [
+    "name", "method", "prune ratio", "test accuracy", "PCA", "PCA binomial", "sparsity", "certified"
+]  # fmt: skip
 
 
 def _summary_cells(r: Mapping[str, Any]) -> list[Any]:
@@ -398,6 +420,7 @@ def _summary_cells(r: Mapping[str, Any]) -> list[Any]:
         _fmt(r["prune_ratio"], 2),
         _fmt(r["accuracy"]),
         _fmt(r["pca"]),
+        _fmt(r["pca_binomial"]),
         _fmt(r["sparsity"]),
         "-" if r["samples"] is None else f"{r['certified']}/{r['samples']}",
         _fmt(r["failure_probability"]),

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from core.bounds import DEFAULT_BETA
 from core.methods import METHODS, prunes
 
 Arch = Literal["small_cnn", "resnet18", "mobilenet_v2", "googlenet"]
@@ -195,7 +196,10 @@ class CertifySpec(_Strict):
         "upper limit on P(Z >= d) at failure probability beta (core.bounds)",
     )
     failure_probability: float = Field(
-        default=1e-3, gt=0.0, lt=1.0, description="beta of the binomial bound (cccert: Eq. 14 instead)"
+        default=DEFAULT_BETA,
+        gt=0.0,
+        lt=1.0,
+        description="beta of the binomial bound (cccert: Eq. 14 instead)",
     )
     early_stop: bool = Field(
         default=False, description="stop sampling a sample once its decision cannot change (exact)"

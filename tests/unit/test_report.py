@@ -276,3 +276,37 @@ def test_examples_accept_plain_tuples(examples):
     np.testing.assert_array_equal(fig.axes[1].images[0].get_array(), examples.transformed[0][0, 0])
     with pytest.raises(ValueError, match="examples must be"):
         report.as_examples((examples.x,))
+
+
+def test_summary_shows_the_binomial_pca_beside_the_certificates_own():
+    """binomial_pca recomputes, from each sample's (failures, draws), the one-sided Clopper-Pearson
+    decision (checked here with scipy's beta quantile directly): a cccert certificate that certifies
+    zero-failure samples at N = 1000 draws has binomial PCA 0 at epsilon 1e-3 (N < ln(1/beta)/eps)
+    and counts them at epsilon 1e-2; misclassified samples never count."""
+    from scipy.stats import beta as beta_dist
+
+    from core.report import binomial_pca, summary_rows
+
+    samples = [
+        {"label": 1, "pred": 1, "failures": 0, "draws": 1000, "certified": True},
+        {"label": 2, "pred": 2, "failures": 3, "draws": 1000, "certified": False},
+        {"label": 0, "pred": 3, "failures": 0, "draws": 1000, "certified": False},
+        {"label": 4, "pred": 4, "failures": 1, "draws": 400, "certified": False},
+    ]
+
+    def upper(k: int, n: int, b: float) -> float:
+        return float(beta_dist.ppf(1 - b, k + 1, n - k))
+
+    for eps in (1e-3, 1e-2):
+        cert = {"samples": samples, "params": {"epsilon": eps, "bound": "cccert"}}
+        want = sum(s["pred"] == s["label"] and upper(s["failures"], s["draws"], 1e-3) <= eps for s in samples)
+        assert binomial_pca(cert) == want / len(samples)
+    assert binomial_pca({"samples": samples, "params": {"epsilon": 1e-3}}) == 0.0
+    assert binomial_pca({"samples": samples, "params": {"epsilon": 1e-2}}) == 0.25  # only the first
+    assert binomial_pca({"samples": samples, "params": {"epsilon": 1e-2, "beta": 0.5}}) > 0.25
+    old = {"samples": [{"label": 1, "pred": 1, "certified": True}], "params": {"epsilon": 1e-3}}
+    assert binomial_pca(old) is None  # a certificate without per-sample counts
+    result = {"name": "car-0.50", "method": "car", "prune_ratio": 0.5, "accuracy": 0.9, "pca": 0.25,
+              "certificate": {"samples": samples, "params": {"epsilon": 1e-2}}}  # fmt: skip
+    row = summary_rows([result])[0]
+    assert row["pca"] == 0.25 and row["pca_binomial"] == 0.25
