@@ -24,7 +24,6 @@ Contract:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import operator
 import threading
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from core.errors import InvalidInput, ProgramError
+from core.models import file_sha256, load_weights
 
 ARCH = "program"  # the certificate's / metrics' "arch" of a user program
 _LOAD_LOCK = threading.Lock()
@@ -371,14 +371,6 @@ def fold_program_batchnorm(model: torch.fx.GraphModule) -> nn.Module:
     return net
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_classifier(model: nn.Module, x: Tensor, num_classes: int) -> int:
     """Run `model` (eval mode, no gradients) on 1 and on 3 samples of `x`; returns the number of
     logits K. ProgramError (naming the reason) when it has no conv / linear weight, rejects the
@@ -429,7 +421,6 @@ def check_classifier(model: nn.Module, x: Tensor, num_classes: int) -> int:
 def load_program_model(path: str | Path, weights: str | Path | None = None) -> ProgramModule:
     """read_program + program_module, then the safetensors / weights_only checkpoint `weights`
     (keys, shapes and finiteness checked against the program's state dict) when given."""
-    from core.models import load_weights
 
     model = program_module(read_program(path))
     if weights is not None:
