@@ -20,6 +20,7 @@ from api.errors import ApiProblem
 from core.paths import within_roots
 from core.spec import JobSpec
 from store.artifacts import artifact_kind
+from store.settings import Settings
 
 ARTIFACT_PREFIX = "artifact:"
 WEIGHT_KINDS = ("weights", "model")
@@ -328,3 +329,24 @@ def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Seq
                 f"names: {', '.join(names)} (or compositions such as 'brightness+blur')",
                 "transform.name",
             )
+
+
+def check_webhook(spec: JobSpec, settings: Settings) -> None:
+    """422 problem "webhook-refused" when the webhook's host does not resolve or resolves to a
+    non-public address that CARCERT_WEBHOOK_ALLOWED_HOSTS does not allow (worker.webhooks)."""
+    from worker.webhooks import WebhookRefused, check_webhook_url
+
+    if spec.webhook is None:
+        return
+    try:
+        check_webhook_url(spec.webhook.url, settings)
+    except WebhookRefused as exc:
+        raise ApiProblem(
+            422,
+            "webhook-refused",
+            str(exc),
+            title="Invalid input",
+            extra={
+                "errors": [{"loc": ["body", "webhook", "url"], "msg": str(exc), "type": "webhook_refused"}]
+            },
+        ) from None

@@ -45,8 +45,22 @@ class JobError(BaseModel):
     detail: str | None = None
 
 
+class WebhookDelivery(BaseModel):
+    """How the completion webhook went (worker.webhooks): state pending (the job has not ended, or
+    the event is about to go), sending, delivered or failed (every attempt failed)."""
+
+    state: Literal["pending", "sending", "delivered", "failed"]
+    attempts: int = 0
+    status_code: int | None = Field(default=None, description="HTTP status of the last attempt")
+    error: str | None = Field(default=None, description="why the last attempt failed")
+    last_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+
+
 class JobOut(BaseModel):
     id: str
+    name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
     kind: str
     status: JobStatus
     stage: str | None = None
@@ -61,6 +75,7 @@ class JobOut(BaseModel):
     summary: dict[str, Any] | None = Field(default=None, description="results summary (variants)")
     spec: JobSpec
     links: dict[str, str] = Field(default_factory=dict)
+    webhook: WebhookDelivery | None = Field(default=None, description="completion webhook delivery")
 
 
 class JobPage(BaseModel):

@@ -7,7 +7,9 @@ The API uses these models directly as request bodies, so validation errors here 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -33,6 +35,47 @@ def _path_ref(value: str) -> str:
 
 # Every field of the spec that names a file or dataset: validated once, here.
 PathRef = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_path_ref)]
+
+# Job labels {key: value}: keys like Kubernetes label names (letters, digits, '.', '_', '-', '/';
+# no ':' since `GET /jobs?label=k:v` splits there), values any printable text.
+MAX_LABELS = 20
+LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
+MAX_LABEL_VALUE = 200
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels")
+    for key, val in value.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise ValueError(
+                f"label key {key[:80]!r}: 1..63 letters, digits, '.', '_', '-' or '/', "
+                "starting and ending with a letter or digit"
+            )
+        if len(val) > MAX_LABEL_VALUE:
+            raise ValueError(f"label {key!r}: value longer than {MAX_LABEL_VALUE} characters")
+        _path_ref(val)
+    return value
+
+
+def _webhook_url(value: str) -> str:
+    """An absolute http(s) URL with a host and no control characters or spaces (the address the
+    host resolves to is checked by the service, which refuses private ones)."""
+    _path_ref(value)
+    if " " in value:
+        raise ValueError("must not contain spaces")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError as exc:
+        raise ValueError(f"invalid port: {exc}") from None
+    return value
+
+
+JobName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_path_ref)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 
 
 class _Strict(BaseModel):
@@ -213,6 +256,16 @@ class CertifySpec(_Strict):
         return self
 
 
+class WebhookSpec(_Strict):
+    """Completion webhook: on every terminal status the service POSTs a JSON event to `url`,
+    signed `X-Carcert-Signature: sha256=<hex HMAC-SHA256 of the body>` (CARCERT_WEBHOOK_SECRET)."""
+
+    url: Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_webhook_url)] = Field(
+        description="http(s) URL; private, loopback and link-local addresses are refused unless the "
+        "host is in CARCERT_WEBHOOK_ALLOWED_HOSTS"
+    )
+
+
 class JobSpec(_Strict):
     """One job. kind=prune: prune (each method x prune ratio of a sweep) then certify each
     result. kind=certify: certify the given weights (+ optional mask) only."""
@@ -228,6 +281,13 @@ class JobSpec(_Strict):
     sweep_prune_ratios: list[float] | None = Field(default=None, max_length=20)
     train_subset: int | None = Field(default=None, ge=1, description="cap on training samples")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    name: JobName | None = Field(default=None, description="a name to find the job by (1..200 characters)")
+    labels: Labels = Field(
+        default_factory=dict,
+        description=f"up to {MAX_LABELS} labels {{key: value}} (key: 1..63 of letters, digits, '.', '_', "
+        f"'-', '/'; value: up to {MAX_LABEL_VALUE} characters); filter with GET /jobs?label=key:value",
+    )
+    webhook: WebhookSpec | None = Field(default=None, description="completion webhook (WebhookSpec)")
 
     @model_validator(mode="after")
     def _sweep(self) -> JobSpec:

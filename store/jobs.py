@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.results import VariantResult
 from core.spec import JobSpec
-from store.models import FINAL_STATUSES, Job, JobResult, is_id, utcnow
+from store.models import FINAL_STATUSES, Job, JobLabel, JobResult, is_id, utcnow
 from store.settings import get_settings
 
 
@@ -70,6 +70,9 @@ def create_job(
         request_hash=digest,
         attempts=0,
         cancel_requested=False,
+        name=spec.name,
+        webhook_state="pending" if spec.webhook is not None else None,
+        labels=[JobLabel(key=k, value=v) for k, v in sorted(spec.labels.items())],
     )
     try:
         with s.begin_nested():
@@ -122,14 +125,26 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(
-    s: Session, tenant: str, status: str | None = None, cursor: str | None = None, limit: int = 50
+    s: Session,
+    tenant: str,
+    status: str | None = None,
+    cursor: str | None = None,
+    limit: int = 50,
+    labels: list[tuple[str, str]] | None = None,
 ) -> tuple[list[Job], str | None]:
     """Newest first, keyset pagination on (created_at, id): the cursor is the last row of the
-    previous page. Returns (jobs, next_cursor), next_cursor None on the last page."""
+    previous page. Returns (jobs, next_cursor), next_cursor None on the last page. `labels`
+    [(key, value), ...]: only jobs carrying every one of them (AND)."""
     limit = max(1, min(int(limit), 500))
     stmt = select(Job).where(Job.tenant == tenant)
     if status is not None:
         stmt = stmt.where(Job.status == status)
+    for key, value in labels or []:
+        stmt = stmt.where(
+            select(JobLabel.job_id)
+            .where(JobLabel.job_id == Job.id, JobLabel.key == key, JobLabel.value == value)
+            .exists()
+        )
     if cursor:
         when, last_id = decode_cursor(cursor)
         stmt = stmt.where(or_(Job.created_at < when, and_(Job.created_at == when, Job.id < last_id)))

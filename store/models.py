@@ -101,6 +101,7 @@ class Job(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_finished_at", "finished_at"),
         CheckConstraint(
             "status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')", name="ck_jobs_status"
         ),
@@ -125,10 +126,50 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # 0002_lifecycle: the spec's name (its labels: job_labels), the completion webhook's delivery
+    # (state: pending -> sending -> delivered | failed; store.webhooks) and per-stage seconds
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    webhook_state: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    webhook_delivery: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    webhook_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    stage_seconds: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
 
     results: Mapped[list[JobResult]] = relationship(
         back_populates="job", order_by="JobResult.name", cascade="all, delete-orphan"
     )
+    labels: Mapped[list[JobLabel]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+
+
+class JobLabel(Base):
+    """One label {key: value} of a job (a row each, so `GET /jobs?label=k:v` is an indexed EXISTS)."""
+
+    __tablename__ = "job_labels"
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+
+
+class JobLog(Base):
+    """One log line of a job (worker.joblog records them; bounded per job)."""
+
+    __tablename__ = "job_logs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    level: Mapped[str] = mapped_column(String(10))
+    message: Mapped[str] = mapped_column(String(2000))
+
+
+class WorkerBeat(Base):
+    """A worker process's last sign of life (its sweep loop); /metrics counts the recent ones."""
+
+    __tablename__ = "worker_beats"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
 class JobResult(Base):

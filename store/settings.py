@@ -57,6 +57,25 @@ class Settings(BaseSettings):
     tenant_max_queued: int = Field(default=100, ge=1)
     # bearer token that GET /metrics requires (per-tenant job counts); None: /metrics is open
     metrics_token: str | None = None
+    # completion webhooks (worker.webhooks): HMAC key of X-Carcert-Signature (None: unsigned),
+    # hosts exempt from the private-address refusal (comma separated), attempts and backoff
+    webhook_secret: str | None = None
+    webhook_allowed_hosts: str = ""
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_backoff_s: float = Field(default=1.0, ge=0.0, le=600.0)  # delays: b, 2b, 4b, ...
+    webhook_timeout_s: float = Field(default=10.0, gt=0.0, le=120.0)
+    # the API's address as clients reach it: webhook events carry absolute links when set
+    public_url: str | None = None
+    # finished jobs older than this many days are deleted by the workers' sweep (None: kept)
+    retention_days: float | None = Field(default=None, gt=0)
+    # job log lines kept per job (GET /jobs/{id}/logs); later lines are counted, not kept
+    job_log_max_lines: int = Field(default=500, ge=10, le=100_000)
+
+    def webhook_allowed(self) -> frozenset[str]:
+        """CARCERT_WEBHOOK_ALLOWED_HOSTS as lower-case host names / IP literals."""
+        return frozenset(
+            h.strip().lower().strip("[]") for h in self.webhook_allowed_hosts.split(",") if h.strip()
+        )
 
 
 @lru_cache

@@ -97,14 +97,22 @@ def _sweep_loop(interval: float) -> None:
             log.exception("cannot import the job runner")
 
     while True:
-        try:
-            n = sweep_stale_jobs()
-            if n:
-                log.warning("re-dispatched %d stale job(s)", n)
-        except Exception:  # the sweep must never kill the worker
-            log.exception("stale-job sweep failed")
+        for name, step in housekeeping_steps():
+            try:
+                n = step()
+                if n:
+                    log.warning("%s: %d job(s)", name, n)
+            except Exception:  # the sweep must never kill the worker
+                log.exception("%s failed", name)
         if interval <= 0 or _sweeper_stop.wait(interval):
             return
+
+
+def housekeeping_steps() -> list[tuple[str, Any]]:
+    """What each sweep does, in order: re-dispatch stale jobs, send due webhooks."""
+    from worker.webhooks import deliver_due
+
+    return [("re-dispatched stale", sweep_stale_jobs), ("webhooks due", deliver_due)]
 
 
 @signals.worker_ready.connect

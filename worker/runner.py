@@ -45,6 +45,7 @@ from store.settings import Settings, get_settings
 from worker.inputs import InputResolver, allowed_roots
 from worker.queue import dispatch
 from worker.shutdown import SHUTTING_DOWN
+from worker.webhooks import deliver_in_background
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)  # connection-level: retry, never fail the job
 
@@ -378,6 +379,8 @@ def execute_job(
         return status
     shutil.rmtree(job_dir, ignore_errors=True)
     log.info("job %s finished: %s", job_id, status)
+    if spec_json.get("webhook"):
+        deliver_in_background(job_id)
     return status
 
 

@@ -21,12 +21,12 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from api.checks import check_job_spec, check_work
+from api.checks import check_job_spec, check_webhook, check_work
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiProblem
 from api.lru import LruCache
-from api.schemas import JobOut, JobPage, JobStatus, problem_responses
-from core.spec import JobSpec
+from api.schemas import JobOut, JobPage, JobStatus, WebhookDelivery, problem_responses
+from core.spec import LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, JobSpec
 from store.artifacts import ArtifactMissing, get_artifact
 from store.jobs import IdempotencyConflict, InvalidCursor, create_job, get_results, request_cancel
 from store.jobs import get_job as repo_get
@@ -83,8 +83,11 @@ def job_out(job: Any) -> JobOut:
     if job.status == "succeeded":
         links.update(certificate=f"{base}/certificate", mask=f"{base}/mask", model=f"{base}/model",
                      evidence=f"{base}/evidence")
+    spec = _spec(finite_json(job.spec))
     return JobOut(
         id=job.id,
+        name=getattr(spec, "name", None),
+        labels=getattr(spec, "labels", None) or {},
         kind=job.kind,
         status=job.status,
         stage=job.stage,
@@ -97,9 +100,17 @@ def job_out(job: Any) -> JobOut:
         finished_at=job.finished_at,
         error=finite_json(job.error),
         summary=finite_json(job.summary),
-        spec=_spec(finite_json(job.spec)),
+        spec=spec,
         links=links,
+        webhook=webhook_out(job),
     )
+
+
+def webhook_out(job: Any) -> WebhookDelivery | None:
+    """The job's webhook delivery record (None: the job has no webhook)."""
+    if job.webhook_state is None:
+        return None
+    return WebhookDelivery(state=job.webhook_state, **(job.webhook_delivery or {}))
 
 
 def _spec(raw: dict[str, Any]) -> JobSpec:
@@ -192,6 +203,7 @@ def submit_job(
 
     check_work(spec, settings.max_job_work)
     check_job_spec(session, tenant, spec, settings.data_roots)
+    check_webhook(spec, settings)
     check_quota(session, tenant, settings.tenant_max_queued, idempotency_key)
     check_program_job(session, store, tenant, spec)
     try:
@@ -217,6 +229,20 @@ def submit_job(
 # ------------------------------------------------------------------------------------ list / get
 
 
+def parse_label(raw: str) -> tuple[str, str]:
+    """'key:value' -> (key, value); 422 problem when it has no ':' or the key is not a label key."""
+    key, sep, value = raw.partition(":")
+    if not sep or not LABEL_KEY.fullmatch(key) or len(value) > MAX_LABEL_VALUE:
+        raise ApiProblem(
+            422,
+            "validation-error",
+            f"label: {raw[:100]!r} is not key:value (key: 1..63 letters, digits, '.', '_', '-', '/'; "
+            f"value up to {MAX_LABEL_VALUE} characters)",
+            title="Invalid request",
+        )
+    return key, value
+
+
 @router.get(
     "", response_model=JobPage, summary="List jobs, newest first", responses=problem_responses(401, 422, 503)
 )
@@ -226,10 +252,16 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
     status: JobStatus | None = None,
+    label: Annotated[
+        list[str] | None,
+        Query(max_length=MAX_LABELS, description="key:value; repeat for several (all must match)"),
+    ] = None,
 ) -> JobPage:
-
+    labels = [parse_label(x) for x in label or []]
     try:
-        rows, next_cursor = repo_list(session, tenant, status=status, cursor=cursor, limit=limit)
+        rows, next_cursor = repo_list(
+            session, tenant, status=status, cursor=cursor, limit=limit, labels=labels
+        )
     except InvalidCursor:
         raise ApiProblem(
             422, "validation-error", "cursor: not a cursor returned by GET /jobs", title="Invalid request"

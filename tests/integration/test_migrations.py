@@ -17,7 +17,7 @@ from tests.integration.service_helpers import ROOT, python_env
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"api_keys", "artifacts", "jobs", "job_results"}
+TABLES = {"api_keys", "artifacts", "jobs", "job_results", "job_labels", "job_logs", "worker_beats"}
 
 
 def _tables(engine) -> set[str]:
@@ -35,7 +35,7 @@ def _roundtrip(url: str) -> None:
         assert _tables(engine) == set()
         init_db(engine)
         assert _tables(engine) == TABLES == set(Base.metadata.tables)
-        assert _revision(engine) == "0001_initial"
+        assert _revision(engine) == "0002_lifecycle"
         with engine.connect() as c:  # the migration creates what the models declare, nothing else
             assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
         init_db(engine)  # idempotent at head
@@ -101,3 +101,30 @@ def test_cli_migrate_and_downgrade(tmp_path):
     assert down.returncode == 0, down.stderr
     assert _tables(engine) == set()
     engine.dispose()
+
+
+def test_lifecycle_upgrade_keeps_existing_jobs(tmp_path):
+    """0001 -> 0002_lifecycle on a database holding a job: the job survives with no name, no labels
+    and no webhook state, and the downgrade back to 0001 keeps it too."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'up.db'}")
+    try:
+        init_db(engine)
+        downgrade_db(engine, "0001_initial")
+        with engine.begin() as c:
+            c.execute(
+                text(
+                    "INSERT INTO jobs (id, tenant, kind, spec, status, progress, request_hash, created_at,"
+                    " updated_at, attempts, cancel_requested) VALUES ('old', 't', 'prune', '{}', 'succeeded',"
+                    " 1, 'h', '2026-01-01', '2026-01-01', 1, 0)"
+                )
+            )
+        init_db(engine)
+        with engine.connect() as c:
+            row = c.execute(text("SELECT name, webhook_state, stage_seconds FROM jobs WHERE id = 'old'")).one()
+            assert tuple(row) == (None, None, None)
+            assert c.execute(text("SELECT count(*) FROM job_labels")).scalar_one() == 0
+        downgrade_db(engine, "0001_initial")
+        with engine.connect() as c:
+            assert c.execute(text("SELECT count(*) FROM jobs")).scalar_one() == 1
+    finally:
+        engine.dispose()
