@@ -71,6 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--l", type=int, help="CC-Cert l")
     p.add_argument("--train-subset", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--name", help="job name (1..200 characters)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label; repeat for several"
+    )
+    p.add_argument("--webhook", metavar="URL", help="POST a signed JSON event here when the job ends")
     p.add_argument("--idempotency-key", help="default: a fresh random key (safe retries)")
     p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls with --wait")
@@ -79,6 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("jobs", help="list jobs of a running service")
     p.add_argument("--status", choices=STATUSES)
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeat: all)",
+    )
     p.add_argument("--limit", type=int, default=None, help="show at most this many")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     _connection(p)
@@ -221,7 +233,28 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
         spec["train_subset"] = args.train_subset
     if args.seed is not None:
         spec["seed"] = args.seed
+    if getattr(args, "name", None):
+        spec["name"] = args.name
+    if getattr(args, "label", None):
+        spec["labels"] = {**(spec.get("labels") or {}), **parse_labels(args.label)}
+    if getattr(args, "webhook", None):
+        spec["webhook"] = {"url": args.webhook}
     return spec
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """['k=v', 'team=a'] -> {'k': 'v', 'team': 'a'} (InvalidInput on an item without '=')."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"label {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _labels_text(job: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in (job.get("labels") or {}).items()) or "-"
 
 
 def _progress_bar(job_id: str):
@@ -308,9 +341,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     def body(client: CarcertClient) -> int:
         page = min(args.limit, 100) if args.limit else 100
+        labels = parse_labels(args.label)
         if not args.json:
-            print(f"{'id':<32}  {'status':<10} {'stage':<16} {'progress':>8}  created_at")
-        for shown, job in enumerate(client.list_jobs(status=args.status, limit=page)):
+            print(
+                f"{'id':<32}  {'status':<10} {'stage':<16} {'progress':>8}  {'created_at':<25} name  labels"
+            )
+        for shown, job in enumerate(client.list_jobs(status=args.status, limit=page, labels=labels)):
             if args.limit is not None and shown >= args.limit:
                 break
             if args.json:
@@ -319,7 +355,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 prog = f"{100 * float(job.get('progress') or 0):.0f}%"
                 print(
                     f"{job['id']:<32}  {job['status']:<10} {(job.get('stage') or '-')[:16]:<16} "
-                    f"{prog:>8}  {job.get('created_at', '')}"
+                    f"{prog:>8}  {job.get('created_at', '')[:25]:<25} "
+                    f"{job.get('name') or '-'}  {_labels_text(job)}"
                 )
         return 0
 
@@ -361,8 +398,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     def body(client: CarcertClient) -> int:
-        fetch = {"model": client.download_model, "mask": client.download_mask,
-                 "evidence": client.download_evidence}[args.what]
+        fetch = {
+            "model": client.download_model,
+            "mask": client.download_mask,
+            "evidence": client.download_evidence,
+        }[args.what]
         path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
         return 0

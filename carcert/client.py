@@ -204,15 +204,19 @@ class CarcertClient:
     def get_job(self, job_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}")
 
-    def list_jobs(self, status: str | None = None, limit: int = 50) -> Iterator[dict]:
+    def list_jobs(
+        self, status: str | None = None, limit: int = 50, labels: Mapping[str, str] | None = None
+    ) -> Iterator[dict]:
         """Every job of the tenant (newest first, as the server orders), following next_cursor
-        page by page; `limit` is the page size."""
+        page by page; `limit` is the page size; `labels` {key: value}: only jobs carrying all."""
         cursor: str | None = None
         seen: set[str] = set()
         while True:
             params: dict[str, Any] = {"limit": limit}
             if status:
                 params["status"] = status
+            if labels:
+                params["label"] = [f"{k}:{v}" for k, v in labels.items()]
             if cursor:
                 params["cursor"] = cursor
             page = self._json("GET", "/jobs", params=params)

@@ -29,7 +29,10 @@ def env(tmp_path_factory):
         spec = dict(TINY_SPEC, certification=dict(TINY_SPEC["certification"], epsilon=0.2))
         done = alice.post("/jobs", json=spec).json()["id"]
         run_job_to_end(server, done, tmp / "runner.log")
-        queued = alice.post("/jobs", json=dict(TINY_SPEC, seed=7)).json()["id"]
+        queued = alice.post(
+            "/jobs", json=dict(TINY_SPEC, seed=7, name="queued-one", labels={"team": "vision"})
+        )
+        queued = queued.json()["id"]
         assert alice.get(f"/jobs/{done}").json()["status"] == "succeeded"
         yield {
             "server": server,
@@ -174,6 +177,7 @@ def test_job_list_in_headless_chromium(env, tmp_path):
     assert f'data-id="{env["done"]}" data-status="succeeded"' in html
     assert f'data-id="{env["queued"]}" data-status="queued"' in html
     assert '<span class="badge succeeded">succeeded</span>' in html
+    assert '<td class="name">queued-one <span class="label">team=vision</span></td>' in html
     assert "#key=" not in html and env["server"].keys["alice"] not in html  # key not left in the page
 
 
