@@ -22,7 +22,7 @@ from api.auth import KeyCache
 from api.errors import PROBLEM_MEDIA_TYPE, install_error_handlers
 from api.fastpath import CertificateFastPath
 from api.lru import LruCache
-from api.metrics import ApiMetrics, JobsCollector, MetricsMiddleware
+from api.metrics import ApiMetrics, JobsCollector, JobTimingCollector, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.routers import artifacts, dashboard, health, jobs, report
 from api.schemas import Problem, SweepCertificates
@@ -65,9 +65,10 @@ def create_app(settings: Any = None) -> FastAPI:
     app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     app.state.artifact_store = make_artifact_store(settings)
     app.state.key_cache = KeyCache()
-    app.state.cert_cache = LruCache(jobs.CERT_CACHE_SIZE)
+    app.state.cert_cache = LruCache(jobs.CERT_CACHE_SIZE, ttl_s=jobs.CERT_CACHE_TTL_S)
     app.state.metrics = ApiMetrics()
     app.state.metrics.private.register(JobsCollector(app.state.sessionmaker))
+    app.state.metrics.private.register(JobTimingCollector(app.state.sessionmaker, settings))
 
     install_error_handlers(app)
     app.add_middleware(CertificateFastPath, state=app.state)  # inner: counted by the metrics

@@ -12,16 +12,18 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import ApiProblem
 from api.schemas import problem_responses
-from store.jobs import count_by_status
+from store.jobs import count_by_status, job_timings
+from store.models import FINAL_STATUSES
 
 log = logging.getLogger("carcert.api")
 
@@ -69,6 +71,57 @@ class JobsCollector(Collector):
         for status, n in counts.items():
             fam.add_metric([status], n)
         yield fam
+
+
+DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+
+
+def histogram(name: str, doc: str, samples: dict[str, list[float]], label: str) -> HistogramMetricFamily:
+    """A Prometheus histogram family of `samples` {label value: [seconds, ...]} over DURATION_BUCKETS."""
+    fam = HistogramMetricFamily(name, doc, labels=[label])
+    for key, values in sorted(samples.items()):
+        buckets = [(repr(b), sum(1 for v in values if v <= b)) for b in DURATION_BUCKETS]
+        fam.add_metric([key], [*buckets, ("+Inf", len(values))], sum_value=float(sum(values)))
+    return fam
+
+
+class JobTimingCollector(Collector):
+    """Timings of the jobs the database holds (CARCERT_RETENTION_DAYS bounds them), read at scrape
+    time: carcert_job_duration_seconds{status} (finished_at - started_at of finished jobs; the last
+    attempt's), carcert_job_queue_wait_seconds{status} (started_at - created_at), carcert_job_stage_
+    seconds{stage} (the worker's per-stage seconds) and carcert_workers (worker nodes whose sweep
+    beat within max(3 sweep intervals, 60 s))."""
+
+    def __init__(self, sessionmaker: Callable, settings: Any) -> None:
+        self.sessionmaker, self.settings = sessionmaker, settings
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        from store.workers import live_workers
+
+        try:
+            with self.sessionmaker() as s:
+                rows = job_timings(s)
+                workers = live_workers(s, max(3 * self.settings.sweep_interval_s, 60.0))
+        except Exception as exc:  # the scrape must not fail because the database is down
+            log.warning("metrics: cannot read job timings: %s", str(exc).splitlines()[0] if str(exc) else exc)
+            return
+        duration: dict[str, list[float]] = {}
+        wait: dict[str, list[float]] = {}
+        stages: dict[str, list[float]] = {}
+        for status, created, started, finished, stage_seconds in rows:
+            if started is not None:
+                wait.setdefault(status, []).append(max(0.0, (started - created).total_seconds()))
+            if started is not None and finished is not None and status in FINAL_STATUSES:
+                duration.setdefault(status, []).append(max(0.0, (finished - started).total_seconds()))
+            for stage, seconds in (stage_seconds or {}).items():
+                stages.setdefault(str(stage), []).append(float(seconds))
+        yield histogram("carcert_job_duration_seconds", "Run time of finished jobs", duration, "status")
+        yield histogram("carcert_job_queue_wait_seconds", "Queue wait of started jobs", wait, "status")
+        yield histogram("carcert_job_stage_seconds", "Seconds per pipeline stage", stages, "stage")
+        yield GaugeMetricFamily("carcert_workers", "Worker nodes alive (recent heartbeat)", value=workers)
 
 
 class MetricsMiddleware:

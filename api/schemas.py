@@ -78,6 +78,18 @@ class JobOut(BaseModel):
     webhook: WebhookDelivery | None = Field(default=None, description="completion webhook delivery")
 
 
+class LogLine(BaseModel):
+    seq: int = Field(description="the line's number within the job (1, 2, ...)")
+    created_at: datetime
+    level: str
+    message: str
+
+
+class JobLogs(BaseModel):
+    job_id: str
+    lines: list[LogLine]
+
+
 class JobPage(BaseModel):
     items: list[JobOut]
     next_cursor: str | None = Field(default=None, description="pass as ?cursor= for the next page")

@@ -31,6 +31,15 @@ def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds (default 60)")
 
 
+def _job_tags(p: argparse.ArgumentParser) -> None:
+    """submit's --name, --label, --webhook."""
+    p.add_argument("--name", help="job name (1..200 characters)")
+    p.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label; repeat for several"
+    )
+    p.add_argument("--webhook", metavar="URL", help="POST a signed JSON event here when the job ends")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "submit",
@@ -71,30 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--l", type=int, help="CC-Cert l")
     p.add_argument("--train-subset", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--name", help="job name (1..200 characters)")
-    p.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="a label; repeat for several"
-    )
-    p.add_argument("--webhook", metavar="URL", help="POST a signed JSON event here when the job ends")
+    _job_tags(p)
     p.add_argument("--idempotency-key", help="default: a fresh random key (safe retries)")
     p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls with --wait")
     _connection(p)
     p.set_defaults(func=cmd_submit)
 
-    p = subparsers.add_parser("jobs", help="list jobs of a running service")
-    p.add_argument("--status", choices=STATUSES)
-    p.add_argument(
-        "--label",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="only jobs with this label (repeat: all)",
-    )
-    p.add_argument("--limit", type=int, default=None, help="show at most this many")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    _connection(p)
-    p.set_defaults(func=cmd_jobs)
+    _register_lifecycle(subparsers)
 
     p = subparsers.add_parser("job", help="show one job (optionally --wait for it)")
     p.add_argument("job_id")
@@ -122,6 +115,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("."), help="file or folder (default .)")
     _connection(p)
     p.set_defaults(func=cmd_download)
+
+
+def _register_lifecycle(subparsers: argparse._SubParsersAction) -> None:
+    """`jobs` (list, --label filter), `logs`, `delete`."""
+    p = subparsers.add_parser("jobs", help="list jobs of a running service")
+    p.add_argument("--status", choices=STATUSES)
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeat: all)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="show at most this many")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _connection(p)
+    p.set_defaults(func=cmd_jobs)
+
+    p = subparsers.add_parser("logs", help="print a job's own log lines (GET /jobs/{id}/logs)")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true", help="the JSON document instead of text lines")
+    _connection(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = subparsers.add_parser(
+        "delete",
+        help="delete a finished job and the files it produced (a queued or running job: cancel it first)",
+    )
+    p.add_argument("job_id")
+    _connection(p)
+    p.set_defaults(func=cmd_delete)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -405,6 +429,28 @@ def cmd_download(args: argparse.Namespace) -> int:
         }[args.what]
         path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        doc = client.logs(args.job_id)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+            return 0
+        for line in doc.get("lines", []):
+            print(f"{line['created_at'][:23]} {line['level']:<7} {line['message']}")
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        client.delete(args.job_id)
+        print(f"job {args.job_id} deleted")
         return 0
 
     return _run(args, body)

@@ -253,6 +253,42 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from store.db import session_scope
+    from store.keys import list_api_keys
+
+    with session_scope() as s:
+        rows = [
+            (k.id, k.tenant, k.name, k.prefix, k.created_at, k.revoked_at)
+            for k in list_api_keys(s, args.tenant)
+        ]
+    print(f"{'id':<32}  {'tenant':<20} {'name':<16} {'prefix':<12} {'created_at':<20} revoked_at")
+    for kid, tenant, name, prefix, created, revoked in rows:
+        if revoked is not None and not args.all:
+            continue
+        when = created.strftime("%Y-%m-%d %H:%M:%S")
+        gone = revoked.strftime("%Y-%m-%d %H:%M:%S") if revoked else "-"
+        print(f"{kid:<32}  {tenant[:20]:<20} {(name or '-')[:16]:<16} {prefix + '...':<12} {when:<20} {gone}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from store.db import session_scope
+    from store.keys import revoke_api_key
+
+    with session_scope() as s:
+        done = revoke_api_key(s, args.tenant, args.key_id)
+    if not done:
+        print(
+            f"carcert: error: no API key {args.key_id!r}"
+            + (f" of tenant {args.tenant!r}" if args.tenant else ""),
+            file=sys.stderr,
+        )
+        return 1
+    print(f"revoked {args.key_id} (the API refuses it within 30 s, the life of its key cache)")
+    return 0
+
+
 def create_key_if_none(tenant: str, name: str = "") -> str | None:
     """Create a key for `tenant` when no unrevoked key exists at all (first start of a deployment);
     its plaintext, else None. On Postgres a transaction-scoped advisory lock makes two concurrent
@@ -468,6 +504,14 @@ def register(sub: Any) -> None:
         help="only when no unrevoked key exists (first start); otherwise create nothing, exit 0",
     )
     k.set_defaults(func=cmd_keys_create)
+    k = ksub.add_parser("list", help="list API keys (id, tenant, name, prefix; never the key itself)")
+    k.add_argument("--tenant", default=None, help="only this tenant's keys (default: every tenant)")
+    k.add_argument("--all", action="store_true", help="also the revoked keys")
+    k.set_defaults(func=cmd_keys_list)
+    k = ksub.add_parser("revoke", help="revoke an API key by its id (from `carcert keys list`)")
+    k.add_argument("key_id")
+    k.add_argument("--tenant", default=None, help="only if the key belongs to this tenant")
+    k.set_defaults(func=cmd_keys_revoke)
 
     p = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     p.add_argument("--downgrade", metavar="REVISION", default=None, help="downgrade instead (e.g. base)")

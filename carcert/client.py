@@ -228,6 +228,14 @@ class CarcertClient:
                 raise CarcertAPIError(0, "Pagination loop", f"cursor {cursor!r} returned twice", page)
             seen.add(cursor)
 
+    def delete(self, job_id: str) -> None:
+        """DELETE /jobs/{id}: the finished job, its results and produced files (409: still active)."""
+        self._json("DELETE", f"/jobs/{job_id}")
+
+    def logs(self, job_id: str) -> dict:
+        """GET /jobs/{id}/logs: {"job_id", "lines": [{"seq", "created_at", "level", "message"}]}."""
+        return self._json("GET", f"/jobs/{job_id}/logs")
+
     def cancel(self, job_id: str) -> dict:
         """POST /jobs/{id}/cancel (idempotent on the server, so retried)."""
         return self._json("POST", f"/jobs/{job_id}/cancel", retry=True)

@@ -460,3 +460,22 @@ def stale_jobs(s: Session, now: datetime | None = None) -> list[str]:
         out.append(job.id)
     s.flush()
     return out
+
+
+def record_stage_seconds(s: Session, job_id: str, seconds: dict[str, float]) -> None:
+    """Store the seconds each stage of the job's last attempt took (read by /metrics)."""
+    rounded = {k: round(float(v), 3) for k, v in seconds.items()}
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(stage_seconds=rounded)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def job_timings(s: Session) -> list[tuple[str, datetime, datetime | None, datetime | None, dict | None]]:
+    """(status, created_at, started_at, finished_at, stage_seconds) of every job that has started."""
+    stmt = select(Job.status, Job.created_at, Job.started_at, Job.finished_at, Job.stage_seconds).where(
+        Job.started_at.is_not(None)
+    )
+    return [tuple(row) for row in s.execute(stmt)]

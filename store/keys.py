@@ -52,10 +52,19 @@ def authenticate(session: Session, plaintext: str | None) -> str | None:
     return tenant
 
 
-def revoke_api_key(session: Session, tenant: str, key_id: str) -> bool:
-    """Revoke one of `tenant`'s keys; False when there is no such key."""
-    row = session.get(ApiKey, key_id)
-    if row is None or row.tenant != tenant:
+def list_api_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    """The keys (of `tenant`, or of every tenant), oldest first; only their prefixes are known."""
+    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if tenant is not None:
+        stmt = stmt.where(ApiKey.tenant == tenant)
+    return list(session.scalars(stmt))
+
+
+def revoke_api_key(session: Session, tenant: str | None, key_id: str) -> bool:
+    """Revoke one of `tenant`'s keys (tenant None: the key of any tenant, for the operator's CLI);
+    False when there is no such key. Revoking twice keeps the first revocation time."""
+    row = session.get(ApiKey, key_id) if key_id.isalnum() and len(key_id) <= 32 else None
+    if row is None or (tenant is not None and row.tenant != tenant):
         return False
     if row.revoked_at is None:
         row.revoked_at = utcnow()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,11 +109,33 @@ def _sweep_loop(interval: float) -> None:
             return
 
 
+WORKER_NODE = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def record_beat() -> int:
+    """This worker node is alive (worker_beats; /metrics counts the recent ones); rows of nodes
+    silent for a day are dropped. Returns 0 (nothing to report)."""
+    from store.db import session_scope
+    from store.workers import beat, forget_workers
+
+    with session_scope() as s:
+        beat(s, WORKER_NODE)
+        forget_workers(s, 86_400)
+    return 0
+
+
 def housekeeping_steps() -> list[tuple[str, Any]]:
-    """What each sweep does, in order: re-dispatch stale jobs, send due webhooks."""
+    """What each sweep does, in order: re-dispatch stale jobs, send due webhooks, delete finished
+    jobs past CARCERT_RETENTION_DAYS."""
+    from store.retention import delete_expired_jobs
     from worker.webhooks import deliver_due
 
-    return [("re-dispatched stale", sweep_stale_jobs), ("webhooks due", deliver_due)]
+    return [
+        ("worker heartbeat", record_beat),
+        ("re-dispatched stale", sweep_stale_jobs),
+        ("webhooks due", deliver_due),
+        ("deleted past retention", delete_expired_jobs),
+    ]
 
 
 @signals.worker_ready.connect

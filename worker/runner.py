@@ -37,12 +37,14 @@ from store.jobs import (
     claim_fair,
     claim_job,
     finish_job,
+    record_stage_seconds,
     release_job,
     renew_lease,
     update_progress,
 )
 from store.settings import Settings, get_settings
 from worker.inputs import InputResolver, allowed_roots
+from worker.joblog import JobLogRecorder
 from worker.queue import dispatch
 from worker.shutdown import SHUTTING_DOWN
 from worker.webhooks import deliver_in_background
@@ -70,8 +72,13 @@ class DbStageContext:
     UPDATE + commit is ~4-8 ms on Postgres; a tiny job has ~7 of them). Outside `with`, progress()
     writes synchronously. The cancel check is a read-only SELECT (store.jobs.check_lease)."""
 
-    def __init__(self, job_id: str, worker_id: str, job_dir: Path, settings: Settings) -> None:
+    def __init__(
+        self, job_id: str, worker_id: str, job_dir: Path, settings: Settings, joblog: Any = None
+    ) -> None:
         self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
+        self.joblog = joblog  # worker.joblog.JobLogRecorder: flushed by the heartbeat
+        self.stage_seconds: dict[str, float] = {}  # seconds per stage, for /metrics
+        self._stage_started = time.monotonic()
         self._files = LocalContext(job_dir)
         self._lock = threading.Lock()
         self._last_write = 0.0
@@ -107,6 +114,8 @@ class DbStageContext:
             due = stage != self._stage or now - self._last_write >= self.settings.progress_interval_s
             if not due or self._closing:
                 return
+            if stage != self._stage:
+                self._stage_change(stage, now)
             self._stage, self._last_write = stage, now
             self._last_check = now
             value = min(max(float(fraction), 0.0), 1.0)
@@ -115,6 +124,15 @@ class DbStageContext:
                 self._wake.set()
                 return
             self._write(stage, value)
+
+    def _stage_change(self, stage: str | None, now: float) -> None:
+        """Add the time since the last change to the current stage; log the new one."""
+        if self._stage is not None:
+            spent = now - self._stage_started
+            self.stage_seconds[self._stage] = self.stage_seconds.get(self._stage, 0.0) + spent
+        self._stage_started = now
+        if stage is not None:
+            log.info("job %s: stage %s", self.job_id, stage)
 
     def should_cancel(self) -> bool:
         if SHUTTING_DOWN.is_set():
@@ -170,6 +188,8 @@ class DbStageContext:
             if pending is not None:
                 self._write(*pending)  # also renews the lease
                 last = time.monotonic()
+                if self.joblog is not None:
+                    self.joblog.flush()
             elif time.monotonic() - last >= interval:
                 try:
                     with session_scope() as s:
@@ -191,6 +211,7 @@ class DbStageContext:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop_writes()
+        self._stage_change(None, time.monotonic())
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -364,21 +385,24 @@ def execute_job(
         if job.id != job_id:
             log.info("message for job %s runs job %s (fair share across tenants)", job_id, job.id)
         job_id, tenant, spec_json, attempt = job.id, job.tenant, job.spec, job.attempts
-    log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
     job_dir = Path(settings.work_root).resolve() / job_id
     saved = sorted(p.name for p in (job_dir / "checkpoints").glob("*.pt"))
     if saved:
         log.warning("job %s attempt %d resumes from checkpoints %s", job_id, attempt, ", ".join(saved))
     store = get_artifact_store()
-    with DbStageContext(job_id, worker_id, job_dir, settings) as ctx:
-        try:
-            status = _run_and_persist(job_id, tenant, spec_json, worker_id, job_dir, store, ctx, device)
-        except Exception as exc:
-            status = _outcome_of_failure(exc, job_id, worker_id, ctx, settings)
-    if status in ("lost", "released"):  # the work folder (checkpoints) stays for the next attempt
-        return status
-    shutil.rmtree(job_dir, ignore_errors=True)
-    log.info("job %s finished: %s", job_id, status)
+    with JobLogRecorder(job_id, settings.job_log_max_lines) as joblog:
+        log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
+        with DbStageContext(job_id, worker_id, job_dir, settings, joblog) as ctx:
+            try:
+                status = _run_and_persist(job_id, tenant, spec_json, worker_id, job_dir, store, ctx, device)
+            except Exception as exc:
+                status = _outcome_of_failure(exc, job_id, worker_id, ctx, settings)
+        if status in ("lost", "released"):  # the work folder (checkpoints) stays for the next attempt
+            return status
+        shutil.rmtree(job_dir, ignore_errors=True)
+        log.info("job %s finished: %s", job_id, status)
+        with session_scope() as s:
+            record_stage_seconds(s, job_id, ctx.stage_seconds)
     if spec_json.get("webhook"):
         deliver_in_background(job_id)
     return status

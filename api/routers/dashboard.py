@@ -37,7 +37,7 @@ header a{color:#fff;text-decoration:none;font-weight:600}main{padding:16px 20px;
 #keybox{display:flex;gap:6px;align-items:center;margin-left:auto;font-size:13px}
 input,select,button{font:inherit;padding:3px 6px}table{border-collapse:collapse;width:100%;background:#fff}
 th,td{border-bottom:1px solid #e3e3e3;padding:6px 8px;text-align:left;font-size:14px}th{background:#f0f2f5}
-.label{display:inline-block;margin:1px 2px;padding:0 6px;border:1px solid #c9d3e0;border-radius:8px;font-size:12px;background:#f5f8fc}
+.label{display:inline-block;margin:1px 2px;padding:0 6px;border:1px solid #c9d3e0;border-radius:8px}
 .badge{padding:2px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#888}
 .queued{background:#7a7a7a}.running{background:#1f6fd1}.succeeded{background:#1d8a3a}
 .failed{background:#c0392b}.cancelled{background:#b9770e}progress{width:140px}
@@ -112,7 +112,7 @@ let timer = null;
 async function refresh() {
   const status = document.getElementById('status').value;
   const q = new URLSearchParams({limit: '100'}); if (status) q.set('status', status);
-  for (const lab of document.getElementById('label').value.split(/[\s,]+/)) if (lab) q.append('label', lab);
+  for (const lab of document.getElementById('label').value.split(/[\\s,]+/)) if (lab) q.append('label', lab);
   try {
     const page = await (await api('/jobs?' + q)).json();
     const body = document.getElementById('jobs'); body.replaceChildren();
@@ -129,7 +129,8 @@ async function refresh() {
       const variants = vs.map(v => v.name).join(', ');
       body.append(el('tr', {'class': 'job', 'data-id': j.id, 'data-status': j.status},
         el('td', {'class': 'mono'}, el('a', {href: '/ui/jobs/' + encodeURIComponent(j.id)}, j.id)),
-        el('td', {'class': 'name'}, j.name || '-', ' ', ...labelChips(j.labels)), el('td', {}, j.kind), el('td', {}, badge(j.status)), el('td', {}, j.stage || '-'),
+        el('td', {'class': 'name'}, j.name || '-', ' ', ...labelChips(j.labels)),
+        el('td', {}, j.kind), el('td', {}, badge(j.status)), el('td', {}, j.stage || '-'),
         el('td', {}, el('progress', {max: '1', value: String(j.progress || 0)}), ' ', pct(j.progress)),
         el('td', {}, variants), el('td', {}, (j.created_at || '').replace('T', ' ').slice(0, 19)), actions));
     }
@@ -236,8 +237,9 @@ def jobs_page() -> HTMLResponse:
     body = f"""<p><label>status <select id="status"><option value="">all</option>{options}</select></label>
  <label>labels <input id="label" placeholder="key:value key:value" size="24"></label>
  <span id="count"></span> <small id="updated"></small></p>
-<table><thead><tr><th>job</th><th>name / labels</th><th>kind</th><th>status</th><th>stage</th><th>progress</th><th>variants</th>
-<th>created (UTC)</th><th></th></tr></thead><tbody id="jobs"></tbody></table>"""
+<table><thead><tr><th>job</th><th>name / labels</th><th>kind</th><th>status</th><th>stage</th>
+<th>progress</th>
+<th>variants</th><th>created (UTC)</th><th></th></tr></thead><tbody id="jobs"></tbody></table>"""
     return _page("jobs", body, LIST_JS)
 
 

@@ -25,7 +25,7 @@ from api.checks import check_job_spec, check_webhook, check_work
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiProblem
 from api.lru import LruCache
-from api.schemas import JobOut, JobPage, JobStatus, WebhookDelivery, problem_responses
+from api.schemas import JobLogs, JobOut, JobPage, JobStatus, LogLine, WebhookDelivery, problem_responses
 from core.spec import LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, JobSpec
 from store.artifacts import ArtifactMissing, get_artifact
 from store.jobs import IdempotencyConflict, InvalidCursor, create_job, get_results, request_cancel
@@ -40,6 +40,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 FINAL = ("succeeded", "failed", "cancelled")
 CERT_CACHE_SIZE = 512
 CERT_CACHE_CONTROL = "private, max-age=0, must-revalidate"
+# a deleted job's certificate leaves this process's cache at once, another API process's within this
+CERT_CACHE_TTL_S = 60.0
 
 
 def job_not_found(job_id: str) -> ApiProblem:
@@ -81,8 +83,12 @@ def job_out(job: Any) -> JobOut:
     base = f"/jobs/{job.id}"
     links = {"self": base, "cancel": f"{base}/cancel"}
     if job.status == "succeeded":
-        links.update(certificate=f"{base}/certificate", mask=f"{base}/mask", model=f"{base}/model",
-                     evidence=f"{base}/evidence")
+        links.update(
+            certificate=f"{base}/certificate",
+            mask=f"{base}/mask",
+            model=f"{base}/model",
+            evidence=f"{base}/evidence",
+        )
     spec = _spec(finite_json(job.spec))
     return JobOut(
         id=job.id,
@@ -318,6 +324,66 @@ def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: Sess
     return job_out(job)
 
 
+@router.get(
+    "/{job_id}/logs",
+    response_model=JobLogs,
+    summary="The job's own log lines (claimed, stages, outcome, webhook), oldest first",
+    responses=problem_responses(401, 404, 422, 503),
+)
+def get_logs(
+    job_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    after: Annotated[
+        int, Query(ge=0, description="only lines with seq above this (follow a running job)")
+    ] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> JobLogs:
+    from store.joblogs import read_lines
+
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise job_not_found(job_id)
+    rows = read_lines(session, job.id, after=after, limit=limit)
+    return JobLogs(
+        job_id=job.id,
+        lines=[LogLine(seq=r.seq, created_at=r.created_at, level=r.level, message=r.message) for r in rows],
+    )
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    response_class=Response,
+    summary="Delete a finished job",
+    description="Deletes the job, its results, labels, log lines and the files it produced (model, mask, "
+    "evidence); uploaded inputs stay. A queued or running job answers 409: cancel it first.",
+    responses={204: {"description": "deleted"}, **problem_responses(401, 404, 409, 503)},
+)
+def delete_job(
+    job_id: str, request: Request, tenant: TenantDep, session: SessionDep, store: StoreDep
+) -> Response:
+    from store.retention import delete_job as repo_delete
+    from store.retention import remove_blobs
+
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise job_not_found(job_id)
+    if job.status not in FINAL:
+        raise ApiProblem(
+            409,
+            "job-active",
+            f"job {job_id} is {job.status}; cancel it first (POST /jobs/{job_id}/cancel), then delete it",
+            title="Conflict",
+            extra={"job_status": job.status},
+        )
+    keys = repo_delete(session, job)
+    session.commit()
+    request.app.state.cert_cache.clear()
+    remove_blobs(store, keys)
+    return Response(status_code=204)
+
+
 # ---------------------------------------------------------------------------------- certificate
 
 
@@ -436,8 +502,11 @@ def _result_file(
             title="Invalid request",
         )
     result = chosen[0]
-    art_id = {"mask": result.mask_artifact_id, "model": result.model_artifact_id,
-              "evidence": result.evidence_artifact_id}.get(what)
+    art_id = {
+        "mask": result.mask_artifact_id,
+        "model": result.model_artifact_id,
+        "evidence": result.evidence_artifact_id,
+    }.get(what)
     if what == "program":  # a model.program job's pruned torch.export program
         art_id = (result.metrics or {}).get("program_artifact_id")
     art = get_artifact(session, tenant, art_id) if art_id else None

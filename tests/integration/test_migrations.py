@@ -120,7 +120,8 @@ def test_lifecycle_upgrade_keeps_existing_jobs(tmp_path):
             )
         init_db(engine)
         with engine.connect() as c:
-            row = c.execute(text("SELECT name, webhook_state, stage_seconds FROM jobs WHERE id = 'old'")).one()
+            query = "SELECT name, webhook_state, stage_seconds FROM jobs WHERE id = 'old'"
+            row = c.execute(text(query)).one()
             assert tuple(row) == (None, None, None)
             assert c.execute(text("SELECT count(*) FROM job_labels")).scalar_one() == 0
         downgrade_db(engine, "0001_initial")

@@ -70,6 +70,7 @@ def service(tmp_path_factory):
             CARCERT_WEBHOOK_MAX_ATTEMPTS="3",
             CARCERT_PUBLIC_URL="https://carcert.example",
             CARCERT_SWEEP_INTERVAL_S="1",
+            CARCERT_METRICS_TOKEN="hooks-metrics",
             CARCERT_PROGRESS_INTERVAL_S="0.2",
         )
         worker = launch_worker(env, tmp / "worker.log", f"webhooks-{uuid.uuid4().hex[:6]}")
@@ -182,3 +183,14 @@ def test_label_filter_and_bad_labels(service):
         bad_spec = {**TINY_JOB, "labels": {"bad:key": "v"}}
         body = assert_problem(alice.post("/jobs", json=bad_spec), 422)
         assert "labels" in json.dumps(body["errors"])
+
+
+def test_metrics_count_the_live_worker(service):
+    """The worker's sweep records a heartbeat; /metrics counts the one worker node alive."""
+    import httpx
+
+    def workers() -> str | None:
+        body = httpx.get(service.url + "/metrics", headers={"Authorization": "Bearer hooks-metrics"}).text
+        return next((line for line in body.splitlines() if line.startswith("carcert_workers ")), None)
+
+    assert wait_for(workers, 10, what="carcert_workers") == "carcert_workers 1.0"
