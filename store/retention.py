@@ -65,6 +65,7 @@ def expired_jobs(s: Session, days: float, limit: int = 100) -> list[Job]:
         .where(Job.status.in_(FINAL_STATUSES), Job.finished_at < before)
         .order_by(Job.finished_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)  # two workers' sweeps never delete the same job
     )
     return list(s.scalars(stmt))
 

@@ -387,11 +387,11 @@ def execute_job(
         job_id, tenant, spec_json, attempt = job.id, job.tenant, job.spec, job.attempts
     job_dir = Path(settings.work_root).resolve() / job_id
     saved = sorted(p.name for p in (job_dir / "checkpoints").glob("*.pt"))
-    if saved:
-        log.warning("job %s attempt %d resumes from checkpoints %s", job_id, attempt, ", ".join(saved))
     store = get_artifact_store()
     with JobLogRecorder(job_id, settings.job_log_max_lines) as joblog:
         log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, attempt)
+        if saved:
+            log.warning("job %s attempt %d resumes from checkpoints %s", job_id, attempt, ", ".join(saved))
         with DbStageContext(job_id, worker_id, job_dir, settings, joblog) as ctx:
             try:
                 status = _run_and_persist(job_id, tenant, spec_json, worker_id, job_dir, store, ctx, device)

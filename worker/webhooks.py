@@ -196,8 +196,20 @@ def deliver(job_id: str, settings: Settings | None = None) -> str | None:
     else:  # resumed with no attempt left
         with session_scope() as s:
             record_delivery(s, job_id, "failed", record)
-    log.info("job %s: webhook %s after %s attempt(s)", job_id, state, record.get("attempts"))
+    note = f"job {job_id}: webhook {state} after {record.get('attempts')} attempt(s)"
+    note += f" (last: {record['error']})" if record.get("error") else ""
+    log.info("%s", note)
+    _job_log(job_id, "INFO" if state == "delivered" else "WARNING", note)
     return state
+
+
+def _job_log(job_id: str, level: str, message: str) -> None:
+    """One line in the job's own log (the delivery runs after the job's log recorder closed)."""
+    from store.joblogs import append_lines, next_seq
+    from store.models import utcnow
+
+    with session_scope() as s:
+        append_lines(s, job_id, next_seq(s, job_id), [(utcnow(), level, message)])
 
 
 def _deliver_quietly(job_id: str) -> None:

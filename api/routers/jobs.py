@@ -335,7 +335,7 @@ def get_logs(
     tenant: TenantDep,
     session: SessionDep,
     after: Annotated[
-        int, Query(ge=0, description="only lines with seq above this (follow a running job)")
+        int, Query(ge=0, le=2**31 - 1, description="only lines with seq above this (follow a running job)")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> JobLogs:

@@ -107,6 +107,8 @@ def test_succeeded_job_event_signed_and_retried(service):
             return j if j["webhook"]["state"] in ("delivered", "failed") else None
 
         job = wait_for(delivered, 30, what="webhook delivery")
+        note = f"job {job_id}: webhook delivered after 2 attempt(s)"  # also in the job's own log
+        wait_for(lambda: alice.get(f"/jobs/{job_id}/logs").json()["lines"][-1]["message"] == note, 10)
     assert job["webhook"]["state"] == "delivered", job["webhook"]
     assert job["webhook"]["attempts"] == 2 and job["webhook"]["status_code"] == 204
     assert job["webhook"]["delivered_at"] and job["webhook"]["error"] is None
