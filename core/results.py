@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class VariantResult(BaseModel):
     """A variant's headline numbers (all from its metrics.json): accuracy over the whole test
-    split; certified_accuracy, pca and failure_probability of its certificate; sparsity of the
+    split; subset_accuracy (accuracy on the test samples certification ran on; metrics written
+    before the rename call it certified_accuracy, still read), pca and failure_probability of its
+    certificate; sparsity of the
     prunable weights; the sha256 of model.safetensors / mask.safetensors. A kind=certify job has
     one variant "certify" with method and prune_ratio None."""
 
@@ -27,7 +29,9 @@ class VariantResult(BaseModel):
     prune_ratio: float | None = None
     accuracy: float | None = None
     pca: float | None = None
-    certified_accuracy: float | None = None
+    subset_accuracy: float | None = Field(
+        default=None, validation_alias=AliasChoices("subset_accuracy", "certified_accuracy")
+    )
     sparsity: float | None = None
     model_sha256: str | None = None
     mask_sha256: str | None = None
