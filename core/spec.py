@@ -85,7 +85,7 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    arch: Arch = "small_cnn"
+    arch: Arch = Field(default="small_cnn", description="built-in architecture (ignored with `program`)")
     num_classes: int | None = Field(default=None, ge=2, le=100_000, description="default: the dataset's")
     in_channels: int | None = Field(default=None, ge=1, le=16, description="default: the dataset's")
     weights: PathRef | None = Field(
@@ -108,12 +108,29 @@ class TransformSpec(_Strict):
     training set, direction = principal component `component`, or user encoder/decoder
     artifacts. kind=precomputed: the dataset ships variants."""
 
-    kind: Literal["parametric", "latent", "precomputed"] = "parametric"
-    name: str = Field(default="illumination", max_length=200)
-    component: int = Field(default=0, ge=0, le=1000)
-    strength: float = Field(default=1.0, gt=0, le=100, description="scales the documented range")
-    encoder: PathRef | None = None
-    decoder: PathRef | None = None
+    kind: Literal["parametric", "latent", "precomputed"] = Field(
+        default="parametric",
+        description="parametric: a built-in image transform; latent: a direction in a generator's latent "
+        "space; precomputed: variants shipped with the dataset",
+    )
+    name: str = Field(
+        default="illumination",
+        max_length=200,
+        description="parametric transform (brightness, contrast, gamma, illumination, blur, rotation, "
+        "translation, scale) or a composition 'a+b'",
+    )
+    component: int = Field(
+        default=0, ge=0, le=1000, description="latent: the principal direction used (0: first)"
+    )
+    strength: float = Field(
+        default=1.0,
+        gt=0,
+        le=100,
+        description="size of the perturbation: scales the transform's documented range at delta = 1 "
+        "(e.g. rotation 2 = twice the angle); not a probability (that is certification.epsilon)",
+    )
+    encoder: PathRef | None = Field(default=None, description="latent: your torch.export encoder (.pt2)")
+    decoder: PathRef | None = Field(default=None, description="latent: your torch.export decoder (.pt2)")
 
 
 class CarSpec(_Strict):
@@ -123,14 +140,29 @@ class CarSpec(_Strict):
     a cross-entropy anchor under C*, Adam at 0.001. The paper's Eq. 9 alone is lambda_ce 0,
     ratio_mask soft, ratio_rows all, ratio_cap None (it collapses to a constant network)."""
 
-    tau: float = Field(default=0.30, ge=0.0, le=1.0)
-    init: Literal["partial_scaled", "random"] = "partial_scaled"
-    noise: float = Field(default=0.5, ge=0.0, le=1.0, description="delta_n")
-    eta: float = Field(default=1.0, ge=0.0)
-    lambda_stab: float = Field(default=1.0, ge=0.0)
-    lambda_ratio: float = Field(default=1.0, ge=0.0)
-    lambda_consis: float = Field(default=1.0, ge=0.0)
-    lambda_l1: float = Field(default=1.0, ge=0.0)
+    tau: float = Field(
+        default=0.30,
+        ge=0.0,
+        le=1.0,
+        description="mask init: the top tau fraction of |weights| per layer start at 1",
+    )
+    init: Literal["partial_scaled", "random"] = Field(
+        default="partial_scaled", description="mask init: magnitude-scaled (partial_scaled) or random"
+    )
+    noise: float = Field(default=0.5, ge=0.0, le=1.0, description="delta_n: noise on the masks for L_stab")
+    eta: float = Field(
+        default=1.0, ge=0.0, description="L_ratio margin: penalise Z / (d + eps) above eta (Eq. 7)"
+    )
+    lambda_stab: float = Field(
+        default=1.0, ge=0.0, description="Eq. 9 weight of L_stab (stability across noisy masks)"
+    )
+    lambda_ratio: float = Field(default=1.0, ge=0.0, description="Eq. 9 weight of L_ratio (margin ratio)")
+    lambda_consis: float = Field(
+        default=1.0, ge=0.0, description="Eq. 9 weight of L_consis (KL soft vs hard mask)"
+    )
+    lambda_l1: float = Field(
+        default=1.0, ge=0.0, description="Eq. 9 weight of the L1 term on the mask scores"
+    )
     mask_lr: float = Field(
         default=0.001,
         gt=0.0,
@@ -195,24 +227,37 @@ PUBLISHED_CAR: dict[str, object] = {
 
 
 class PruningSpec(_Strict):
-    method: Method = "car"
-    prune_ratio: float = Field(default=0.5, ge=0.0, lt=1.0)
-    scope: Scope = "layer"
+    method: Method = Field(
+        default="car", description="car, lmp (magnitude), hydra, vanilla (no pruning), advtrain, ..."
+    )
+    prune_ratio: float = Field(
+        default=0.5, ge=0.0, lt=1.0, description="fraction of prunable weights set to 0"
+    )
+    scope: Scope = Field(
+        default="layer", description="the ratio per layer (layer) or over all layers at once (global)"
+    )
     pretrain_epochs: int = Field(default=2, ge=0, le=1000, description="paper 50; skipped with weights")
     search_epochs: int = Field(default=2, ge=0, le=1000, description="CAR/HYDRA mask search; paper 100")
     finetune_epochs: int = Field(default=1, ge=0, le=1000, description="paper 50")
-    lr: float = Field(default=0.01, gt=0.0, le=10.0)
-    finetune_lr: float = Field(default=0.001, gt=0.0, le=10.0)
-    batch_size: int = Field(default=128, ge=1, le=8192)
-    augment_q: int = Field(default=1000, ge=0, le=10_000_000, description="transformed samples added")
-    adv_eps: float = Field(default=0.5, ge=0.0, le=100.0)
-    adv_steps: int = Field(default=10, ge=1, le=1000)
+    lr: float = Field(default=0.01, gt=0.0, le=10.0, description="pretraining learning rate (SGD)")
+    finetune_lr: float = Field(default=0.001, gt=0.0, le=10.0, description="fine-tuning learning rate")
+    batch_size: int = Field(default=128, ge=1, le=8192, description="training batch size")
+    augment_q: int = Field(
+        default=1000, ge=0, le=10_000_000, description="transformed samples T(x, 1) added to the training set"
+    )
+    adv_eps: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=100.0,
+        description="advtrain / hydra: L2 radius of the PGD attack on the inputs",
+    )
+    adv_steps: int = Field(default=10, ge=1, le=1000, description="advtrain / hydra: PGD steps")
     amp: bool = Field(
         default=False,
         description="bf16 autocast for the training forward passes (CUDA, or CPUs with bf16); "
         "certification always runs in float32 with the bound in float64",
     )
-    car: CarSpec = CarSpec()
+    car: CarSpec = Field(default=CarSpec(), description="CAR mask-search settings (method car)")
 
     @model_validator(mode="after")
     def _ratio_needs_pruning(self) -> PruningSpec:
@@ -224,15 +269,27 @@ class PruningSpec(_Strict):
 class CertifySpec(_Strict):
     """CC-Cert parameters (METHOD.md, Appendix A.4)."""
 
-    n: int = Field(default=100, ge=1, le=1_000_000)
-    l: int = Field(default=10, ge=1, le=10_000)  # noqa: E741 - the paper's name
-    alpha: float = Field(default=0.9, gt=0.0, lt=1.0)
-    epsilon: float = Field(default=1e-3, gt=0.0, lt=1.0)
-    samples: int = Field(default=100, ge=1, le=1_000_000)
-    t_min: float = Field(default=1e-4, gt=0.0)
-    t_max: float = Field(default=1e4, gt=0.0)
-    t_steps: int = Field(default=500, ge=1, le=100_000)
-    bound_order: BoundOrder = "conservative"
+    n: int = Field(default=100, ge=1, le=1_000_000, description="sampled transformations per repeat")
+    l: int = Field(default=10, ge=1, le=10_000, description="repeats (N = n * l draws per sample)")  # noqa: E741
+    alpha: float = Field(default=0.9, gt=0.0, lt=1.0, description="CC-Cert confidence parameter (Eq. 13-14)")
+    epsilon: float = Field(
+        default=1e-3,
+        gt=0.0,
+        lt=1.0,
+        description="a probability: a sample is certified when its bound on P(a random transformation "
+        "changes the prediction) is <= epsilon; not a perturbation size (that is transform.strength)",
+    )
+    samples: int = Field(
+        default=100, ge=1, le=1_000_000, description="test samples to certify (the first ones)"
+    )
+    t_min: float = Field(default=1e-4, gt=0.0, description="smallest t of the Chernoff bound's log grid")
+    t_max: float = Field(default=1e4, gt=0.0, description="largest t of the grid")
+    t_steps: int = Field(default=500, ge=1, le=100_000, description="points of the t grid")
+    bound_order: BoundOrder = Field(
+        default="conservative",
+        description="conservative: min over t of max over repeats (holds Eq. 14); reference: the public "
+        "CC-Cert code's max over repeats of min over t",
+    )
     bound: Bound = Field(
         default="cccert",
         description="cccert: the paper's Eq. 13-14 (for reproduction); binomial: one-sided Clopper-Pearson "
@@ -266,21 +323,50 @@ class WebhookSpec(_Strict):
     )
 
 
+JOB_EXAMPLE: dict[str, object] = {
+    "name": "digits-car-0.5",
+    "labels": {"team": "vision"},
+    "dataset": "digits",
+    "transform": {"kind": "parametric", "name": "rotation", "strength": 1.0},
+    "pruning": {"method": "car", "prune_ratio": 0.5},
+    "certification": {"n": 100, "l": 10, "epsilon": 0.001, "samples": 100},
+}
+
+
 class JobSpec(_Strict):
     """One job. kind=prune: prune (each method x prune ratio of a sweep) then certify each
     result. kind=certify: certify the given weights (+ optional mask) only."""
 
-    kind: Literal["prune", "certify"] = "prune"
-    model: ModelSpec = ModelSpec()
-    dataset: PathRef = "digits"
-    transform: TransformSpec = TransformSpec()
-    pruning: PruningSpec = PruningSpec()
-    certification: CertifySpec = CertifySpec()
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
+
+    kind: Literal["prune", "certify"] = Field(
+        default="prune", description="prune (then certify each result) or certify given weights only"
+    )
+    model: ModelSpec = Field(default=ModelSpec(), description="the network: built-in arch or your .pt2")
+    dataset: PathRef = Field(
+        default="digits",
+        description="digits | fashion-mnist[:DIR] | imagefolder:PATH | npz:PATH | artifact:ID",
+    )
+    transform: TransformSpec = Field(
+        default=TransformSpec(), description="the semantic transformation T(x, delta)"
+    )
+    pruning: PruningSpec = Field(default=PruningSpec(), description="method, prune ratio and training")
+    certification: CertifySpec = Field(default=CertifySpec(), description="CC-Cert parameters")
     mask: PathRef | None = Field(default=None, description="certify jobs: mask safetensors")
-    sweep_methods: list[Method] | None = Field(default=None, max_length=10)
-    sweep_prune_ratios: list[float] | None = Field(default=None, max_length=20)
+    sweep_methods: list[Method] | None = Field(
+        default=None, max_length=10, description="sweep: several methods (each x every sweep ratio)"
+    )
+    sweep_prune_ratios: list[float] | None = Field(
+        default=None, max_length=20, description="sweep: several prune ratios in (0, 1)"
+    )
     train_subset: int | None = Field(default=None, ge=1, description="cap on training samples")
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description="seed of training, of the sampled transformations and of the train-subset draw "
+        "(never of the test split)",
+    )
     name: JobName | None = Field(default=None, description="a name to find the job by (1..200 characters)")
     labels: Labels = Field(
         default_factory=dict,
