@@ -6,6 +6,7 @@ the real worker code (worker.runner.execute_job) in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -210,3 +211,33 @@ def test_cli_keys_list_and_revoke(svc):
     assert key_id in _cli(svc, "keys", "list", "--all").stdout
     svc.db.dispose()
     assert _scalar(svc, "SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = :k", k=key_id)
+
+
+def test_cli_names_labels_filter_and_delete(svc):
+    """`carcert submit --name --label --webhook`, `carcert jobs --label` (AND), `carcert delete`."""
+    tag = "cli-" + svc.keys["alice"][-6:].replace("_", "x").replace("-", "x")
+    common = ["--dataset", "digits", "--method", "lmp", "--samples", "5"]
+    made = {}
+    for name, labels in (("one", ["run=" + tag, "env=prod"]), ("two", ["run=" + tag, "env=dev"])):
+        flags = [x for label in labels for x in ("--label", label)]
+        out = _cli(svc, "submit", *common, "--name", name, *flags)
+        assert out.returncode == 0, out.stderr
+        made[name] = json.loads(out.stdout)["id"]
+    refused = _cli(svc, "submit", *common, "--webhook", "http://169.254.169.254/latest")
+    assert refused.returncode == 2 and "webhook" in refused.stderr
+    assert _cli(svc, "submit", *common, "--label", "no-equals-sign").returncode == 2
+    listing = _cli(svc, "jobs", "--label", f"run={tag}", "--label", "env=prod")
+    assert listing.returncode == 0, listing.stderr
+    (row,) = [line for line in listing.stdout.splitlines()[1:] if line.strip()]
+    assert row.startswith(made["one"]) and f"one  env=prod,run={tag}" in row
+    assert _cli(svc, "delete", made["two"]).returncode == 1  # queued: 409 until cancelled
+    with svc.client("alice") as alice:
+        alice.post(f"/jobs/{made['two']}/cancel")
+        alice.post(f"/jobs/{made['one']}/cancel")
+    deleted = _cli(svc, "delete", made["two"])
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout
+    assert [line for line in _cli(svc, "jobs", "--label", f"run={tag}").stdout.splitlines()[1:] if line] == [
+        line
+        for line in _cli(svc, "jobs", "--label", f"run={tag}", "--label", "env=prod").stdout.splitlines()[1:]
+        if line
+    ]
