@@ -73,9 +73,10 @@ def render_table(spec: JobSpec, out: Path, summary: dict, command: str, seconds:
     rows = []
     for v in summary["variants"]:
         m = json.loads((out / v["name"] / "metrics.json").read_text())
+        subset = m.get("accuracy_cert_subset", m.get("certified_accuracy"))  # the older name
         rows.append(
             f"| {m['method']} | {m['prune_ratio']:.2f} | {_pct(m['accuracy'])} | "
-            f"{_pct(m.get('subset_accuracy', m.get('certified_accuracy')))} | **{_pct(m.get('pca'))}** | {_pct(m['sparsity'])} | "
+            f"{_pct(subset)} | **{_pct(m.get('pca'))}** | {_pct(m['sparsity'])} | "
             f"{m.get('train_seconds', 0):.0f} | {m.get('certify_seconds', 0):.0f} |"
         )
     p, c = spec.pruning, spec.certification

@@ -252,7 +252,7 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     result = _certify_and_write(model, data, transform, spec, folder, sctx, device, info, mask_sha, job_id)
     metrics = {
         "name": "certify", "method": None, "prune_ratio": None, "accuracy": accuracy,
-        "subset_accuracy": result.accuracy, "pca": result.pca,
+        "accuracy_cert_subset": result.accuracy, "pca": result.pca,
         "failure_probability": result.failure_probability, "sparsity": info["sparsity"],
         "params": info["params"], "nonzero": info["nonzero"], "layers": info["layers"],
         "model_sha256": model_sha, "mask_sha256": mask_sha, "arch": _arch(spec), **shape_info,
@@ -397,7 +397,7 @@ def _finish_variant(name: str, v: PruningSpec, vmodel: torch.nn.Module, masks: A
     write_json(folder / "metrics.json", metrics)  # before certifying: accuracy is known
     check_cancel(ctx, f"certifying {name}")
     result = _certify_and_write(vmodel, data, test_t, spec, folder, vctx, device, info, mask_sha, job_id)
-    metrics.update({"pca": result.pca, "subset_accuracy": result.accuracy,
+    metrics.update({"pca": result.pca, "accuracy_cert_subset": result.accuracy,
                     "failure_probability": result.failure_probability,
                     "certify_seconds": result.seconds, "seconds": time.perf_counter() - t0})
     write_json(folder / "metrics.json", metrics)

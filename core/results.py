@@ -16,10 +16,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 class VariantResult(BaseModel):
     """A variant's headline numbers (all from its metrics.json): accuracy over the whole test
-    split; subset_accuracy (accuracy on the test samples certification ran on; metrics written
+    split; accuracy_cert_subset (accuracy on the test samples certification ran on; metrics written
     before the rename call it certified_accuracy, still read), pca and failure_probability of its
-    certificate; sparsity of the
-    prunable weights; the sha256 of model.safetensors / mask.safetensors. A kind=certify job has
+    certificate; sparsity of the prunable weights; the sha256 of model.safetensors / mask.safetensors. A kind=certify job has
     one variant "certify" with method and prune_ratio None."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -29,8 +28,8 @@ class VariantResult(BaseModel):
     prune_ratio: float | None = None
     accuracy: float | None = None
     pca: float | None = None
-    subset_accuracy: float | None = Field(
-        default=None, validation_alias=AliasChoices("subset_accuracy", "certified_accuracy")
+    accuracy_cert_subset: float | None = Field(
+        default=None, validation_alias=AliasChoices("accuracy_cert_subset", "certified_accuracy")
     )
     sparsity: float | None = None
     model_sha256: str | None = None

@@ -15,7 +15,7 @@ def test_read_takes_the_result_fields_of_metrics_json_and_ignores_the_rest(tmp_p
         "prune_ratio": 0.5,
         "accuracy": 0.9,
         "pca": 0.8,
-        "subset_accuracy": 0.85,
+        "accuracy_cert_subset": 0.85,
         "sparsity": 0.5,
         "model_sha256": "ab",
         "mask_sha256": "cd",
@@ -32,7 +32,7 @@ def test_read_takes_the_result_fields_of_metrics_json_and_ignores_the_rest(tmp_p
         "prune_ratio",
         "accuracy",
         "pca",
-        "subset_accuracy",
+        "accuracy_cert_subset",
         "sparsity",
         "model_sha256",
         "mask_sha256",
@@ -61,9 +61,9 @@ def test_from_row_reads_attributes_and_leaves_missing_ones_none():
 
 
 def test_metrics_written_before_the_rename_are_still_read(tmp_path):
-    """metrics.json of older runs calls subset_accuracy certified_accuracy; it reads the same."""
+    """metrics.json of older runs calls accuracy_cert_subset certified_accuracy; it reads the same."""
     (tmp_path / "metrics.json").write_text(json.dumps({"name": "lmp-0.50", "certified_accuracy": 0.75}))
     r = VariantResult.read(tmp_path)
-    assert r.subset_accuracy == 0.75 and "certified_accuracy" not in r.model_dump()
-    both = VariantResult.model_validate({"name": "x", "subset_accuracy": 0.5, "certified_accuracy": 0.1})
-    assert both.subset_accuracy == 0.5  # the new key wins
+    assert r.accuracy_cert_subset == 0.75 and "certified_accuracy" not in r.model_dump()
+    both = VariantResult.model_validate({"name": "x", "accuracy_cert_subset": 0.5, "certified_accuracy": 0.1})
+    assert both.accuracy_cert_subset == 0.5  # the new key wins
