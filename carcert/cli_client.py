@@ -422,11 +422,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     def body(client: CarcertClient) -> int:
-        fetch = {
-            "model": client.download_model,
-            "mask": client.download_mask,
-            "evidence": client.download_evidence,
-        }[args.what]
+        fetch = {"model": client.download_model, "mask": client.download_mask,
+                 "evidence": client.download_evidence}[args.what]
         path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
         return 0

@@ -419,6 +419,25 @@ def count_by_status(s: Session) -> dict[str, int]:
     return {status: int(n) for status, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
 
 
+def record_stage_seconds(s: Session, job_id: str, seconds: dict[str, float]) -> None:
+    """Store the seconds each stage of the job's last attempt took (read by /metrics)."""
+    rounded = {k: round(float(v), 3) for k, v in seconds.items()}
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(stage_seconds=rounded)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def job_timings(s: Session) -> list[tuple[str, datetime, datetime | None, datetime | None, dict | None]]:
+    """(status, created_at, started_at, finished_at, stage_seconds) of every job that has started."""
+    stmt = select(Job.status, Job.created_at, Job.started_at, Job.finished_at, Job.stage_seconds).where(
+        Job.started_at.is_not(None)
+    )
+    return [tuple(row) for row in s.execute(stmt)]
+
+
 def stale_jobs(s: Session, now: datetime | None = None) -> list[str]:
     """Ids of jobs to dispatch again: queued and untouched for settings.queued_stale_seconds, or
     running with an expired lease. Touches their updated_at (so the next sweep waits again) and
@@ -460,22 +479,3 @@ def stale_jobs(s: Session, now: datetime | None = None) -> list[str]:
         out.append(job.id)
     s.flush()
     return out
-
-
-def record_stage_seconds(s: Session, job_id: str, seconds: dict[str, float]) -> None:
-    """Store the seconds each stage of the job's last attempt took (read by /metrics)."""
-    rounded = {k: round(float(v), 3) for k, v in seconds.items()}
-    s.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(stage_seconds=rounded)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def job_timings(s: Session) -> list[tuple[str, datetime, datetime | None, datetime | None, dict | None]]:
-    """(status, created_at, started_at, finished_at, stage_seconds) of every job that has started."""
-    stmt = select(Job.status, Job.created_at, Job.started_at, Job.finished_at, Job.stage_seconds).where(
-        Job.started_at.is_not(None)
-    )
-    return [tuple(row) for row in s.execute(stmt)]

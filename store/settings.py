@@ -49,14 +49,6 @@ class Settings(BaseSettings):
     worker_index: int = 0  # picks the GPU of a worker process (CUDA_VISIBLE_DEVICES)
     gpus: list[str] | None = None  # GPU ids to spread workers over; default: all visible
     auth_disabled: bool = False
-    # a job whose estimated work (core.work.estimate_work: forward/backward passes of one image)
-    # exceeds this is refused with 422; 2e9 admits bench/table1's resnet18 sweep at the paper's
-    # epochs on full Fashion-MNIST (5.7e8) with room, and refuses specs that would run for weeks
-    max_job_work: int = Field(default=2_000_000_000, ge=1)
-    # queued jobs one tenant may have at once; past it POST /jobs answers 429 with Retry-After
-    tenant_max_queued: int = Field(default=100, ge=1)
-    # bearer token that GET /metrics requires (per-tenant job counts); None: /metrics is open
-    metrics_token: str | None = None
     # completion webhooks (worker.webhooks): HMAC key of X-Carcert-Signature (None: unsigned),
     # hosts exempt from the private-address refusal (comma separated), attempts and backoff
     webhook_secret: str | None = None
@@ -76,6 +68,15 @@ class Settings(BaseSettings):
         return frozenset(
             h.strip().lower().strip("[]") for h in self.webhook_allowed_hosts.split(",") if h.strip()
         )
+
+    # a job whose estimated work (core.work.estimate_work: forward/backward passes of one image)
+    # exceeds this is refused with 422; 2e9 admits bench/table1's resnet18 sweep at the paper's
+    # epochs on full Fashion-MNIST (5.7e8) with room, and refuses specs that would run for weeks
+    max_job_work: int = Field(default=2_000_000_000, ge=1)
+    # queued jobs one tenant may have at once; past it POST /jobs answers 429 with Retry-After
+    tenant_max_queued: int = Field(default=100, ge=1)
+    # bearer token that GET /metrics requires (per-tenant job counts); None: /metrics is open
+    metrics_token: str | None = None
 
 
 @lru_cache

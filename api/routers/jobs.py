@@ -502,11 +502,8 @@ def _result_file(
             title="Invalid request",
         )
     result = chosen[0]
-    art_id = {
-        "mask": result.mask_artifact_id,
-        "model": result.model_artifact_id,
-        "evidence": result.evidence_artifact_id,
-    }.get(what)
+    art_id = {"mask": result.mask_artifact_id, "model": result.model_artifact_id,
+              "evidence": result.evidence_artifact_id}.get(what)
     if what == "program":  # a model.program job's pruned torch.export program
         art_id = (result.metrics or {}).get("program_artifact_id")
     art = get_artifact(session, tenant, art_id) if art_id else None
