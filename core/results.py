@@ -18,8 +18,8 @@ class VariantResult(BaseModel):
     """A variant's headline numbers (all from its metrics.json): accuracy over the whole test
     split; accuracy_cert_subset (accuracy on the test samples certification ran on; metrics written
     before the rename call it certified_accuracy, still read), pca and failure_probability of its
-    certificate; sparsity of the prunable weights; the sha256 of model.safetensors / mask.safetensors. A kind=certify job has
-    one variant "certify" with method and prune_ratio None."""
+    certificate; sparsity of the prunable weights; the sha256 of model.safetensors /
+    mask.safetensors. A kind=certify job has one variant "certify" with method and prune_ratio None."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

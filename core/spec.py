@@ -84,6 +84,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class WebhookSpec(_Strict):
+    """Completion webhook: on every terminal status the service POSTs a JSON event to `url`,
+    signed `X-Carcert-Signature: sha256=<hex HMAC-SHA256 of the body>` (CARCERT_WEBHOOK_SECRET)."""
+
+    url: Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_webhook_url)] = Field(
+        description="http(s) URL; private, loopback and link-local addresses are refused unless the "
+        "host is in CARCERT_WEBHOOK_ALLOWED_HOSTS"
+    )
+
+
+JOB_EXAMPLE: dict[str, object] = {
+    "name": "digits-car-0.5",
+    "labels": {"team": "vision"},
+    "dataset": "digits",
+    "transform": {"kind": "parametric", "name": "rotation", "strength": 1.0},
+    "pruning": {"method": "car", "prune_ratio": 0.5},
+    "certification": {"n": 100, "l": 10, "epsilon": 0.001, "samples": 100},
+}
+
+
 class ModelSpec(_Strict):
     arch: Arch = Field(default="small_cnn", description="built-in architecture (ignored with `program`)")
     num_classes: int | None = Field(default=None, ge=2, le=100_000, description="default: the dataset's")
@@ -311,26 +331,6 @@ class CertifySpec(_Strict):
         if self.t_max < self.t_min:
             raise ValueError("t_max must be >= t_min")
         return self
-
-
-class WebhookSpec(_Strict):
-    """Completion webhook: on every terminal status the service POSTs a JSON event to `url`,
-    signed `X-Carcert-Signature: sha256=<hex HMAC-SHA256 of the body>` (CARCERT_WEBHOOK_SECRET)."""
-
-    url: Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_webhook_url)] = Field(
-        description="http(s) URL; private, loopback and link-local addresses are refused unless the "
-        "host is in CARCERT_WEBHOOK_ALLOWED_HOSTS"
-    )
-
-
-JOB_EXAMPLE: dict[str, object] = {
-    "name": "digits-car-0.5",
-    "labels": {"team": "vision"},
-    "dataset": "digits",
-    "transform": {"kind": "parametric", "name": "rotation", "strength": 1.0},
-    "pruning": {"method": "car", "prune_ratio": 0.5},
-    "certification": {"n": 100, "l": 10, "epsilon": 0.001, "samples": 100},
-}
 
 
 class JobSpec(_Strict):
