@@ -334,10 +334,10 @@ def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Seq
 def check_webhook(spec: JobSpec, settings: Settings) -> None:
     """422 problem "webhook-refused" when the webhook's host does not resolve or resolves to a
     non-public address that CARCERT_WEBHOOK_ALLOWED_HOSTS does not allow (worker.webhooks)."""
-    from worker.webhooks import WebhookRefused, check_webhook_url
-
     if spec.webhook is None:
         return
+    from worker.webhook_guard import WebhookRefused, check_webhook_url
+
     try:
         check_webhook_url(spec.webhook.url, settings)
     except WebhookRefused as exc:

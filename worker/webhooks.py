@@ -9,10 +9,9 @@
 - Retries: up to settings.webhook_max_attempts attempts in all, waiting webhook_backoff_s * 2^(k-1)
   before attempt k+1; a 2xx answer is delivered, anything else (or no answer) is retried. Redirects
   are not followed. Each attempt is recorded on the job (store.webhooks).
-- SSRF: the host is resolved and every address it resolves to must be public (not private,
-  loopback, link-local, multicast, reserved, unspecified or otherwise non-global; IPv4-mapped IPv6
-  addresses are judged as IPv4) unless the host is listed in CARCERT_WEBHOOK_ALLOWED_HOSTS. The
-  API checks at submit time; every attempt checks again and connects to the very address it
+- SSRF (worker.webhook_guard): the host is resolved and every address it resolves to must be
+  public unless the host is listed in CARCERT_WEBHOOK_ALLOWED_HOSTS. The API checks at submit
+  time; every attempt checks again (parsing the URL as httpx sends it) and connects to the address it
   checked (the Host header and TLS SNI keep the name), so a DNS answer that changes in between
   cannot redirect the request. No proxy from the environment is used (it would undo the pinning).
 """
@@ -21,29 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import socket
 import threading
 import time
 from typing import Any
 
 import httpx
 
-from core.errors import InvalidInput
 from store.db import session_scope
 from store.settings import Settings, get_settings
 from store.webhooks import claim_delivery, due_deliveries, record_delivery
+from worker.webhook_guard import WebhookRefused, resolve_checked
 
 log = logging.getLogger("carcert.worker")
 
 SIGNATURE_HEADER = "X-Carcert-Signature"
-ADDRESS_FLAGS = ("loopback", "link_local", "multicast", "unspecified", "reserved", "private")
-
-
-class WebhookRefused(InvalidInput):
-    """A webhook URL whose host is not allowed (a non-public address, or it does not resolve)."""
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -51,47 +43,16 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def address_refusal(address: str) -> str | None:
-    """Why `address` may not receive a webhook ('loopback', 'private', ...), None for a public one."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for flag in ADDRESS_FLAGS:
-        if getattr(ip, f"is_{flag}"):
-            return flag.replace("_", "-")
-    return None if ip.is_global else "not globally routable"
-
-
 def resolve_allowed(url: str, settings: Settings) -> tuple[httpx.URL, str]:
-    """(the URL with its host replaced by a checked address, the original host) for `url`; raises
-    WebhookRefused when the host does not resolve or an address it resolves to is not public and
-    the host is not in CARCERT_WEBHOOK_ALLOWED_HOSTS."""
+    """(the URL with its host replaced by a checked address, the original host) for `url`, parsed
+    the way the request will be sent (httpx); WebhookRefused when the guard refuses the host."""
     parsed = httpx.URL(url)
     host = parsed.host
     if parsed.scheme not in ("http", "https") or not host:
         raise WebhookRefused(f"webhook URL must be http(s) with a host: {url[:200]!r}")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookRefused(f"webhook host {host!r} does not resolve: {exc}") from None
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    if not addresses:
-        raise WebhookRefused(f"webhook host {host!r} does not resolve")
-    if host.lower() not in settings.webhook_allowed():
-        for address in addresses:
-            reason = address_refusal(address)
-            if reason is not None:
-                raise WebhookRefused(
-                    f"webhook host {host!r} resolves to {address} ({reason} address); only public "
-                    "addresses are allowed unless the host is listed in CARCERT_WEBHOOK_ALLOWED_HOSTS"
-                )
-    return parsed.copy_with(host=addresses[0].split("%", 1)[0]), host
-
-
-def check_webhook_url(url: str, settings: Settings | None = None) -> None:
-    """Submit-time check (WebhookRefused on a refused host); send time checks again."""
-    resolve_allowed(url, settings or get_settings())
+    addresses = resolve_checked(host, port, settings)
+    return parsed.copy_with(host=addresses[0]), host
 
 
 def job_links(job_id: str, status: str, settings: Settings) -> dict[str, str]:

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from core.spec import MAX_LABELS, JobSpec
 from store.settings import Settings
-from worker.webhooks import WebhookRefused, address_refusal, check_webhook_url, resolve_allowed, sign
+from worker.webhook_guard import WebhookRefused, address_refusal, check_webhook_url
+from worker.webhooks import resolve_allowed, sign
 
 
 def test_signature_is_github_style_hmac_sha256():
@@ -76,6 +77,13 @@ def test_allowed_hosts_lift_the_refusal_and_pin_the_address():
     assert target.host in ("127.0.0.1", "::1") and target.port == 8123 and target.raw_path == b"/x?y=1"
     with pytest.raises(WebhookRefused):  # another loopback name stays refused
         check_webhook_url("http://127.0.0.2/x", settings)
+
+
+def test_send_time_parsing_is_guarded_too():
+    """The sender parses with httpx and checks again: the same refusals at send time."""
+    for url in ("http://localhost:1/x", "http://[::1]/x", "http://169.254.169.254/x", "https://10.0.0.1/x"):
+        with pytest.raises(WebhookRefused):
+            resolve_allowed(url, Settings())
 
 
 def test_unresolvable_host_is_refused():
