@@ -75,6 +75,11 @@ def _scalar(svc, sql: str, **params):
         return c.execute(text(sql), params).scalar_one()
 
 
+def _column(svc, sql: str, **params) -> list:
+    with svc.db.connect() as c:
+        return [row[0] for row in c.execute(text(sql), params)]
+
+
 def _cli(svc, *argv: str) -> subprocess.CompletedProcess:
     env = {**svc.env, "CARCERT_URL": svc.url, "CARCERT_API_KEY": svc.keys["alice"]}
     return subprocess.run(
@@ -140,16 +145,12 @@ def test_delete_refuses_active_jobs_and_removes_a_finished_one(svc, done):
         assert_problem(alice.get(f"/jobs/{queued}"), 404)
         assert_problem(alice.delete(f"/jobs/{queued}"), 404)
 
-        keys = [
-            k
-            for (k,) in svc.db.connect().execute(
-                text(
-                    "SELECT a.storage_key FROM job_results r JOIN artifacts a ON a.id IN "
-                    "(r.model_artifact_id, r.mask_artifact_id, r.evidence_artifact_id) WHERE r.job_id = :j"
-                ),
-                {"j": job_id},
-            )
-        ]
+        keys = _column(
+            svc,
+            "SELECT a.storage_key FROM job_results r JOIN artifacts a ON a.id IN "
+            "(r.model_artifact_id, r.mask_artifact_id, r.evidence_artifact_id) WHERE r.job_id = :j",
+            j=job_id,
+        )
         blobs = [Path(svc.env["CARCERT_ARTIFACT_ROOT"]) / k for k in keys]
         assert len(blobs) == 3 and all(b.is_file() for b in blobs)
         assert alice.get(f"/jobs/{job_id}/certificate").status_code == 200  # now in the API's cache
@@ -185,9 +186,7 @@ def test_retention_deletes_old_finished_jobs_only(svc):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "1"
-    remaining = {
-        j for (j,) in svc.db.connect().execute(text("SELECT id FROM jobs WHERE id = ANY(:i)"), {"i": ids})
-    }
+    remaining = set(_column(svc, "SELECT id FROM jobs WHERE id = ANY(:i)", i=ids))
     assert remaining == {ids[1], ids[2]}  # recent cancelled one and the old but still queued one stay
     with svc.client("alice") as alice:
         alice.post(f"/jobs/{ids[2]}/cancel")
