@@ -213,6 +213,30 @@ class CertifySpec(_Strict):
         return self
 
 
+class PreprocessSpec(_Strict):
+    """Input preprocessing (core.preprocess): resize (shorter side to `resize` px, bilinear,
+    antialiased) then center crop (`crop` x `crop`, default: resize) when the data is read; channel
+    normalisation (x - mean) / std inside the model, after the semantic transformation T (T acts on
+    raw [0, 1] images). mean / std: one value per channel, or one for all."""
+
+    resize: int | None = Field(default=None, ge=1, le=4096)
+    crop: int | None = Field(default=None, ge=1, le=4096)
+    mean: list[float] | None = Field(default=None, min_length=1, max_length=16)
+    std: list[float] | None = Field(default=None, min_length=1, max_length=16)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> PreprocessSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give mean and std together")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need as many values")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("every std must be > 0")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise ValueError("crop must be <= resize")
+        return self
+
+
 class JobSpec(_Strict):
     """One job. kind=prune: prune (each method x prune ratio of a sweep) then certify each
     result. kind=certify: certify the given weights (+ optional mask) only."""
@@ -223,6 +247,7 @@ class JobSpec(_Strict):
     transform: TransformSpec = TransformSpec()
     pruning: PruningSpec = PruningSpec()
     certification: CertifySpec = CertifySpec()
+    preprocess: PreprocessSpec = PreprocessSpec()
     mask: PathRef | None = Field(default=None, description="certify jobs: mask safetensors")
     sweep_methods: list[Method] | None = Field(default=None, max_length=10)
     sweep_prune_ratios: list[float] | None = Field(default=None, max_length=20)
