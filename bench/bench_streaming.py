@@ -6,7 +6,8 @@ generated imagefolders of JPEGs, and training throughput on digits / Fashion-MNI
 Folders: var/bench-stream/jpeg-<N>/<class>/<i>.jpg (160 x 160 RGB, 10 classes, smooth random
 content, JPEG quality 90; generated once, seeded). Every command runs in a child process; peak RSS
 is the largest sum of VmRSS over the child and its descendants (DataLoader workers included),
-sampled every 50 ms from /proc, beside ru_maxrss (the largest single process). `--code DIR` runs the
+sampled every 50 ms from /proc, beside ru_maxrss (the largest single process). The prune runs train
+with --batch-size 32 (PRUNE_BATCH). `--code DIR` runs the
 commands with DIR's carcert (e.g. /work/main, the in-memory path) for comparison. Results print as
 JSON lines and a markdown table; run it under `flock /tmp/carcert-bench.lock`.
 """
@@ -27,6 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 VAR = ROOT / "var" / "bench-stream"
 SIDE, CLASSES = 160, 10
+PRUNE_BATCH = 32  # training batch of the prune runs: at 160 px small_cnn's activations of a batch of
+# 128 (the default) alone take ~3 GB in the CAR search, whatever the dataset size
 
 
 def generate(folder: Path, n: int, seed: int = 0) -> Path:
@@ -142,6 +145,8 @@ def commands(folder: Path, w: Path, out: Path, skip_prune: bool) -> dict[str, li
             "0.5",
             "--epochs",
             "1",
+            "--batch-size",
+            str(PRUNE_BATCH),
             "--samples",
             "4",
             "--out",

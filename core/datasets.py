@@ -37,6 +37,7 @@ from core.errors import DatasetError
 
 HASH_CHUNK = 2048  # rows per chunk when a source's content is hashed
 MAX_LOADER_WORKERS = 4
+FORWARD_VALUES = 1 << 21  # input values (batch x C x H x W) of one inference forward pass at most
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,15 @@ class Geometry:
         if self.resize is not None:
             x = tf.resize(x, [self.resize], interpolation=tf.InterpolationMode.BILINEAR, antialias=True)
         return tf.center_crop(x, [self.side]) if self.side is not None else x
+
+
+def forward_batch(requested: int, chw: Sequence[int]) -> int:
+    """The inference batch for images of shape chw: `requested`, capped at FORWARD_VALUES input
+    values (all 500 of 3 x 32 x 32 or 1 x 28 x 28, 27 of 3 x 160 x 160, 13 of 3 x 224 x 224), so the
+    activation memory of evaluation, BatchNorm re-estimation and certification stays bounded
+    whatever the image size."""
+    per = int(np.prod([int(v) for v in chw])) if len(chw) else 1
+    return max(1, min(int(requested), FORWARD_VALUES // max(1, per)))
 
 
 def _as_indices(key: Any, n: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.context import StageContext
-from core.datasets import AugmentedImages, ImageSource, batch_stream
+from core.datasets import AugmentedImages, ImageSource, batch_stream, forward_batch
 from core.errors import Cancelled, TrainingDiverged
 from core.masking import apply_masks_, masked_forward, prunable_weights
 from core.spec import PruningSpec
@@ -309,12 +309,13 @@ def prune_and_finetune(
 def predict_logits(
     model: nn.Module, x: Images, masks: Mapping[str, Tensor] | None = None, batch_size: int = 512
 ) -> Tensor:
-    """Logits of `model` (eval mode) on x, batched; f(x; theta * m) when masks are given."""
+    """Logits of `model` (eval mode) on x, batched (core.datasets.forward_batch); f(x; theta * m)
+    when masks are given."""
     was = model.training
     model.eval()
     dev = model_device(model)
     outs = []
-    batches = list(torch.arange(len(x)).split(batch_size))
+    batches = list(torch.arange(len(x)).split(forward_batch(batch_size, x.shape[1:])))
     for _, xb, _ in batch_stream(x, torch.zeros(len(x), dtype=torch.int64), batches):
         xb = xb.to(dev)
         outs.append((masked_forward(model, xb, masks) if masks else model(xb)).float().cpu())
@@ -352,9 +353,9 @@ def recalibrate_batchnorm(
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    for b in torch.split(idx, batch_size):
-        if b.numel() > 1:
-            model(x[b].to(dev))
+    batches = [b for b in torch.split(idx, forward_batch(batch_size, x.shape[1:])) if b.numel() > 1]
+    for _, xb, _ in batch_stream(x, torch.zeros(len(x), dtype=torch.int64), batches):
+        model(xb.to(dev))
     for bn, mom in zip(bns, moms, strict=True):
         bn.momentum = mom
     model.train(was)

@@ -148,6 +148,7 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
     overrides the certificate's reference (e.g. a local copy of a service artifact)."""
     from core.certify import clean_probabilities, evidence_path_for, load_evidence, transformed_z
     from core.data import SPLIT_SEED, load_dataset
+    from core.datasets import forward_batch
     from core.transforms import build_transform, transform_description
 
     cert = _read_cert(cert_path)
@@ -171,6 +172,7 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
     net = _rebuild(cert, model_path, mask_path, data).to(device)
     idx = torch.from_numpy(ev["indices"].astype(np.int64))
     xs = data.test_x.index_select(0, idx).to(device, torch.float32)
+    batch_size = forward_batch(batch_size, xs.shape[1:])
     p = clean_probabilities(net, xs, batch_size)
     bad = []
     dp = float(np.abs(p.cpu().numpy() - ev["p"]).max())
