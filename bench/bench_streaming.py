@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+CPUINFO = Path("/proc/cpuinfo")
 VAR = ROOT / "var" / "bench-stream"
 SIDE, CLASSES = 160, 10
 PRUNE_BATCH = 32  # training batch of the prune runs: at 160 px small_cnn's activations of a batch of
@@ -106,7 +107,9 @@ def weights(path: Path) -> Path:
     return path
 
 
-def commands(folder: Path, w: Path, out: Path, skip_prune: bool) -> dict[str, list[str]]:
+def commands(
+    folder: Path, w: Path, out: Path, skip_prune: bool, nl: tuple[int, int] = (100, 10)
+) -> dict[str, list[str]]:
     py = sys.executable
     cmds = {
         "certify": [
@@ -122,6 +125,10 @@ def commands(folder: Path, w: Path, out: Path, skip_prune: bool) -> dict[str, li
             f"imagefolder:{folder}",
             "--samples",
             "4",
+            "--n",
+            str(nl[0]),
+            "--l",
+            str(nl[1]),
             "--out",
             str(out / "cert.json"),
             "--quiet",
@@ -190,7 +197,14 @@ def throughput(ref: str, n: int, code: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[6000, 60000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[6000, 60000])
+    ap.add_argument("--prune-sizes", type=int, nargs="*", help="folder sizes also pruned (default: --sizes)")
+    ap.add_argument("--skip-certify", action="store_true")
+    ap.add_argument("--n", type=int, default=100, help="certify: draws per repeat (default 100, the CLI's)")
+    ap.add_argument("--l", type=int, default=10, help="certify: repeats (default 10, the CLI's)")
+    ap.add_argument(
+        "--fashion-subset", type=int, default=60000, help="throughput: Fashion-MNIST training samples"
+    )
     ap.add_argument(
         "--code", type=Path, default=ROOT, help="repository whose carcert runs (default: this one)"
     )
@@ -202,14 +216,20 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     w = weights(VAR / "small_cnn-160.safetensors")
     load = os.getloadavg()
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in CPUINFO.read_text().splitlines() if "model name" in ln), ""
+    )
     print(
-        f"# machine {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; code {a.code}; "
+        f"# machine {cpu or platform.machine()}, {os.cpu_count()} CPUs; code {a.code}; "
         f"load before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     rows = []
     for n in a.sizes:
         folder = generate(VAR / f"jpeg-{n}", n)
-        for name, cmd in commands(folder, w, VAR / f"out-{n}", a.skip_prune).items():
+        skip_prune = a.skip_prune or (a.prune_sizes is not None and n not in a.prune_sizes)
+        for name, cmd in commands(folder, w, VAR / f"out-{n}", skip_prune, (a.n, a.l)).items():
+            if name == "certify" and a.skip_certify:
+                continue
             for _ in range(a.repeat):
                 r = {
                     "images": n,
@@ -220,7 +240,7 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     if not a.skip_throughput:
-        for ref, n in (("digits", 1437), ("fashion-mnist", 60000)):
+        for ref, n in (("digits", 1437), ("fashion-mnist", a.fashion_subset)):
             r = {"dataset": ref, **throughput(ref, n, a.code), "load1": round(os.getloadavg()[0], 2)}
             print(json.dumps(r), flush=True)
     print("\n| images | command | wall s | peak RSS, process tree (MB) | ru_maxrss (MB) | load1 |")

@@ -15,9 +15,9 @@ each returning a float32 CPU tensor of just those rows. Sources:
     AugmentedImages a source plus q rows T(x[pick], delta=1, index=pick) computed when read
                     (core.training.augment_with_transform for streamed sources).
 
-`batch_stream` feeds training loops: for an ImageSource through a torch DataLoader whose worker
-processes decode the next batches while the model trains (pinned memory when CUDA is present), for
-an in-memory tensor by plain indexing (unchanged results).
+`batch_stream` feeds training loops: for a source that decodes files through a torch DataLoader
+whose worker processes decode the next batches while the model trains (pinned memory when CUDA is
+present), for a tensor or an array source by plain indexing (unchanged results).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ class ImageSource:
 
     dtype = torch.float32
     device = torch.device("cpu")
+    decodes = False  # reading a row decodes a file: worth DataLoader worker processes
 
     def __init__(self, n: int, chw: Sequence[int]) -> None:
         self.n = int(n)
@@ -211,6 +212,8 @@ class FileImages(ImageSource):
     """Image files under `root` decoded per row with PIL: converted to grey ("L") or "RGB", then
     resized (bilinear) to `size` (w, h) when they differ, or given `geometry` instead."""
 
+    decodes = True
+
     def __init__(
         self,
         root: Path,
@@ -272,6 +275,7 @@ class SubsetImages(ImageSource):
 
     def __init__(self, base: ImageSource, idx: Tensor | np.ndarray) -> None:
         self.base, self.idx = base, _as_indices(idx, len(base))
+        self.decodes = base.decodes
         super().__init__(len(self.idx), base.chw)
 
     def rows(self, idx: np.ndarray) -> Tensor:
@@ -296,6 +300,7 @@ class AugmentedImages(ImageSource):
     def __init__(self, base: ImageSource, transform: Any, pick: Tensor) -> None:
         self.base, self.transform = base, transform
         self.pick = pick.detach().cpu().numpy().astype(np.int64)
+        self.decodes = base.decodes
         super().__init__(len(base) + len(self.pick), base.chw)
 
     @torch.no_grad()
@@ -343,10 +348,11 @@ def loader_workers() -> int:
 def batch_stream(
     x: Tensor | ImageSource, y: Tensor, batches: Sequence[Tensor], *, pin_memory: bool = False
 ) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
-    """(idx, x[idx], y[idx]) for each index batch, in order. An in-memory tensor is indexed
-    directly; an ImageSource goes through a DataLoader with `loader_workers()` processes (each
-    decodes whole batches; up to 2 batches each are prefetched) and pinned memory if asked."""
-    workers = loader_workers() if isinstance(x, ImageSource) else 0
+    """(idx, x[idx], y[idx]) for each index batch, in order. A tensor or an array source (in memory
+    or memory-mapped: converting a batch is cheap) is indexed directly; a source that decodes files
+    goes through a DataLoader with `loader_workers()` processes (each decodes whole batches; up to
+    2 batches each are prefetched) and pinned memory if asked."""
+    workers = loader_workers() if isinstance(x, ImageSource) and x.decodes else 0
     if workers == 0:
         return ((idx, x[idx], y[idx]) for idx in batches)
     return torch.utils.data.DataLoader(

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from core.data import load_dataset
-from core.datasets import ArrayImages, FileImages, ImageSource
+from core.datasets import ArrayImages, FileImages
 from core.errors import DatasetError
 
 
@@ -99,16 +99,17 @@ def test_certification_reads_only_the_certified_samples(tmp_path: Path, monkeypa
 
 
 def test_streamed_training_equals_in_memory_training(tmp_path: Path, monkeypatch) -> None:
-    """The same data as a tensor (direct indexing) and as a memory-mapped source read by a DataLoader
-    worker process, with a transform augmentation: bit-identical weights after training."""
+    """The same images as a tensor (direct indexing) and as PNG files decoded by a DataLoader worker
+    process, with a transform augmentation and BatchNorm re-estimation: bit-identical weights."""
     from core.models import build_model
     from core.spec import TransformSpec
     from core.training import augment_with_transform, recalibrate_batchnorm, train_epochs
     from core.transforms import build_transform
 
     monkeypatch.setenv("CARCERT_LOADER_WORKERS", "1")
-    _npz(tmp_path / "d.npz", n=90)
-    ds = load_dataset(f"npz:{tmp_path / 'd.npz'}")
+    _folder(tmp_path / "ds", 90, size=8)
+    ds = load_dataset(f"imagefolder:{tmp_path / 'ds'}")
+    assert isinstance(ds.train_x, FileImages) and ds.train_x.decodes
     t = build_transform(TransformSpec(kind="parametric", name="contrast"))
     results = []
     for x in (ds.train_x[:], ds.train_x):
@@ -119,7 +120,7 @@ def test_streamed_training_equals_in_memory_training(tmp_path: Path, monkeypatch
         recalibrate_batchnorm(model, xa, seed=1)
         results.append((xa[:], index, model.state_dict()))
     (xm, im, sm), (xs, is_, ss) = results
-    assert isinstance(ds.train_x, ImageSource) and torch.equal(xm, xs) and torch.equal(im, is_)
+    assert torch.equal(xm, xs) and torch.equal(im, is_)
     for k in sm:
         assert torch.equal(sm[k], ss[k]), k
 
