@@ -52,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=500, help="forward-pass batch")
     p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
     add_bound_options(p)
+    add_preprocess_options(p)
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the sampled transformations only (the train/test split has a fixed seed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -107,6 +108,39 @@ def add_bound_options(p: argparse.ArgumentParser) -> None:
                    help="beta of the binomial bound (default 1e-3)")
     p.add_argument("--early-stop", action="store_true",
                    help="stop sampling a sample once its decision cannot change (same decisions and PCA)")
+
+
+def add_preprocess_options(p: argparse.ArgumentParser) -> None:
+    """--resize, --crop, --mean, --std (JobSpec.preprocess; shared by `certify` and `prune`)."""
+    g = p.add_argument_group("preprocess", "resize / crop when the images are read; (x - mean) / std inside "
+                             "the model, after the transformation T (which acts on raw [0, 1] images)")
+    g.add_argument("--resize", type=int, help="scale the shorter image side to this many pixels (bilinear)")
+    g.add_argument("--crop", type=int, help="central square crop of this side (default: --resize)")
+    g.add_argument("--mean", help="channel means, comma-separated (e.g. 0.485,0.456,0.406)")
+    g.add_argument("--std", help="channel standard deviations, comma-separated (e.g. 0.229,0.224,0.225)")
+
+
+def preprocess_spec(args: argparse.Namespace):
+    """--resize/--crop/--mean/--std -> core.spec.PreprocessSpec (InvalidInput on bad values)."""
+    from pydantic import ValidationError
+
+    from core.errors import InvalidInput
+    from core.spec import PreprocessSpec
+
+    def floats(text: str | None, name: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise InvalidInput(f"--{name} must be comma-separated numbers, got {text!r}") from None
+
+    try:
+        return PreprocessSpec(resize=args.resize, crop=args.crop, mean=floats(args.mean, "mean"),
+                              std=floats(args.std, "std"))
+    except ValidationError as exc:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'preprocess'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"invalid preprocess options: {msgs}") from None
 
 
 def _specs(args: argparse.Namespace):
@@ -168,17 +202,26 @@ def run_certify(args: argparse.Namespace) -> int:
     from core.certify import build_certificate, certify_model, describe_model, write_certificate
     from core.context import LocalContext
     from core.data import load_dataset
+    from core.errors import InvalidInput
     from core.masking import apply_masks_, load_masks
     from core.models import default_small_input, file_sha256
+    from core.preprocess import attach_normalize, normalize_for, preprocess_dict
     from core.transforms import build_transform, transform_description
 
     tspec, cspec = _specs(args)
+    pre = preprocess_spec(args)
     out = Path(args.out)
-    data = load_dataset(args.dataset, seed=args.seed)
+    data = load_dataset(args.dataset, seed=args.seed, resize=pre.resize, crop=pre.crop)
     small = args.input_size == "small" or (
         args.input_size == "auto" and default_small_input(*data.test_x.shape[2:])
     )
     model, arch, model_sha, extra = _model(args, data, small)
+    try:
+        attach_normalize(model, normalize_for(pre, data.in_channels))
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    if preprocess_dict(pre):
+        extra["preprocess"] = preprocess_dict(pre)
     masks, mask_sha = None, None
     if args.mask:
         masks = load_masks(args.mask)

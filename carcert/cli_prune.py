@@ -37,7 +37,7 @@ FILES = ("model.safetensors", "model.pt2", "mask.safetensors", "metrics.json", "
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from carcert.cli_certify import add_bound_options
+    from carcert.cli_certify import add_bound_options, add_preprocess_options
 
     p = subparsers.add_parser("prune", help="prune a model (CAR or a baseline) and certify it",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--t-steps", type=int, default=500, help="points of the t grid")
     p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
     add_bound_options(p)
+    add_preprocess_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output directory")
@@ -151,6 +152,7 @@ def build_spec(args: argparse.Namespace):
     """argparse options -> core.spec.JobSpec (pydantic errors become InvalidInput)."""
     from pydantic import ValidationError
 
+    from carcert.cli_certify import preprocess_spec
     from core.errors import InvalidInput
     from core.spec import JobSpec
 
@@ -198,6 +200,7 @@ def build_spec(args: argparse.Namespace):
                           "early_stop": args.early_stop},
         "train_subset": args.train_subset,
         "seed": args.seed,
+        "preprocess": preprocess_spec(args).model_dump(),
     }
     if len(methods) > 1 or len(ratios) > 1:
         body["sweep_methods"] = methods

@@ -52,6 +52,7 @@ from core.training import (
     pretrain,
     prune_and_finetune,
     run_epochs,
+    stream_batches,
 )
 
 TRADES_BETA = 6.0
@@ -197,8 +198,8 @@ def hydra_search(
     scores = score_params(hydra_scaled_init(prunable_weights(model)), dev)
     n_steps = max(1, spec.search_epochs * math.ceil(len(x) / spec.batch_size))
 
-    def step(idx: Tensor) -> Tensor:
-        xb, yb = x[idx].to(dev), y[idx].to(dev)
+    def step(item: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        xb, yb = item[1].to(dev), item[2].to(dev)
         model.train()
         opt.zero_grad(set_to_none=True)
         mask = st_mask(scores, spec.prune_ratio, spec.scope)
@@ -251,6 +252,7 @@ def hydra_search(
             ctx=ctx,
             stage="search",
             checkpoint_key=checkpoint_key,
+            fetch=stream_batches(x, y, dev),
         )
     return {n: s.detach() for n, s in scores.items()}
 

@@ -51,6 +51,7 @@ from core.masking import (
     straight_through_mask,
     topk_mask,
 )
+from core.preprocess import copy_normalize
 from core.spec import CarSpec, PruningSpec
 from core.training import (
     augment_with_transform,
@@ -61,6 +62,7 @@ from core.training import (
     pretrain,
     prune_and_finetune,
     run_epochs,
+    stream_batches,
 )
 
 if TYPE_CHECKING:
@@ -331,7 +333,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     Parameter names are unchanged, so masks apply as they are. A model that torch.fx cannot
     trace is returned as it is (the search is then only slower). Call inside `frozen_eval`."""
     if callable(getattr(model, "fold_batchnorm", None)):  # a torch.export program (core.program)
-        return model.fold_batchnorm()
+        return copy_normalize(model, model.fold_batchnorm())
     try:
         from torch.fx.experimental.optimization import fuse
 
@@ -340,6 +342,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         return model
     if set(prunable_weights(fused)) != set(prunable_weights(model)):
         return model
+    copy_normalize(model, fused)  # the input normalisation (core.preprocess) is a hook fx skips
     fused.eval()
     for p in fused.parameters():
         p.requires_grad_(False)
@@ -421,7 +424,14 @@ def search_batch(
     """One search batch: (x, y, x_T, t_rows) on `dev`. t_rows are the batch rows at positions
     < n_original (original rows); x_T = T(x[t_rows], 1, index) (None without a transform): an
     augmented row already is T(x, 1) and is never transformed again."""
-    xb, yb = x[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+    return search_rows(x[idx], y[idx], idx, index, n_original, transform, dev)
+
+
+def search_rows(
+    xb: Tensor, yb: Tensor, idx: Tensor, index: Tensor, n_original: int, transform: Any, dev: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """search_batch on rows already read: xb = x[idx], yb = y[idx]."""
+    xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
     t_rows = (idx < n_original).nonzero().flatten()
     x_t = None
     if transform is not None:
@@ -429,6 +439,12 @@ def search_batch(
             ones = torch.ones(len(t_rows), device=dev)
             x_t = transform(xb[t_rows.to(dev)], ones, index=index[idx][t_rows].to(dev))
     return xb, yb, x_t, t_rows.to(dev)
+
+
+def _first_batch(x: Any, y: Tensor, batch_size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(idx, x[idx], y[idx]) of the first batch of epoch 0."""
+    first = epoch_batches(len(x), batch_size, seed, 0)[0]
+    return first, x[first], y[first]
 
 
 def search_mask(
@@ -463,16 +479,15 @@ def search_mask(
     dev = model_device(model)
     scores = score_params(init_scores(model, spec, seed), dev)
     opt = mask_optimizer(list(scores.values()), spec.mask_lr, spec.mask_optimizer)
-    if index is None:
-        index = torch.arange(len(x))
+    index = torch.arange(len(x)) if index is None else index
     n_orig = len(x) if n_original is None else int(n_original)
-    done = [0]
+    done, t_ratio = [0], (transform if spec.lambda_ratio > 0 else None)
 
-    def batch(idx: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        return search_batch(x, y, idx, index, n_orig, transform if spec.lambda_ratio > 0 else None, dev)
+    def batch(idx: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        return search_rows(xb, yb, idx, index, n_orig, t_ratio, dev)
 
-    def step(idx: Tensor) -> Tensor:
-        xb, yb, x_t, t_rows = batch(idx)
+    def step(item: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        xb, yb, x_t, t_rows = batch(*item)
         loss = car_step(
             net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp,
             y=yb, t_rows=t_rows, lambdas=lambdas,
@@ -488,7 +503,7 @@ def search_mask(
         lambdas = term_lambdas(spec)
         if spec.balance and len(x) > 0:
             torch.manual_seed(seed)
-            xb, yb, x_t, t_rows = batch(epoch_batches(len(x), batch_size, seed, 0)[0])
+            xb, yb, x_t, t_rows = batch(*_first_batch(x, y, batch_size, seed))
             parts = car_terms(
                 net, scores, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, y=yb, t_rows=t_rows
             )
@@ -509,6 +524,7 @@ def search_mask(
             ctx=ctx,
             stage=stage,
             checkpoint_key=checkpoint_key,
+            fetch=stream_batches(x, y, dev),
         )
     return {n: s.detach() for n, s in scores.items()}
 

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 import core
 from core.bounds import GUARANTEES, check_bound, clopper_pearson_upper, stop_reason
 from core.context import write_json
+from core.datasets import forward_batch
 from core.errors import Cancelled, InvalidInput
 from core.masking import sparsity_report
 from core.transforms import SemanticTransform
@@ -350,7 +351,8 @@ def certify_model(
     """Certify the first spec.samples of (x, y) (CertifySpec; module docstring). Row k of x is
     dataset sample k: k is its `index` (delta seed, precomputed variants).
 
-    Forward passes are batched across samples (spec.batch_size inputs per pass); samples are
+    Forward passes are batched across samples (spec.batch_size inputs per pass, capped by
+    core.datasets.forward_batch for large images); samples are
     processed in groups that fill whole batches (_sample_full, _sample_early). After a group, if
     checkpoint_every_s elapsed, z so far is checkpointed via ctx (resume skips the done groups,
     giving the same result); ctx.should_cancel() is checked between groups.
@@ -362,7 +364,7 @@ def certify_model(
     S = min(int(spec.samples), int(x.shape[0]))  # noqa: N806
     if S == 0:
         raise InvalidInput("no test samples to certify")
-    n, l, bs = int(spec.n), int(spec.l), int(spec.batch_size)  # noqa: E741
+    n, l, bs = int(spec.n), int(spec.l), forward_batch(spec.batch_size, x.shape[1:])  # noqa: E741
     params = _params(spec, seed, S)
     dev = torch.device(device) if device else _model_device(model)
     model.eval().to(dev)

@@ -10,8 +10,18 @@ References (DESIGN.md):
     imagefolder:PATH        PATH/<class>/<image> (80/20 split seeded by SPLIT_SEED) or
                             PATH/{train,test}/<class>/<image> (``val`` is accepted for ``test``);
                             classes sorted by name; images are resized (bilinear) to the most
-                            frequent size; grey if every image is grey.
-Images come back as float32 (N, C, H, W) in [0, 1], labels as int64 (N,).
+                            frequent size and are grey if every image is grey, both judged on up to
+                            SIZE_PROBE files evenly spaced over the sorted listing.
+Images come back as float32 (N, C, H, W) in [0, 1], labels as int64 (N,): digits as tensors, every
+other source as a core.datasets.ImageSource that reads rows on demand (memory-mapped npz members and
+raw IDX files, uint8 kept in memory for gzip'd IDX and compressed npz members, image files decoded per
+row), so no split is ever held as float32. ``resize`` / ``crop`` (core.datasets.Geometry,
+preprocess.resize / crop) apply to every image first.
+
+sha256: the manifest of the float32 tensors (computed chunk by chunk, identical for every source of
+the same data); for an imagefolder the tensor's entry hashes the file listing (relative path and byte
+size per row) instead of the pixels (core.datasets.FileImages.manifest_entry), so loading a folder
+reads no image beyond the SIZE_PROBE headers.
 
 The train/test split never depends on the job seed: seeded splits use ``split_seed`` (default
 SPLIT_SEED, recorded in ``DatasetSplit.split_seed`` and in certificates; None for official splits), so
@@ -30,6 +40,7 @@ import gzip
 import hashlib
 import json
 import struct
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.datasets import ArrayImages, FileImages, Geometry, ImageSource, SubsetImages
 from core.errors import DatasetError
 from core.paths import within_roots
 
@@ -47,13 +59,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the fixed seed of the digits / imagefolder train/test split (never the job seed)
 REF_FORMS = "digits, fashion-mnist[:DIR], npz:PATH, imagefolder:PATH"
+SIZE_PROBE = 512  # imagefolder: files whose headers decide the common size and colour
+Images = Tensor | ImageSource
 
 
 @dataclass
 class DatasetSplit:
-    train_x: Tensor
+    train_x: Images
     train_y: Tensor
-    test_x: Tensor
+    test_x: Images
     test_y: Tensor
     num_classes: int
     in_channels: int
@@ -63,10 +77,11 @@ class DatasetSplit:
     train_indices: Tensor | None = None  # source indices of the kept training samples (train_subset)
     classes: list[str] | None = None  # class names where the source has them (imagefolder)
     split_seed: int | None = None  # seed of the train/test split; None: the source's own split
+    geometry: Geometry | None = None  # resize / crop applied to every image (preprocess)
 
     def describe(self) -> dict:
         """JSON-able summary for certificates and metrics."""
-        return {
+        out = {
             "ref": self.ref,
             "sha256": self.sha256,
             "train": int(self.train_x.shape[0]),
@@ -75,13 +90,20 @@ class DatasetSplit:
             "num_classes": self.num_classes,
             "split_seed": self.split_seed,
         }
+        if self.geometry is not None and self.geometry.active:
+            out["geometry"] = self.geometry.describe()
+        return out
 
 
-def manifest_sha256(arrays: dict[str, Tensor]) -> str:
+def manifest_sha256(arrays: dict[str, Images]) -> str:
     """sha256 of the JSON manifest {name: {dtype, shape, sha256 of the C-contiguous bytes}},
-    names sorted: equal data gives equal hashes whatever the source format."""
+    names sorted: equal data gives equal hashes whatever the source format (an ImageSource
+    describes itself: core.datasets.ImageSource.manifest_entry)."""
     manifest = {}
     for name in sorted(arrays):
+        if isinstance(arrays[name], ImageSource):
+            manifest[name] = arrays[name].manifest_entry()
+            continue
         a = arrays[name].detach().cpu().contiguous().numpy()
         manifest[name] = {
             "dtype": str(a.dtype),
@@ -123,28 +145,40 @@ def _digits(seed: int):
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file (optionally gzip'd): magic 0x0000 <dtype> <ndim>, ndim big-endian uint32
-    sizes, then the data. Only unsigned bytes (0x08) are supported (all MNIST-style files)."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    sizes, then the data. Only unsigned bytes (0x08) are supported (all MNIST-style files). A raw
+    file comes back memory-mapped (np.memmap, nothing read beyond the header); a gzip'd one is
+    decompressed into memory as uint8."""
+    gz = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as f:
-            data = f.read()
+        if gz:
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+            head, size = data[: 4 + 4 * 255], len(data)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(4 + 4 * 255)
+            size = path.stat().st_size
     except (OSError, EOFError) as exc:
         raise DatasetError(f"cannot read IDX file {path.name}: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise DatasetError(f"{path.name} is not an IDX file (bad magic number)")
-    dtype, ndim = data[2], data[3]
+    dtype, ndim = head[2], head[3]
     if dtype != 0x08:
         raise DatasetError(f"{path.name}: IDX element type 0x{dtype:02x} unsupported (only 0x08 uint8)")
-    if len(data) < 4 + 4 * ndim:
+    if len(head) < 4 + 4 * ndim:
         raise DatasetError(f"{path.name}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    body = data[4 + 4 * ndim :]
+    dims = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    offset = 4 + 4 * ndim
     expected = int(np.prod(dims)) if dims else 0
-    if len(body) != expected:
+    if size - offset != expected:
         raise DatasetError(
-            f"{path.name}: IDX header announces {dims} = {expected} bytes, file holds {len(body)}"
+            f"{path.name}: IDX header announces {dims} = {expected} bytes, file holds {size - offset}"
         )
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+    if gz:
+        return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    if expected == 0:
+        return np.zeros(dims, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=tuple(dims))
 
 
 def _idx_file(directory: Path, stem: str) -> Path:
@@ -154,7 +188,7 @@ def _idx_file(directory: Path, stem: str) -> Path:
     raise DatasetError(f"fashion-mnist: {stem}[.gz] not found in {directory}")
 
 
-def _fashion(directory: Path):
+def _fashion(directory: Path, geometry: Geometry | None):
     if not directory.is_dir():
         raise DatasetError(f"fashion-mnist directory not found: {directory}")
     arrays = {}
@@ -165,37 +199,13 @@ def _fashion(directory: Path):
             raise DatasetError(
                 f"fashion-mnist {split}: images {images.shape} and labels {labels.shape} disagree"
             )
-        arrays[split] = (
-            torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1),
-            torch.from_numpy(labels.astype(np.int64)),
-        )
+        arrays[split] = (ArrayImages(images, f"fashion-mnist {split}", geometry),
+                         torch.from_numpy(labels.astype(np.int64)))
     (trx, try_), (tex, tey) = arrays["train"], arrays["test"]
     return trx, try_, tex, tey, 10, {}, None
 
 
 # ------------------------------------------------------------------------------------- npz
-
-
-def _to_nchw(a: np.ndarray, name: str) -> Tensor:
-    """uint8 0..255 or float 0..1, NHW / NHWC / NCHW -> float32 NCHW in [0, 1]."""
-    if a.ndim == 3:
-        a = a[:, None]
-    elif a.ndim == 4:
-        if a.shape[-1] <= 4 < a.shape[1]:
-            a = a.transpose(0, 3, 1, 2)
-        elif a.shape[1] > 16:
-            raise DatasetError(f"{name}: cannot tell the channel axis of shape {a.shape} (want NCHW or NHWC)")
-    else:
-        raise DatasetError(f"{name}: images must have 3 or 4 dimensions, got shape {a.shape}")
-    if a.dtype == np.uint8:
-        x = a.astype(np.float32) / 255.0
-    elif np.issubdtype(a.dtype, np.floating):
-        x = a.astype(np.float32)
-        if not np.isfinite(x).all() or x.min(initial=0.0) < 0.0 or x.max(initial=0.0) > 1.0:
-            raise DatasetError(f"{name}: float images must be finite and within [0, 1] (uint8 for 0..255)")
-    else:
-        raise DatasetError(f"{name}: unsupported image dtype {a.dtype} (use uint8 or float)")
-    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _labels(a: np.ndarray, name: str, n: int) -> Tensor:
@@ -209,29 +219,58 @@ def _labels(a: np.ndarray, name: str, n: int) -> Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
-def _npz(path: Path):
-    if not path.is_file():
-        raise DatasetError(f"npz file not found: {path}")
+def _npz_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member: np.memmap into the zip when stored uncompressed (the data offset is the
+    local file header's end plus the .npy header), read into memory when compressed. Object
+    arrays (pickles) are refused."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"{info.filename} holds Python objects")
+        if info.compress_type != zipfile.ZIP_STORED or 0 in shape:
+            return np.lib.format.read_array(zf.open(info), allow_pickle=False)
+        npy_header = f.tell()
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    offset = info.header_offset + 30 + name_len + extra_len + npy_header
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
+        with zipfile.ZipFile(path) as zf:
+            return {i.filename[:-4]: _npz_member(path, zf, i) for i in zf.infolist()
+                    if i.filename.endswith(".npy")}
     except Exception as exc:  # BadZipFile, ValueError (object arrays), OSError
         raise DatasetError(f"cannot read npz {path.name} (pickled objects are refused): {exc}") from None
+
+
+def _npz(path: Path, geometry: Geometry | None):
+    if not path.is_file():
+        raise DatasetError(f"npz file not found: {path}")
+    raw = _npz_arrays(path)
     need = ("x_train", "y_train", "x_test", "y_test")
     missing = [k for k in need if k not in raw]
     if missing:
         have = ", ".join(raw) or "none"
         raise DatasetError(f"npz {path.name} lacks key(s) {', '.join(missing)}; it has {have}")
-    trx = _to_nchw(raw["x_train"], "x_train")
-    tex = _to_nchw(raw["x_test"], "x_test")
+    trx = ArrayImages(raw["x_train"], "x_train", geometry)
+    tex = ArrayImages(raw["x_test"], "x_test", geometry)
     if trx.shape[1:] != tex.shape[1:]:
         raise DatasetError(
             f"x_train {tuple(trx.shape[1:])} and x_test {tuple(tex.shape[1:])} differ in shape"
         )
-    try_ = _labels(raw["y_train"], "y_train", trx.shape[0])
-    tey = _labels(raw["y_test"], "y_test", tex.shape[0])
+    trx.check_range("x_train")
+    tex.check_range("x_test")
+    try_ = _labels(np.asarray(raw["y_train"]), "y_train", trx.shape[0])
+    tey = _labels(np.asarray(raw["y_test"]), "y_test", tex.shape[0])
     k = max((int(t.max()) for t in (try_, tey) if len(t)), default=0) + 1
-    extras = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in raw.items() if name not in need}
+    extras = {name: torch.from_numpy(np.array(a)) for name, a in raw.items() if name not in need}
     return trx, try_, tex, tey, max(k, 2), extras, None
 
 
@@ -254,9 +293,27 @@ def _presplit(root: Path) -> tuple[bool, dict[str, Path], Path | None]:
     return "train" in sub and test_dir is not None, sub, test_dir
 
 
-def _imagefolder(root: Path, seed: int):
+def _probe(root: Path, files: list[str]) -> tuple[tuple[int, int], bool]:
+    """(most frequent (w, h), ties -> smallest; grey) over up to SIZE_PROBE files evenly spaced over
+    `files` (headers only)."""
     from PIL import Image, UnidentifiedImageError
 
+    step = max(1, len(files) // SIZE_PROBE)
+    sizes: Counter = Counter()
+    grey = True
+    for rel in files[::step][:SIZE_PROBE]:
+        try:
+            with Image.open(root / rel) as im:
+                sizes[im.size] += 1
+                grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"imagefolder: cannot read image {rel}: {exc}") from None
+    top = max(sizes.values())
+    return min(s for s, c in sizes.items() if c == top), grey
+
+
+def _imagefolder(root: Path, seed: int, geometry: Geometry | None):
+    """Split lists of relative paths (seeded 80/20 or the folders' own), decoded per row."""
     if not root.is_dir():
         raise DatasetError(f"imagefolder directory not found: {root}")
     presplit, sub, test_dir = _presplit(root)
@@ -265,48 +322,55 @@ def _imagefolder(root: Path, seed: int):
     if len(classes) < 2:
         raise DatasetError(f"imagefolder {root}: need at least 2 class sub-folders, found {classes}")
     index = {c: i for i, c in enumerate(classes)}
-    files: dict[str, list[tuple[Path, int]]] = {}
+    files: dict[str, list[tuple[str, int]]] = {}
     for part, d in parts.items():
-        files[part] = [(f, index[c.name]) for c in _class_dirs(d) for f in _image_files(c)]
+        files[part] = [
+            (str(f.relative_to(root)), index[c.name]) for c in _class_dirs(d) for f in _image_files(c)
+        ]
         if not files[part]:
             raise DatasetError(f"imagefolder {d}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    images: dict[str, list] = {}
-    for part, items in files.items():
-        images[part] = []
-        for f, _ in items:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    images[part].append(im.copy())
-            except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-                raise DatasetError(f"imagefolder: cannot read image {f.relative_to(root)}: {exc}") from None
-    every = [im for ims in images.values() for im in ims]
-    grey = all(im.mode in ("1", "L", "I", "I;16", "F") for im in every)
-    sizes = Counter(im.size for im in every)
-    top = max(sizes.values())
-    size = min(s for s, c in sizes.items() if c == top)  # most frequent (w, h); ties -> smallest
+    size, grey = _probe(root, [f for items in files.values() for f, _ in items])
 
-    def tensor(ims: list) -> Tensor:
-        arr = []
-        for im in ims:
-            im = im.convert("L" if grey else "RGB")
-            arr.append(np.asarray(im if im.size == size else im.resize(size, Image.BILINEAR)))
-        a = np.stack(arr).astype(np.float32) / 255.0
-        return torch.from_numpy(a[:, None] if grey else np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+    def source(items: list[tuple[str, int]]) -> tuple[FileImages, Tensor]:
+        return (FileImages(root, [f for f, _ in items], size, grey, geometry),
+                torch.tensor([y for _, y in items], dtype=torch.int64))
 
     if presplit:
-        trx, tex = tensor(images["train"]), tensor(images["test"])
-        try_ = torch.tensor([y for _, y in files["train"]], dtype=torch.int64)
-        tey = torch.tensor([y for _, y in files["test"]], dtype=torch.int64)
+        (trx, try_), (tex, tey) = source(files["train"]), source(files["test"])
     else:
-        x = tensor(images["all"])
-        y = torch.tensor([y for _, y in files["all"]], dtype=torch.int64)
-        tr, te = _seeded_split(len(y), seed)
-        trx, try_, tex, tey = x[tr], y[tr], x[te], y[te]
+        tr, te = _seeded_split(len(files["all"]), seed)
+        (trx, try_), (tex, tey) = (source([files["all"][i] for i in part]) for part in (tr, te))
     return trx, try_, tex, tey, len(classes), {}, classes
 
 
 # ------------------------------------------------------------------------------------ entry
+
+
+def _resolve(ref: str, kind: str, arg: str, allowed_roots: Sequence[Path] | None, split_seed: int,
+             geometry: Geometry | None) -> tuple[tuple, int | None]:
+    """(the source's parts, the seed of its split or None)."""
+    if kind == "digits" and not arg:
+        parts = _digits(split_seed)
+        if geometry is not None:
+            parts = (ArrayImages(parts[0].numpy(), "digits", geometry), parts[1],
+                     ArrayImages(parts[2].numpy(), "digits", geometry), *parts[3:])
+        return parts, split_seed
+    if kind == "fashion-mnist":
+        directory = _check_root(Path(arg), allowed_roots) if arg else DEFAULT_FASHION_DIR
+        return _fashion(directory, geometry), None
+    if kind in ("npz", "imagefolder"):
+        if not arg:
+            raise DatasetError(f"dataset reference {ref!r} needs a path: {kind}:PATH")
+        path = _check_root(Path(arg), allowed_roots)
+        if kind == "npz":
+            return _npz(path, geometry), None
+        parts = _imagefolder(path, split_seed, geometry)
+        return parts, None if _presplit(path)[0] else split_seed
+    raise DatasetError(f"unknown dataset reference {ref!r}; valid forms: {REF_FORMS}")
+
+
+def _subset(x: Images, idx: Tensor) -> Images:
+    return x[idx] if isinstance(x, Tensor) else SubsetImages(x, idx)
 
 
 def load_dataset(
@@ -316,29 +380,17 @@ def load_dataset(
     allowed_roots: Sequence[Path] | None = None,
     train_subset: int | None = None,
     split_seed: int = SPLIT_SEED,
+    resize: int | None = None,
+    crop: int | None = None,
 ) -> DatasetSplit:
     """Resolve ``ref`` (see the module docstring) into a DatasetSplit. ``seed`` draws the training
-    subset only; the train/test split uses ``split_seed``."""
+    subset only; the train/test split uses ``split_seed``. ``resize`` / ``crop``: Geometry."""
     if not isinstance(ref, str) or not ref.strip():
         raise DatasetError(f"empty dataset reference; valid forms: {REF_FORMS}")
     ref = ref.strip()
     kind, _, arg = ref.partition(":")
-    seeded_split = None
-    if kind == "digits" and not arg:
-        parts = _digits(split_seed)
-        seeded_split = split_seed
-    elif kind == "fashion-mnist":
-        directory = _check_root(Path(arg), allowed_roots) if arg else DEFAULT_FASHION_DIR
-        parts = _fashion(directory)
-    elif kind in ("npz", "imagefolder"):
-        if not arg:
-            raise DatasetError(f"dataset reference {ref!r} needs a path: {kind}:PATH")
-        path = _check_root(Path(arg), allowed_roots)
-        parts = _npz(path) if kind == "npz" else _imagefolder(path, split_seed)
-        if kind == "imagefolder" and not _presplit(path)[0]:
-            seeded_split = split_seed
-    else:
-        raise DatasetError(f"unknown dataset reference {ref!r}; valid forms: {REF_FORMS}")
+    geometry = Geometry(resize, crop) if resize is not None or crop is not None else None
+    parts, seeded_split = _resolve(ref, kind, arg, allowed_roots, split_seed, geometry)
     trx, try_, tex, tey, num_classes, extras, classes = parts
     if trx.shape[0] == 0 or tex.shape[0] == 0:
         raise DatasetError(f"dataset {ref!r} has an empty train or test split")
@@ -350,7 +402,7 @@ def load_dataset(
             keep = np.sort(np.random.default_rng(seed + 1).permutation(trx.shape[0])[:train_subset])
             train_indices = torch.from_numpy(keep.astype(np.int64))
             n_source = trx.shape[0]
-            trx, try_ = trx[train_indices], try_[train_indices]
+            trx, try_ = _subset(trx, train_indices), try_[train_indices]
             extras = {  # keep per-training-sample extras (e.g. variants_train) aligned
                 k: v[train_indices] if k.endswith("_train") and v.ndim and v.shape[0] == n_source else v
                 for k, v in extras.items()
@@ -372,4 +424,5 @@ def load_dataset(
         train_indices=train_indices,
         classes=classes,
         split_seed=seeded_split,
+        geometry=geometry,
     )

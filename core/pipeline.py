@@ -59,6 +59,7 @@ from core.models import (
     save_weights,
 )
 from core.paths import within_roots
+from core.preprocess import attach_normalize, metadata_entry, normalize_for, preprocess_dict
 from core.results import VariantResult
 from core.spec import JobSpec, PruningSpec
 from core.training import augment_with_transform, evaluate, train_epochs
@@ -138,7 +139,20 @@ def _certify_and_write(
 
 def _load_data(spec: JobSpec, allowed_roots: Any) -> DatasetSplit:
     return load_dataset(spec.dataset, seed=spec.seed, allowed_roots=allowed_roots,
-                        train_subset=spec.train_subset)
+                        train_subset=spec.train_subset, resize=spec.preprocess.resize,
+                        crop=spec.preprocess.crop)
+
+
+def _with_preprocess(model: torch.nn.Module, info: dict[str, Any], spec: JobSpec,
+                     in_channels: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model normalising its input per spec.preprocess (core.preprocess), and its shape info
+    with the recorded "preprocess" entry."""
+    try:
+        norm = normalize_for(spec.preprocess, in_channels)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    recorded = preprocess_dict(spec.preprocess)
+    return attach_normalize(model, norm), ({**info, "preprocess": recorded} if recorded else info)
 
 
 def _arch(spec: JobSpec) -> str:
@@ -157,8 +171,8 @@ def _build_program(
     if spec.kind == "prune":
         require_trainable(model)
     num_classes = check_classifier(model, data.test_x, spec.model.num_classes or data.num_classes)
-    return model, {"num_classes": num_classes, "in_channels": data.in_channels,
-                   "program_sha256": file_sha256(path)}
+    return _with_preprocess(model, {"num_classes": num_classes, "in_channels": data.in_channels,
+                                    "program_sha256": file_sha256(path)}, spec, data.in_channels)
 
 
 def _build(
@@ -177,7 +191,8 @@ def _build(
     small = default_small_input(*data.train_x.shape[2:])
     _seed_all(spec.seed)
     model = build_model(spec.model.arch, num_classes, in_channels, small_input=small)
-    return model, {"num_classes": num_classes, "in_channels": in_channels, "small_input": small}
+    info = {"num_classes": num_classes, "in_channels": in_channels, "small_input": small}
+    return _with_preprocess(model, info, spec, in_channels)
 
 
 def _weights_path(allowed_roots: Any, what: str, ref: str) -> Path:
@@ -378,8 +393,9 @@ def _finish_variant(name: str, v: PruningSpec, vmodel: torch.nn.Module, masks: A
     vctx.progress("evaluate", 0.0, "evaluating")
     accuracy = evaluate(vmodel, data.test_x, data.test_y)
     vctx.progress("evaluate", 1.0, f"accuracy {accuracy:.4f}")
-    meta = {"arch": _arch(spec), "method": v.method, "prune_ratio": repr(v.prune_ratio),
-            "dataset": data.ref, **{k: str(val) for k, val in shape_info.items()}}
+    meta = {"arch": _arch(spec), "method": v.method, "prune_ratio": repr(v.prune_ratio), "dataset": data.ref,
+            **{k: str(val) for k, val in shape_info.items() if k != "preprocess"},
+            **metadata_entry(spec.preprocess)}
     model_sha, mask_sha = _save_model_files(vmodel, masks, folder, meta)
     extra = dict(shape_info)
     if "program_sha256" in shape_info:  # the pruned program: torch.export.load(p).module()

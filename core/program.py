@@ -430,11 +430,14 @@ def load_program_model(path: str | Path, weights: str | Path | None = None) -> P
 
 def export_program(model: nn.Module, x: Tensor, path: str | Path) -> str:
     """Export `model` in eval mode (on the CPU, example batch x[:2], batch dimension dynamic) to
-    `path` (written atomically) and return the file's sha256."""
+    `path` (written atomically) and return the file's sha256. A model that normalises its input
+    (core.preprocess) is exported as Preprocessed(net, normalize): it takes raw [0, 1] images."""
     from torch.export import Dim
 
+    from core.preprocess import exportable
+
     path = Path(path)
-    net = copy.deepcopy(model).cpu().eval()
+    net = exportable(model).cpu().eval()  # with its input normalisation baked in (core.preprocess)
     for p in net.parameters():
         p.requires_grad_(False)
     example = x[:2].detach().cpu().to(torch.float32)

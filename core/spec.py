@@ -333,6 +333,38 @@ class CertifySpec(_Strict):
         return self
 
 
+class PreprocessSpec(_Strict):
+    """Input preprocessing (core.preprocess): resize (shorter side to `resize` px, bilinear,
+    antialiased) then center crop (`crop` x `crop`, default: resize) when the data is read; channel
+    normalisation (x - mean) / std inside the model, after the semantic transformation T (T acts on
+    raw [0, 1] images). mean / std: one value per channel, or one for all."""
+
+    resize: int | None = Field(
+        default=None, ge=1, le=4096, description="shorter image side in pixels after resizing (data side)"
+    )
+    crop: int | None = Field(
+        default=None, ge=1, le=4096, description="center crop side in pixels (default: resize)"
+    )
+    mean: list[float] | None = Field(
+        default=None, min_length=1, max_length=16, description="channel means subtracted inside the model"
+    )
+    std: list[float] | None = Field(
+        default=None, min_length=1, max_length=16, description="channel stds divided inside the model"
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> PreprocessSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give mean and std together")
+        if self.mean is not None and len(self.mean) != len(self.std):
+            raise ValueError("mean and std need as many values")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("every std must be > 0")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise ValueError("crop must be <= resize")
+        return self
+
+
 class JobSpec(_Strict):
     """One job. kind=prune: prune (each method x prune ratio of a sweep) then certify each
     result. kind=certify: certify the given weights (+ optional mask) only."""
@@ -352,6 +384,10 @@ class JobSpec(_Strict):
     )
     pruning: PruningSpec = Field(default=PruningSpec(), description="method, prune ratio and training")
     certification: CertifySpec = Field(default=CertifySpec(), description="CC-Cert parameters")
+    preprocess: PreprocessSpec = Field(
+        default=PreprocessSpec(),
+        description="resize / center crop (data side) and mean/std normalisation (model side, after T)",
+    )
     mask: PathRef | None = Field(default=None, description="certify jobs: mask safetensors")
     sweep_methods: list[Method] | None = Field(
         default=None, max_length=10, description="sweep: several methods (each x every sweep ratio)"

@@ -8,7 +8,7 @@ progress, and a checkpoint after every epoch from which a rerun resumes to the s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.context import StageContext
+from core.datasets import AugmentedImages, ImageSource, batch_stream, forward_batch
 from core.errors import Cancelled, TrainingDiverged
 from core.masking import apply_masks_, masked_forward, prunable_weights
 from core.spec import PruningSpec
 
+Images = Tensor | ImageSource  # a split in memory or read on demand (core.datasets)
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 Augment = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -74,8 +76,11 @@ def run_epochs(
     stage: str,
     checkpoint_key: str,
     on_epoch_end: Callable[[int], None] | None = None,
+    fetch: Callable[[list[Tensor]], Iterable[Any]] | None = None,
 ) -> None:
-    """Run `epochs` epochs of `step(batch_indices) -> loss`. The step does backward + update,
+    """Run `epochs` epochs of `step(item) -> loss`, item = the batch's indices, or with `fetch`
+    the items of fetch(the epoch's index batches) (e.g. core.datasets.batch_stream: (idx, x[idx],
+    y[idx]), loaded ahead by worker processes). The step does backward + update,
     returns the detached loss, and must call `check_finite(loss)` before updating anything.
     Before the first epoch a checkpoint under `checkpoint_key` is loaded if present
     (`load_state`) and training resumes after its epoch; after every epoch {"epoch", "state":
@@ -96,7 +101,7 @@ def run_epochs(
         torch.manual_seed(seed * 1_000_003 + epoch)  # dropout / noise RNG: same on resume
         batches = epoch_batches(n, batch_size, seed, epoch)
         total = 0.0
-        for i, idx in enumerate(batches):
+        for i, idx in enumerate(fetch(batches) if fetch is not None else batches):
             if ctx is not None and ctx.should_cancel():
                 raise Cancelled(f"{stage} cancelled at epoch {epoch + 1}")
             try:
@@ -149,7 +154,7 @@ def _apply_fixed_masks(
 
 def train_epochs(
     model: nn.Module,
-    x: Tensor,
+    x: Images,
     y: Tensor,
     *,
     epochs: int,
@@ -171,7 +176,8 @@ def train_epochs(
     masks: fixed hard masks (Algorithm 1 line 5): the weights are multiplied by them first, the
     gradient of every pruned entry is zeroed and the weights re-masked after every step, so pruned
     weights stay exactly 0. augment(xb, yb) -> (xb, yb) is applied to every batch. x, y stay on
-    their device; batches are moved to the model's device. Raises TrainingDiverged on a NaN/inf
+    their device; batches are moved to the model's device (`stream_batches`: an ImageSource is
+    read a batch at a time by DataLoader workers). Raises TrainingDiverged on a NaN/inf
     loss (nothing is updated or saved for that step), Cancelled on ctx.should_cancel(). amp: the
     loss's forward pass under bf16 autocast (`autocast`)."""
     loss_fn = loss_fn or ce_loss
@@ -181,8 +187,8 @@ def train_epochs(
     weights = prunable_weights(model)
     mask_t = _apply_fixed_masks(weights, masks, dev)
 
-    def step(idx: Tensor) -> Tensor:
-        xb, yb = x[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+    def step(item: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        xb, yb = item[1].to(dev, non_blocking=True), item[2].to(dev, non_blocking=True)
         if augment is not None:
             xb, yb = augment(xb, yb)
         model.train()
@@ -221,13 +227,20 @@ def train_epochs(
         ctx=ctx,
         stage=stage,
         checkpoint_key=checkpoint_key,
+        fetch=stream_batches(x, y, dev),
     )
     model.eval()
 
 
+def stream_batches(x: Images, y: Tensor, dev: torch.device) -> Callable[[list[Tensor]], Iterable[Any]]:
+    """run_epochs' `fetch` for a training loop on (x, y): core.datasets.batch_stream, with pinned
+    memory when the model is on CUDA."""
+    return lambda batches: batch_stream(x, y, batches, pin_memory=dev.type == "cuda")
+
+
 def pretrain(
     model: nn.Module,
-    x: Tensor,
+    x: Images,
     y: Tensor,
     spec: PruningSpec,
     *,
@@ -258,7 +271,7 @@ def pretrain(
 
 def prune_and_finetune(
     model: nn.Module,
-    x: Tensor,
+    x: Images,
     y: Tensor,
     hard: Mapping[str, Tensor],
     spec: PruningSpec,
@@ -294,22 +307,24 @@ def prune_and_finetune(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, x: Tensor, masks: Mapping[str, Tensor] | None = None, batch_size: int = 512
+    model: nn.Module, x: Images, masks: Mapping[str, Tensor] | None = None, batch_size: int = 512
 ) -> Tensor:
-    """Logits of `model` (eval mode) on x, batched; f(x; theta * m) when masks are given."""
+    """Logits of `model` (eval mode) on x, batched (core.datasets.forward_batch); f(x; theta * m)
+    when masks are given."""
     was = model.training
     model.eval()
     dev = model_device(model)
     outs = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(dev)
+    batches = list(torch.arange(len(x)).split(forward_batch(batch_size, x.shape[1:])))
+    for _, xb, _ in batch_stream(x, torch.zeros(len(x), dtype=torch.int64), batches):
+        xb = xb.to(dev)
         outs.append((masked_forward(model, xb, masks) if masks else model(xb)).float().cpu())
     model.train(was)
     return torch.cat(outs) if outs else torch.empty(0)
 
 
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, masks: Mapping[str, Tensor] | None = None, batch_size: int = 512
+    model: nn.Module, x: Images, y: Tensor, masks: Mapping[str, Tensor] | None = None, batch_size: int = 512
 ) -> float:
     """Top-1 accuracy in [0, 1] (eval mode)."""
     if len(x) == 0:
@@ -320,7 +335,7 @@ def evaluate(
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, x: Tensor, *, batch_size: int = 256, max_samples: int = 4096, seed: int = 0
+    model: nn.Module, x: Images, *, batch_size: int = 256, max_samples: int = 4096, seed: int = 0
 ) -> None:
     """Re-estimate BatchNorm running statistics of the (pruned) model: reset them and average
     the batch statistics (momentum None = cumulative) over up to `max_samples` training samples.
@@ -338,9 +353,9 @@ def recalibrate_batchnorm(
         bn.reset_running_stats()
         bn.momentum = None
     model.train()
-    for b in torch.split(idx, batch_size):
-        if b.numel() > 1:
-            model(x[b].to(dev))
+    batches = [b for b in torch.split(idx, forward_batch(batch_size, x.shape[1:])) if b.numel() > 1]
+    for _, xb, _ in batch_stream(x, torch.zeros(len(x), dtype=torch.int64), batches):
+        model(xb.to(dev))
     for bn, mom in zip(bns, moms, strict=True):
         bn.momentum = mom
     model.train(was)
@@ -348,13 +363,15 @@ def recalibrate_batchnorm(
 
 @torch.no_grad()
 def augment_with_transform(
-    x: Tensor, y: Tensor, transform: Any, q: int, seed: int, *, batch_size: int = 256
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Images, y: Tensor, transform: Any, q: int, seed: int, *, batch_size: int = 256
+) -> tuple[Images, Tensor, Tensor]:
     """The transform augmentation shared by every method (paper Sec. 3, METHOD.md): q training
     samples drawn without replacement (seeded) are transformed at the largest intensity,
     T(x_i, delta=1, index=i), and appended with their labels. q is capped at the training-set
     size (each sample is augmented at most once). Returns (x, y, index) where index[j] is the
-    dataset index the row came from (what a precomputed transform needs)."""
+    dataset index the row came from (what a precomputed transform needs). For an ImageSource x the
+    rows are not materialised: x comes back as a core.datasets.AugmentedImages that transforms
+    them when read (the same rows and values, computed per batch)."""
     n = len(x)
     index = torch.arange(n)
     q = min(int(q), n)
@@ -362,6 +379,8 @@ def augment_with_transform(
         return x, y, index
     g = torch.Generator().manual_seed(seed * 7_919 + 17)
     pick = torch.randperm(n, generator=g)[:q].sort().values
+    if isinstance(x, ImageSource):
+        return AugmentedImages(x, transform, pick), torch.cat([y, y[pick]]), torch.cat([index, pick])
     parts = []
     for b in torch.split(pick, batch_size):
         xb = x[b]

@@ -105,6 +105,7 @@ def check_files(cert_path: Path, model: Path | None = None, mask: Path | None = 
 def _rebuild(cert: dict[str, Any], model_path: Path, mask_path: Path | None, data: Any) -> torch.nn.Module:
     from core.masking import apply_masks_, load_masks
     from core.models import build_model, default_small_input, load_weights
+    from core.preprocess import attach_normalize, normalize_for
 
     info = cert.get("model") or {}
     small = info.get("small_input")
@@ -115,7 +116,14 @@ def _rebuild(cert: dict[str, Any], model_path: Path, mask_path: Path | None, dat
     load_weights(model, model_path)
     if mask_path is not None:
         apply_masks_(model, load_masks(mask_path))
-    return model.eval()
+    return attach_normalize(model, normalize_for(_preprocess_spec(cert), data.in_channels)).eval()
+
+
+def _preprocess_spec(cert: dict[str, Any]) -> Any:
+    """The certificate's model.preprocess as a core.spec.PreprocessSpec (empty when absent)."""
+    from core.spec import PreprocessSpec
+
+    return PreprocessSpec(**((cert.get("model") or {}).get("preprocess") or {}))
 
 
 def _transform_spec(desc: dict[str, Any]) -> Any:
@@ -140,15 +148,18 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
     overrides the certificate's reference (e.g. a local copy of a service artifact)."""
     from core.certify import clean_probabilities, evidence_path_for, load_evidence, transformed_z
     from core.data import SPLIT_SEED, load_dataset
+    from core.datasets import forward_batch
     from core.transforms import build_transform, transform_description
 
     cert = _read_cert(cert_path)
     ev = load_evidence(Path(evidence_path) if evidence_path else evidence_path_for(Path(cert_path)))
     ds = cert.get("dataset") or {}
     split_seed = ds.get("split_seed")
+    pre = _preprocess_spec(cert)
     data = load_dataset(dataset or ds.get("ref", ""), seed=int(cert["params"]["seed"]),
                         train_subset=ds.get("train_subset"),
-                        split_seed=SPLIT_SEED if split_seed is None else int(split_seed))
+                        split_seed=SPLIT_SEED if split_seed is None else int(split_seed),
+                        resize=pre.resize, crop=pre.crop)
     if data.sha256 != ds.get("sha256"):
         return [f"dataset sha256 {data.sha256} != the certificate's {ds.get('sha256')}: not the same data"]
     transform = build_transform(_transform_spec(cert.get("transform") or {}), data=data, split="test")
@@ -161,6 +172,7 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
     net = _rebuild(cert, model_path, mask_path, data).to(device)
     idx = torch.from_numpy(ev["indices"].astype(np.int64))
     xs = data.test_x.index_select(0, idx).to(device, torch.float32)
+    batch_size = forward_batch(batch_size, xs.shape[1:])
     p = clean_probabilities(net, xs, batch_size)
     bad = []
     dp = float(np.abs(p.cpu().numpy() - ev["p"]).max())

@@ -83,6 +83,8 @@ def build_examples(
             seed=spec.seed,
             allowed_roots=list(settings.data_roots),
             train_subset=spec.train_subset,
+            resize=spec.preprocess.resize,
+            crop=spec.preprocess.crop,
         )
         transform = build_transform(spec.transform, data=data, split="test")
         if int(indices.max()) >= data.test_x.shape[0]:

@@ -142,7 +142,7 @@ def test_fashion_mnist_explicit_dir_and_raw_files(tmp_path: Path) -> None:
     ds = load_dataset(f"fashion-mnist:{tmp_path}", allowed_roots=[tmp_path])
     assert ds.train_x.shape == (50, 1, 28, 28)
     ref = load_dataset("fashion-mnist", train_subset=None)
-    assert torch.equal(ds.train_x, ref.train_x[:50]) and torch.equal(ds.test_y, ref.test_y)
+    assert torch.equal(ds.train_x[:], ref.train_x[:50]) and torch.equal(ds.test_y, ref.test_y)
 
 
 def test_idx_errors(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_npz_uint8_nhwc_round_trip(tmp_path: Path) -> None:
     np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, variants_test=variants)
     ds = load_dataset(f"npz:{path}")
     assert ds.train_x.shape == (20, 3, 6, 5) and ds.in_channels == 3 and ds.num_classes == 4
-    np.testing.assert_allclose(ds.train_x.numpy(), xtr.transpose(0, 3, 1, 2) / 255.0, atol=1e-7)
+    np.testing.assert_allclose(ds.train_x[:].numpy(), xtr.transpose(0, 3, 1, 2) / 255.0, atol=1e-7)
     np.testing.assert_array_equal(ds.test_y.numpy(), yte)
     assert torch.equal(ds.extras["variants_test"], torch.from_numpy(variants))
     assert ds.extras["variants_test"].dtype == torch.uint8
@@ -187,7 +187,7 @@ def test_npz_float_nchw_and_nhw(tmp_path: Path) -> None:
     np.savez(p1, x_train=x, y_train=np.arange(10) % 2, x_test=x[:4], y_test=np.arange(4) % 2)
     np.savez(p2, x_train=x[:, 0], y_train=np.arange(10) % 2, x_test=x[:4, 0], y_test=np.arange(4) % 2)
     a, b = load_dataset(f"npz:{p1}"), load_dataset(f"npz:{p2}")
-    assert torch.equal(a.train_x, torch.from_numpy(x)) and torch.equal(a.train_x, b.train_x)
+    assert torch.equal(a.train_x[:], torch.from_numpy(x)) and torch.equal(a.train_x[:], b.train_x[:])
     assert a.sha256 == b.sha256  # same data, same manifest hash, whatever the layout on disk
 
 
@@ -247,7 +247,7 @@ def test_imagefolder_round_trip(tmp_path: Path) -> None:
     assert ds.classes == ["cat", "dog"] and ds.num_classes == 2 and ds.in_channels == 3
     assert ds.train_x.shape[0] + ds.test_x.shape[0] == 10 and ds.test_x.shape[0] == 2
     assert ds.train_x.shape[1:] == (3, 5, 6)
-    x = torch.cat([ds.train_x, ds.test_x])
+    x = torch.cat([ds.train_x[:], ds.test_x[:]])
     y = torch.cat([ds.train_y, ds.test_y])
     # every image comes back pixel-exact with its class label (PNG is lossless)
     found = 0
@@ -260,7 +260,7 @@ def test_imagefolder_round_trip(tmp_path: Path) -> None:
     assert load_dataset(f"imagefolder:{tmp_path / 'ds'}", seed=3).sha256 == ds.sha256
     # the split is seeded by the fixed split seed, never the job seed
     other = load_dataset(f"imagefolder:{tmp_path / 'ds'}", seed=4)
-    assert torch.equal(other.test_x, ds.test_x) and ds.split_seed == other.split_seed == SPLIT_SEED
+    assert torch.equal(other.test_x[:], ds.test_x[:]) and ds.split_seed == other.split_seed == SPLIT_SEED
 
 
 def test_imagefolder_presplit_grey_and_resize(tmp_path: Path) -> None:

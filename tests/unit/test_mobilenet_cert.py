@@ -3,6 +3,7 @@ ImageNet weights on foolbox's real ImageNet photos (labels in the file names) un
 
 from __future__ import annotations
 
+import json
 import re
 from importlib.util import find_spec
 from pathlib import Path
@@ -92,3 +93,58 @@ def test_mobilenet_v2_imagenet_certificate(tmp_path) -> None:
     assert cert["model"]["sparsity"] < 0.01
     cp, _ = write_certificate(cert, res, tmp_path)
     assert verify_certificate(cp) == []
+
+
+IMAGENET_MEAN, IMAGENET_STD = "0.485,0.456,0.406", "0.229,0.224,0.225"
+
+
+def _label(photo: Path) -> int:
+    return int(re.fullmatch(r"imagenet_\d+_(\d+)\.jpg", photo.name).group(1))
+
+
+def _imagenet_folder(root: Path) -> None:
+    """The photos as a presplit ImageNet-style folder: one folder per class index (000 ... 999, so
+    the sorted class order is the ImageNet index, as with ImageNet's own wnid folders)."""
+    for part in ("train", "test"):
+        for k in range(1000):
+            (root / part / f"{k:03d}").mkdir(parents=True)
+        for p in PHOTOS:
+            (root / part / f"{_label(p):03d}" / p.name).symlink_to(p)
+
+
+def test_mobilenet_v2_cli_with_preprocess(tmp_path) -> None:
+    """`carcert certify` with --resize/--crop/--mean/--std (no hand-written wrapper) predicts what
+    torchvision's own ImageNet pipeline (MobileNet_V2_Weights.transforms()) predicts, photo by photo."""
+    from carcert.cli import main
+    from core.verify import recompute
+
+    _imagenet_folder(tmp_path / "ds")
+    out = tmp_path / "cert.json"
+    args = ["certify", "--arch", "mobilenet_v2", "--weights", str(WEIGHTS), "--dataset",
+            f"imagefolder:{tmp_path / 'ds'}", "--num-classes", "1000", "--resize", "256", "--crop", "224",
+            "--mean", IMAGENET_MEAN, "--std", IMAGENET_STD, "--transform", "brightness", "--n", "4",
+            "--l", "1", "--t-steps", "10", "--samples", str(len(PHOTOS)), "--out", str(out), "--quiet",
+            "--device", "cpu"]
+    assert main(args) == 0
+    cert = json.loads(out.read_text())
+    assert cert["model"]["preprocess"] == {"resize": 256, "crop": 224, "mean": [0.485, 0.456, 0.406],
+                                           "std": [0.229, 0.224, 0.225]}
+    samples = cert["samples"]
+    assert len(samples) == len(PHOTOS)
+
+    # independent: torchvision's reference preprocessing of these weights, on the PIL images
+    net = torchvision.models.mobilenet_v2(weights=None)
+    net.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+    tf = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    order = sorted(PHOTOS, key=lambda p: (_label(p), p.name))  # the folder's order: class, then name
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p in order])
+    with torch.inference_mode():
+        expected = net.eval()(x).argmax(1).tolist()
+    labels = [_label(p) for p in order]
+    assert [s["label"] for s in samples] == labels
+    assert [s["pred"] for s in samples] == expected
+    assert sum(e == y for e, y in zip(expected, labels, strict=True)) >= 0.7 * len(labels)
+    assert cert["accuracy"] == pytest.approx(np.mean([s["pred"] == s["label"] for s in samples]))
+    # the recorded preprocess rebuilds the same model: p and Z recomputed from the files match
+    assert main(["verify", str(out), "--model", str(WEIGHTS), "--no-files"]) == 0
+    assert recompute(out, model=WEIGHTS) == []

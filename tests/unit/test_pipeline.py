@@ -272,7 +272,8 @@ def test_precomputed_variants_from_npz(tmp_path: Path) -> None:
     data = load_dataset(f"npz:{path}", seed=0)
     t = build_transform(TransformSpec(kind="precomputed"), data=data, split="test")
     idx = torch.arange(len(data.test_x))
-    assert torch.equal(t(data.test_x, torch.full((len(idx),), 0.3), index=idx), data.test_x)
+    test_x = data.test_x[:]  # an ImageSource (npz rows read on demand) as one tensor
+    assert torch.equal(t(test_x, torch.full((len(idx),), 0.3), index=idx), test_x)
     # ... so its Z is 0 up to float32 rounding: the clean pass and the variants run in batches of
     # other sizes, and CPU conv kernels may round differently per batch size (AVX-512 oneDNN)
     assert np.all(z[deltas < 0.5] < 1e-6)

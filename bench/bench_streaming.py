@@ -1,0 +1,256 @@
+"""Streaming datasets: peak memory and wall time of `carcert certify` and a 1-epoch `carcert prune` on
+generated imagefolders of JPEGs, and training throughput on digits / Fashion-MNIST.
+
+    python bench/bench_streaming.py --sizes 6000 60000 [--code /work/main] [--skip-prune]
+
+Folders: var/bench-stream/jpeg-<N>/<class>/<i>.jpg (160 x 160 RGB, 10 classes, smooth random
+content, JPEG quality 90; generated once, seeded). Every command runs in a child process; peak RSS
+is the largest sum of VmRSS over the child and its descendants (DataLoader workers included),
+sampled every 50 ms from /proc, beside ru_maxrss (the largest single process). The prune runs train
+with --batch-size 32 (PRUNE_BATCH). `--code DIR` runs the
+commands with DIR's carcert (e.g. /work/main, the in-memory path) for comparison. Results print as
+JSON lines and a markdown table; run it under `flock /tmp/carcert-bench.lock`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+CPUINFO = Path("/proc/cpuinfo")
+VAR = ROOT / "var" / "bench-stream"
+SIDE, CLASSES = 160, 10
+PRUNE_BATCH = 32  # training batch of the prune runs: at 160 px small_cnn's activations of a batch of
+# 128 (the default) alone take ~3 GB in the CAR search, whatever the dataset size
+
+
+def generate(folder: Path, n: int, seed: int = 0) -> Path:
+    """n JPEGs (SIDE px, CLASSES classes) under folder/<class>/, each a bilinear upsampling of a
+    seeded 8x8 colour grid tinted by its class (about 5-15 kB each). Skipped when complete."""
+    from PIL import Image
+
+    done = folder / ".complete"
+    if done.is_file() and done.read_text() == str(n):
+        return folder
+    rng = np.random.default_rng(seed)
+    tints = rng.integers(0, 256, size=(CLASSES, 3))
+    for i in range(n):
+        c = i % CLASSES
+        d = folder / f"class{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        grid = np.clip(rng.integers(0, 256, size=(8, 8, 3)) * 0.5 + tints[c] * 0.5, 0, 255).astype(np.uint8)
+        Image.fromarray(grid).resize((SIDE, SIDE), Image.BILINEAR).save(d / f"{i:06d}.jpg", quality=90)
+    done.write_text(str(n))
+    return folder
+
+
+def _tree_rss_kb(pid: int) -> int:
+    """Sum of VmRSS (kB) of pid and all its descendants (from /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def measure(cmd: list[str], code: Path) -> dict:
+    """Run cmd with PYTHONPATH=code: {seconds, peak_tree_rss_mb, maxrss_mb, rc}."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak = 0
+    while True:
+        peak = max(peak, _tree_rss_kb(proc.pid))
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    out = proc.stdout.read().decode(errors="replace")
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        print(out[-3000:], file=sys.stderr)
+    return {
+        "seconds": round(seconds, 2),
+        "peak_tree_rss_mb": round(peak / 1024),
+        "maxrss_mb": round(usage.ru_maxrss / 1024),
+        "rc": rc,
+        "tail": out.strip().splitlines()[-2:] if out.strip() else [],
+    }
+
+
+def weights(path: Path) -> Path:
+    """A seeded small_cnn for 3 x SIDE x SIDE inputs and CLASSES classes (what certify loads)."""
+    if not path.is_file():
+        import torch
+
+        from core.models import build_model, save_weights
+
+        torch.manual_seed(0)
+        save_weights(build_model("small_cnn", CLASSES, 3), path)
+    return path
+
+
+def commands(
+    folder: Path, w: Path, out: Path, skip_prune: bool, nl: tuple[int, int] = (100, 10)
+) -> dict[str, list[str]]:
+    py = sys.executable
+    cmds = {
+        "certify": [
+            py,
+            "-m",
+            "carcert.cli",
+            "certify",
+            "--arch",
+            "small_cnn",
+            "--weights",
+            str(w),
+            "--dataset",
+            f"imagefolder:{folder}",
+            "--samples",
+            "4",
+            "--n",
+            str(nl[0]),
+            "--l",
+            str(nl[1]),
+            "--out",
+            str(out / "cert.json"),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    }
+    if not skip_prune:
+        cmds["prune"] = [
+            py,
+            "-m",
+            "carcert.cli",
+            "prune",
+            "--arch",
+            "small_cnn",
+            "--dataset",
+            f"imagefolder:{folder}",
+            "--method",
+            "car",
+            "--prune-ratio",
+            "0.5",
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(PRUNE_BATCH),
+            "--samples",
+            "4",
+            "--out",
+            str(out / "prune"),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    return cmds
+
+
+THROUGHPUT = """
+import json, sys, time, torch
+from core.data import load_dataset
+from core.models import build_model
+from core.training import train_epochs
+torch.set_num_threads(2)
+ref, n = sys.argv[1], int(sys.argv[2])
+data = load_dataset(ref, train_subset=n)
+torch.manual_seed(0)
+model = build_model("small_cnn", data.num_classes, data.in_channels)
+t0 = time.perf_counter()
+train_epochs(model, data.train_x, data.train_y, epochs=1, lr=0.01, batch_size=128, seed=0)
+dt = time.perf_counter() - t0
+print(json.dumps({"img_per_s": round(len(data.train_y) / dt, 1), "seconds": round(dt, 2)}))
+"""
+
+
+def throughput(ref: str, n: int, code: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    res = subprocess.run(
+        [sys.executable, "-c", THROUGHPUT, ref, str(n)],
+        env=env,
+        cwd=code,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[6000, 60000])
+    ap.add_argument("--prune-sizes", type=int, nargs="*", help="folder sizes also pruned (default: --sizes)")
+    ap.add_argument("--skip-certify", action="store_true")
+    ap.add_argument("--n", type=int, default=100, help="certify: draws per repeat (default 100, the CLI's)")
+    ap.add_argument("--l", type=int, default=10, help="certify: repeats (default 10, the CLI's)")
+    ap.add_argument(
+        "--fashion-subset", type=int, default=60000, help="throughput: Fashion-MNIST training samples"
+    )
+    ap.add_argument(
+        "--code", type=Path, default=ROOT, help="repository whose carcert runs (default: this one)"
+    )
+    ap.add_argument("--skip-prune", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each command (the table shows each)")
+    a = ap.parse_args()
+    VAR.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    w = weights(VAR / "small_cnn-160.safetensors")
+    load = os.getloadavg()
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in CPUINFO.read_text().splitlines() if "model name" in ln), ""
+    )
+    print(
+        f"# machine {cpu or platform.machine()}, {os.cpu_count()} CPUs; code {a.code}; "
+        f"load before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    rows = []
+    for n in a.sizes:
+        folder = generate(VAR / f"jpeg-{n}", n)
+        skip_prune = a.skip_prune or (a.prune_sizes is not None and n not in a.prune_sizes)
+        for name, cmd in commands(folder, w, VAR / f"out-{n}", skip_prune, (a.n, a.l)).items():
+            if name == "certify" and a.skip_certify:
+                continue
+            for _ in range(a.repeat):
+                r = {
+                    "images": n,
+                    "command": name,
+                    **measure(cmd, a.code),
+                    "load1": round(os.getloadavg()[0], 2),
+                }
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    if not a.skip_throughput:
+        for ref, n in (("digits", 1437), ("fashion-mnist", a.fashion_subset)):
+            r = {"dataset": ref, **throughput(ref, n, a.code), "load1": round(os.getloadavg()[0], 2)}
+            print(json.dumps(r), flush=True)
+    print("\n| images | command | wall s | peak RSS, process tree (MB) | ru_maxrss (MB) | load1 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['images']} | {r['command']} | {r['seconds']} | {r['peak_tree_rss_mb']} | "
+            f"{r['maxrss_mb']} | {r['load1']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
