@@ -64,7 +64,7 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert all(set(s) == SAMPLE_KEYS for s in cert["samples"])
     assert cert["params"] == {"n": 20, "l": 3, "alpha": 0.9, "epsilon": 0.01, "t_min": 1e-4, "t_max": 1e4,
                               "t_steps": 100, "seed": 5, "samples": 12, "bound": "cccert", "beta": None,
-                              "early_stop": False}
+                              "early_stop": False, "precision": "fp32"}
     assert cert["forward_passes"] == 12 + 12 * 60 and cert["guarantee"]["bound"] == "cccert"
     assert cert["model"]["sha256"] == file_sha256(weights) and cert["mask_sha256"] is None
     data = load_dataset("digits", seed=5)
