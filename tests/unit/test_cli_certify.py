@@ -147,6 +147,29 @@ def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
     assert main(["verify", str(tmp_path / "early.json"), "--model", str(weights), "--recompute"]) == 0
 
 
+def test_bf16_precision_is_certified_recorded_and_recomputed(trained, tmp_path, capsys) -> None:
+    """--precision bf16: the certificate says so (params and software.forward), `verify --recompute`
+    reruns in bf16 (OK), and the same evidence claimed as fp32 fails the recomputation."""
+    weights, _, _ = trained
+    assert _certify(weights, tmp_path / "fp32.json") == 0
+    assert _certify(weights, tmp_path / "bf16.json", "--precision", "bf16") == 0
+    fp32, bf16 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fp32", "bf16"))
+    assert fp32["params"]["precision"] == "fp32" and bf16["params"]["precision"] == "bf16"
+    assert bf16["software"]["forward"]["precision"] == "bf16"
+    assert bf16["software"]["forward"]["form"] in ("eager", "channels_last")  # tiny run: not compiled
+    assert main(["verify", str(tmp_path / "bf16.json"), "--model", str(weights), "--recompute"]) == 0
+    with np.load(tmp_path / "fp32.evidence.npz") as a, np.load(tmp_path / "bf16.evidence.npz") as b:
+        assert np.abs(a["p"] - b["p"]).max() > 1e-6  # bf16 is another function
+    claimed = dict(bf16, params={**bf16["params"], "precision": "fp32"})
+    (tmp_path / "claimed.json").write_text(json.dumps(claimed))
+    ev = str(tmp_path / "bf16.evidence.npz")
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "claimed.json"), "--evidence", ev, "--model", str(weights)]) == 0
+    code = main(["verify", str(tmp_path / "claimed.json"), "--evidence", ev, "--model", str(weights),
+                 "--recompute"])
+    assert code == 1 and "(fp32" in capsys.readouterr().out
+
+
 def test_bad_options_exit_2(trained, tmp_path, capsys) -> None:
     weights, _, _ = trained
     assert main(["certify", "--arch", "small_cnn", "--weights", str(weights), "--dataset", "digits",
