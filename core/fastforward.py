@@ -13,11 +13,13 @@ function: float32 results differ from eager NCHW only by kernel rounding, ~1e-7 
 Precision: "fp32" (default) or "bf16", torch.autocast(device, bfloat16) around the forward: the
 model as it would be deployed in bf16 (a different function: its certificate says so).
 
-Compile policy, env CARCERT_COMPILE = auto (default) | 1 | 0: auto compiles when the run's work,
+Form policy, env CARCERT_FORWARD = auto (default) | eager | channels_last | compiled: auto takes
+channels_last for image inputs and compiles when the run's work,
 forwards x FLOPs of one forward (torch.utils.flop_counter, one extra forward of a zero input, skipped
 when 2 x parameters x pixels per forward could not reach it), reaches COMPILE_MIN_FLOPS (3e13: about
 27,000 resnet18 forwards at 32x32, some 2.5 min of eager work on 2 CPU cores, where compiling (~40-60 s
-there) pays back); 1 always, 0 never; `compile=True/False` overrides auto. The decision is a function
+there) pays back), or as `compile=True/False` says; the other values force that form (eager: the
+reference, e.g. for benchmarks; compiled: whatever the work). The decision is a function
 of the model and the work, never of timings, so a run is deterministic on a given machine. If compiling
 fails (at torch.compile or the warm-up call that triggers it), the Forward falls back to channels_last
 and records why (`describe()["fallback"]`). Prepared Forwards are cached per model object, keyed by
@@ -40,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 PRECISIONS = ("fp32", "bf16")
-COMPILE_ENV = "CARCERT_COMPILE"
+FORM_ENV = "CARCERT_FORWARD"
+FORMS = ("eager", "channels_last", "compiled")
 COMPILE_MIN_FLOPS = 3e13
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Forward]] = weakref.WeakKeyDictionary()
 
@@ -52,11 +55,11 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def compile_setting() -> str:
-    """CARCERT_COMPILE as "auto", "1" or "0" (unset: auto; anything else: ValueError)."""
-    value = os.environ.get(COMPILE_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "1", "0"):
-        raise ValueError(f"{COMPILE_ENV} must be auto, 1 or 0, got {value!r}")
+def form_setting() -> str:
+    """CARCERT_FORWARD: "auto" or one of FORMS (unset or empty: auto; anything else: ValueError)."""
+    value = os.environ.get(FORM_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", *FORMS):
+        raise ValueError(f"{FORM_ENV} must be auto, {', '.join(FORMS)}; got {value!r}")
     return value
 
 
@@ -80,9 +83,9 @@ def should_compile(
     compile: bool | None = None,
 ) -> bool:  # noqa: A002 - torch's word
     """The compile policy of the module docstring for `work` forwards."""
-    setting = compile_setting()
+    setting = form_setting()
     if setting != "auto":
-        return setting == "1"
+        return setting == "compiled"
     if compile is not None:
         return compile
     params = sum(p.numel() for p in model.parameters())
@@ -175,8 +178,6 @@ def _build(
     precision: str,
     compile: bool,
 ) -> Forward:  # noqa: A002
-    if len(item_shape) != 3:  # channels_last needs (C, H, W) items
-        return Forward(model, device, precision, batch)
     try:
         net = copy.deepcopy(model).eval().to(device=device, memory_format=torch.channels_last)
     except Exception as exc:  # noqa: BLE001 - a model that cannot be copied runs as given
@@ -202,26 +203,30 @@ def prepare_forward(
     device = torch.device(device)
     check_precision(precision)
     item_shape = tuple(int(s) for s in item_shape)
-    want_compile = should_compile(model, item_shape, device, work, compile) if len(item_shape) == 3 else False
-    key = (item_shape, int(batch), str(device), precision, want_compile, _weights_version(model))
+    eager = form_setting() == "eager" or len(item_shape) != 3  # channels_last needs (C, H, W) items
+    want_compile = not eager and should_compile(model, item_shape, device, work, compile)
+    key = (item_shape, int(batch), str(device), precision, eager, want_compile, _weights_version(model))
     cached = _CACHE.setdefault(model, {})
     if key in cached:
         return cached[key]
+    if eager:
+        return Forward(model, device, precision, int(batch))
     fwd = _build(model, item_shape, int(batch), device, precision, want_compile)
     if fwd.net is not model:  # only copies are cached (a value holding its key would never be freed)
-        for old in [k for k in cached if k[:5] == key[:5]]:  # the same slot with stale weights
+        for old in [k for k in cached if k[:6] == key[:6]]:  # the same slot with stale weights
             del cached[old]
         cached[key] = fwd
     return fwd
 
 
 __all__ = [
-    "COMPILE_ENV",
+    "FORM_ENV",
+    "FORMS",
     "COMPILE_MIN_FLOPS",
     "PRECISIONS",
     "Forward",
     "check_precision",
-    "compile_setting",
+    "form_setting",
     "flops_per_forward",
     "prepare_forward",
     "should_compile",

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from core.certify import build_certificate, certificate_body, certify_model, sample_deltas, sample_record
-from core.fastforward import COMPILE_ENV, flops_per_forward, prepare_forward, should_compile
+from core.fastforward import FORM_ENV, flops_per_forward, prepare_forward, should_compile
 from core.models import build_model
 from core.spec import CertifySpec, JobSpec
 from core.transforms import ParametricTransform
@@ -52,13 +52,13 @@ def _cert(res):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("compile_env", ["0", "1"])
-def test_fast_forms_match_an_independent_eager_computation(compile_env, monkeypatch) -> None:
-    monkeypatch.setenv(COMPILE_ENV, compile_env)
+@pytest.mark.parametrize("form", ["auto", "compiled"])
+def test_fast_forms_match_an_independent_eager_computation(form, monkeypatch) -> None:
+    monkeypatch.setenv(FORM_ENV, form)
     model, x, y = _model_and_data()
     transform = ParametricTransform("brightness", 0.5)
     res = certify_model(model, x, y, transform, SPEC, seed=3)
-    assert res.forward["form"] == ("compiled" if compile_env == "1" else "channels_last")
+    assert res.forward["form"] == ("compiled" if form == "compiled" else "channels_last")  # auto: tiny work
     assert res.forward["precision"] == "fp32" and res.forward["fallback"] is None
     p, z = _eager_reference(model, x, SPEC, transform)
     assert np.abs(res.p - p).max() <= 1e-6 and np.abs(res.z - z).max() <= 1e-6
@@ -85,9 +85,9 @@ def _raise_at_first_call(module, **kwargs):
 def test_compile_failure_falls_back_with_the_same_certificate(broken, monkeypatch) -> None:
     model, x, y = _model_and_data()
     transform = ParametricTransform("brightness", 0.5)
-    monkeypatch.setenv(COMPILE_ENV, "0")
+    monkeypatch.setenv(FORM_ENV, "channels_last")
     plain = certify_model(model, x, y, transform, SPEC, seed=3)
-    monkeypatch.setenv(COMPILE_ENV, "1")
+    monkeypatch.setenv(FORM_ENV, "compiled")
     monkeypatch.setattr(torch, "compile", broken)
     fell = certify_model(model, x, y, transform, SPEC, seed=3)
     assert fell.forward["form"] == "channels_last"
@@ -101,7 +101,7 @@ def test_compile_failure_falls_back_with_the_same_certificate(broken, monkeypatc
 
 
 def test_compiled_forward_pads_and_caches(monkeypatch) -> None:
-    monkeypatch.setenv(COMPILE_ENV, "1")
+    monkeypatch.setenv(FORM_ENV, "compiled")
     model, x, _ = _model_and_data()
     xs = torch.rand(23, 1, 8, 8)
     fwd = prepare_forward(model, (1, 8, 8), 10, device="cpu")
@@ -122,24 +122,27 @@ def test_compile_policy(monkeypatch) -> None:
     # conv: 2 * Cout * Cin * k * k * H * W; linear: 2 * in * out
     flops = 2 * 8 * 3 * 9 * 16 * 16 + 2 * 8 * 16 * 16 * 5
     assert flops_per_forward(model, (3, 16, 16), torch.device("cpu")) == flops
-    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    monkeypatch.delenv(FORM_ENV, raising=False)
     dev = torch.device("cpu")
     need = int(np.ceil(3e13 / flops))
     assert not should_compile(model, (3, 16, 16), dev, need - 1)
     assert should_compile(model, (3, 16, 16), dev, need)
     assert not should_compile(model, (3, 16, 16), dev, need, compile=False)
     assert should_compile(model, (3, 16, 16), dev, 1, compile=True)
-    monkeypatch.setenv(COMPILE_ENV, "0")
+    monkeypatch.setenv(FORM_ENV, "channels_last")
     assert not should_compile(model, (3, 16, 16), dev, 10 * need, compile=True)
-    monkeypatch.setenv(COMPILE_ENV, "1")
+    monkeypatch.setenv(FORM_ENV, "compiled")
     assert should_compile(model, (3, 16, 16), dev, 1, compile=False)
-    monkeypatch.setenv(COMPILE_ENV, "sometimes")
-    with pytest.raises(ValueError, match=COMPILE_ENV):
+    monkeypatch.setenv(FORM_ENV, "eager")  # the reference form: the model itself, as given
+    fwd = prepare_forward(model, (3, 16, 16), 4, device="cpu", work=10 * need, compile=True)
+    assert fwd.form == "eager" and fwd.net is model and not should_compile(model, (3, 16, 16), dev, need)
+    monkeypatch.setenv(FORM_ENV, "sometimes")
+    with pytest.raises(ValueError, match=FORM_ENV):
         should_compile(model, (3, 16, 16), dev, 1)
 
 
 def test_precision_field_and_bf16_forward(monkeypatch) -> None:
-    monkeypatch.setenv(COMPILE_ENV, "0")
+    monkeypatch.setenv(FORM_ENV, "channels_last")
     assert CertifySpec().precision == "fp32" and CertifySpec(precision="bf16").precision == "bf16"
     with pytest.raises(ValidationError, match="precision"):
         CertifySpec(precision="fp16")
