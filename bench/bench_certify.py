@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--forms", default="eager,channels_last,compiled,bf16")
     ap.add_argument("--demo", action="store_true", help="also the make-demo decisions per form")
     ap.add_argument("--skip-certify", action="store_true")
+    ap.add_argument("--batch-sweep", default="", help="img/s of channels_last at these batch sizes (a,b,...)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -215,6 +216,15 @@ def main() -> None:
     print("|---|---|---|---|")
     for form, r in ips.items():
         print(f"| {form} | {r['img_s']:.1f} | {r['img_s'] / base:.2f} | {r['compile_s']:.1f} |")
+    for bs in [int(b) for b in args.batch_sweep.split(",") if b]:
+        fwd, _, _ = _forward_of(model, "channels_last", bs, dev)
+        x = torch.rand(bs, 3, 32, 32, device=dev)
+        fwd(x)
+        _sync(dev)
+        t0 = time.perf_counter()
+        fwd(x)
+        _sync(dev)
+        print(f"| channels_last, batch {bs} | {bs / (time.perf_counter() - t0):.1f} | | |", flush=True)
     if not args.skip_certify:
         print(f"certification, n={args.n} l={args.l}, batch {args.batch_size}, load {os.getloadavg()}:")
         certification(model, forms, args, dev, ips)
