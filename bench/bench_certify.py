@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--forms", default="eager,channels_last,compiled,bf16")
     ap.add_argument("--demo", action="store_true", help="also the make-demo decisions per form")
     ap.add_argument("--skip-certify", action="store_true")
+    ap.add_argument("--certify-forms", default="", help="forms of part 2 (default: --forms; eager first)")
     ap.add_argument("--batch-sweep", default="", help="img/s of channels_last at these batch sizes (a,b,...)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -227,7 +228,7 @@ def main() -> None:
         print(f"| channels_last, batch {bs} | {bs / (time.perf_counter() - t0):.1f} | | |", flush=True)
     if not args.skip_certify:
         print(f"certification, n={args.n} l={args.l}, batch {args.batch_size}, load {os.getloadavg()}:")
-        certification(model, forms, args, dev, ips)
+        certification(model, args.certify_forms.split(",") if args.certify_forms else forms, args, dev, ips)
     if args.demo:
         print(
             "| demo form | certify s | PCA | decisions != eager | max abs eps diff | max abs p diff "
