@@ -158,8 +158,9 @@ def _weights_version(model: nn.Module) -> tuple:
 def _compile(fwd: Forward, item_shape: tuple[int, ...]) -> None:
     """fwd.compiled = torch.compile(fwd.net), warmed up on one zero batch; on failure fwd.fallback."""
     try:
-        mode = "max-autotune-no-cudagraphs" if fwd.device.type == "cuda" else None
-        compiled = torch.compile(fwd.net, dynamic=False, mode=mode)
+        # default mode on CUDA too: CUDA graphs ("reduce-overhead") reuse their output buffers
+        # between calls and autotuning compiles for minutes; neither was measured (no GPU lent)
+        compiled = torch.compile(fwd.net, dynamic=False)
         warm = torch.zeros((fwd.batch, *item_shape), device=fwd.device)
         with torch.inference_mode(), _autocast(fwd.device, fwd.precision):
             compiled(fwd._fmt(warm))
@@ -168,6 +169,17 @@ def _compile(fwd: Forward, item_shape: tuple[int, ...]) -> None:
         fwd.compiled = None
         first = (str(exc).splitlines() or [""])[0]
         fwd.fallback = f"torch.compile failed: {type(exc).__name__}: {first}"[:300]
+
+
+def _device_notes(device: torch.device) -> dict[str, Any]:
+    """On CUDA, whether TF32 (10-bit mantissa) may run float32 convolutions and matmuls: PyTorch's
+    cudnn default allows it, so an "fp32" certificate on such a GPU says so."""
+    if device.type != "cuda":
+        return {}
+    return {
+        "cudnn_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+    }
 
 
 def _build(
@@ -182,7 +194,7 @@ def _build(
         net = copy.deepcopy(model).eval().to(device=device, memory_format=torch.channels_last)
     except Exception as exc:  # noqa: BLE001 - a model that cannot be copied runs as given
         return Forward(model, device, precision, batch, fallback=f"channels_last copy failed: {exc}"[:300])
-    fwd = Forward(net, device, precision, batch, channels_last=True)
+    fwd = Forward(net, device, precision, batch, channels_last=True, extra=_device_notes(device))
     if compile:
         _compile(fwd, item_shape)
     return fwd
@@ -210,7 +222,7 @@ def prepare_forward(
     if key in cached:
         return cached[key]
     if eager:
-        return Forward(model, device, precision, int(batch))
+        return Forward(model, device, precision, int(batch), extra=_device_notes(device))
     fwd = _build(model, item_shape, int(batch), device, precision, want_compile)
     if fwd.net is not model:  # only copies are cached (a value holding its key would never be freed)
         for old in [k for k in cached if k[:6] == key[:6]]:  # the same slot with stale weights
