@@ -4,7 +4,7 @@
     carcert certify --arch resnet18 --weights model.safetensors [--mask mask.safetensors] \\
         --dataset digits --transform illumination [--n 100 --l 10 --alpha 0.9 --epsilon 1e-3 \\
         --samples 100 --seed 0 --bound-order conservative --bound cccert|binomial \\
-        --failure-probability 1e-3 --early-stop] --out cert.json
+        --failure-probability 1e-3 --early-stop --precision fp32|bf16] --out cert.json
     carcert certify --model net.pt2 [--weights W] [--mask M] --dataset digits ... --out cert.json
 writes cert.json and cert.evidence.npz beside it. --transform takes a parametric name
 (core.transforms.PARAMETRIC, or 'a+b'), 'pca' (built-in PCA latent direction, --component),
@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--mask", help="mask file (default: mask.safetensors beside the certificate)")
     v.add_argument("--no-files", action="store_true", help="check the evidence only (no model / mask files)")
     v.add_argument("--recompute", action="store_true",
-                   help="also re-run the model on the recorded deltas and compare p and Z (tolerance 1e-6)")
+                   help="also re-run the model on the recorded deltas and compare p and Z (tolerance 1e-6 "
+                        "in fp32, 1e-2 in bf16), at the certificate's precision")
     v.add_argument("--dataset", help="--recompute: dataset reference overriding the certificate's "
                                      "(e.g. a local copy of a service artifact; its sha256 must match)")
     v.add_argument("--device", default="cpu", help="--recompute: cpu, cuda, ...")
@@ -86,9 +87,11 @@ What it proves:
   2. The model (and mask) files hash to model.sha256 (and mask_sha256), and the certificate's
      params / nonzero / sparsity / per-layer sparsity are those of the files. The files are
      model.safetensors / mask.safetensors beside the certificate, or --model / --mask.
-  3. With --recompute: re-running that model on the dataset's test samples and the recorded deltas
-     gives the evidence's p and Z within 1e-6 (float32 forward passes differ across CPUs, GPUs and
-     batch sizes by about 1e-7); the dataset must hash to the certificate's dataset.sha256.
+  3. With --recompute: re-running that model on the dataset's test samples and the recorded deltas,
+     at the certificate's params.precision (fp32 or bf16) and in its recorded form
+     (software.forward), gives the evidence's p and Z within 1e-6 in fp32 (float32 forward passes
+     differ across CPUs, GPUs, batch sizes and forms by about 1e-7) or 1e-2 in bf16; the dataset must
+     hash to the certificate's dataset.sha256.
 
 What it cannot prove:
   - Without --recompute, that the evidence came from this model: checks 1-2 hold for any evidence
@@ -100,7 +103,7 @@ What it cannot prove:
 
 
 def add_bound_options(p: argparse.ArgumentParser) -> None:
-    """--bound, --failure-probability, --early-stop (shared by `certify` and `prune`)."""
+    """--bound, --failure-probability, --early-stop, --precision (shared by `certify` and `prune`)."""
     p.add_argument("--bound", choices=("cccert", "binomial"), default="cccert",
                    help="cccert: the paper's Eq. 13-14 (reproduction); binomial: one-sided Clopper-Pearson "
                         "upper limit on P(Z >= d), distribution-free, needs n*l >= ln(1/beta)/epsilon")
@@ -108,6 +111,9 @@ def add_bound_options(p: argparse.ArgumentParser) -> None:
                    help="beta of the binomial bound (default 1e-3)")
     p.add_argument("--early-stop", action="store_true",
                    help="stop sampling a sample once its decision cannot change (same decisions and PCA)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32: certify the model as trained; bf16: as deployed in bf16 (bf16 autocast; "
+                        "fast on CPUs with native bf16 and on GPUs, slow where bf16 is emulated)")
 
 
 def add_preprocess_options(p: argparse.ArgumentParser) -> None:
@@ -163,7 +169,8 @@ def _specs(args: argparse.Namespace):
         cspec = CertifySpec(n=args.n, l=args.l, alpha=args.alpha, epsilon=args.epsilon, samples=args.samples,
                             t_min=args.t_min, t_max=args.t_max, t_steps=args.t_steps,
                             bound_order=args.bound_order, batch_size=args.batch_size, bound=args.bound,
-                            failure_probability=args.failure_probability, early_stop=args.early_stop)
+                            failure_probability=args.failure_probability, early_stop=args.early_stop,
+                            precision=args.precision)
     except ValidationError as exc:
         msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"invalid certification options: {msgs}") from exc

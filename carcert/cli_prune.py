@@ -197,7 +197,7 @@ def build_spec(args: argparse.Namespace):
         "certification": {"n": args.n, "l": args.l, "samples": args.samples, "alpha": args.alpha,
                           "epsilon": args.epsilon, "t_steps": args.t_steps, "bound_order": args.bound_order,
                           "bound": args.bound, "failure_probability": args.failure_probability,
-                          "early_stop": args.early_stop},
+                          "early_stop": args.early_stop, "precision": args.precision},
         "train_subset": args.train_subset,
         "seed": args.seed,
         "preprocess": preprocess_spec(args).model_dump(),

@@ -48,12 +48,14 @@ from core.bounds import GUARANTEES, check_bound, clopper_pearson_upper, stop_rea
 from core.context import write_json
 from core.datasets import forward_batch
 from core.errors import Cancelled, InvalidInput
+from core.fastforward import Forward, check_precision, prepare_forward
 from core.masking import sparsity_report
 from core.transforms import SemanticTransform
 
 BOUND_ORDERS = ("conservative", "reference")
 PARAM_KEYS = ("n", "l", "alpha", "epsilon", "t_min", "t_max", "t_steps", "seed", "samples")
-OPTIONAL_PARAMS = {"bound": "cccert", "beta": None, "early_stop": False}  # absent in older certificates
+# absent in older certificates
+OPTIONAL_PARAMS = {"bound": "cccert", "beta": None, "early_stop": False, "precision": "fp32"}
 
 
 # ----------------------------------------------------------------------------- the bound
@@ -173,6 +175,7 @@ class CertificationResult:
     seconds: float = 0.0
     draws: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (S,) sampled entries
     forward_passes: int = 0  # S clean passes + draws.sum()
+    forward: dict[str, Any] = field(default_factory=dict)  # what ran: core.fastforward.Forward.describe()
 
 
 def _params(spec: Any, seed: int, samples: int) -> dict[str, Any]:
@@ -183,6 +186,7 @@ def _params(spec: Any, seed: int, samples: int) -> dict[str, Any]:
         "t_min": float(spec.t_min), "t_max": float(spec.t_max), "t_steps": int(spec.t_steps),
         "seed": int(seed), "samples": int(samples), "bound": bound, "beta": beta,
         "early_stop": bool(getattr(spec, "early_stop", False)),
+        "precision": check_precision(str(getattr(spec, "precision", "fp32"))),
     }
 
 
@@ -207,15 +211,16 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def clean_probabilities(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    """p = softmax(f(x)) in float64, (N, K) on the model's device."""
+def clean_probabilities(model: nn.Module | Forward, x: Tensor, batch_size: int) -> Tensor:
+    """p = softmax(f(x)) in float64, (N, K) on the model's device; `model` may be a prepared
+    core.fastforward.Forward."""
     out = [model(x[i:i + batch_size]).double().softmax(dim=1) for i in range(0, x.shape[0], batch_size)]
     return torch.cat(out)
 
 
 @torch.inference_mode()
-def transformed_z(model: nn.Module, transform: SemanticTransform, xs: Tensor, p: Tensor, sample_ids: Tensor,
-                  flat_d: Tensor, batch_size: int) -> np.ndarray:
+def transformed_z(model: nn.Module | Forward, transform: SemanticTransform, xs: Tensor, p: Tensor,
+                  sample_ids: Tensor, flat_d: Tensor, batch_size: int) -> np.ndarray:
     """Z = ||p[s] - softmax(f(T(xs[s], delta)))||_inf (float64) for each pair (s, delta) of the flat
     CPU `sample_ids` and `flat_d`, in forward batches of batch_size; xs and p on the model's device.
     Raises InvalidInput on NaN/inf outputs."""
@@ -240,7 +245,7 @@ def transformed_z(model: nn.Module, transform: SemanticTransform, xs: Tensor, p:
 class _Run:
     """What the sampling loops share: the model, the clean inputs and outputs, the arrays to fill."""
 
-    model: nn.Module
+    model: nn.Module | Forward
     transform: SemanticTransform
     xs: Tensor  # (S, ...) on dev
     p_dev: Tensor  # (S, K) float64 on dev
@@ -356,7 +361,9 @@ def certify_model(
     processed in groups that fill whole batches (_sample_full, _sample_early). After a group, if
     checkpoint_every_s elapsed, z so far is checkpointed via ctx (resume skips the done groups,
     giving the same result); ctx.should_cancel() is checked between groups.
-    The model is put in eval mode (and moved to `device` if given)."""
+    The model is put in eval mode (and moved to `device` if given); the forwards run in the form
+    core.fastforward.prepare_forward picks (channels_last, compiled for large runs) at
+    spec.precision, recorded in the result's `forward`."""
     started = time.perf_counter()
     order = str(getattr(spec, "bound_order", "conservative"))
     if order not in BOUND_ORDERS:
@@ -371,14 +378,16 @@ def certify_model(
     xs = x[:S].to(dev, torch.float32)
     ys = y[:S].detach().cpu().to(torch.int64)
 
-    p_dev = clean_probabilities(model, xs, bs)  # (S, K)
+    fwd = prepare_forward(model, tuple(xs.shape[1:]), bs, device=dev, precision=params["precision"],
+                          work=S * (1 + n * l))
+    p_dev = clean_probabilities(fwd, xs, bs)  # (S, K)
     if p_dev.shape[1] < 2:
         raise InvalidInput("certification needs a classifier with at least 2 classes")
     p_np = p_dev.cpu().numpy()
     if not np.isfinite(p_np).all():
         raise InvalidInput("the model produced NaN/inf outputs on the clean test samples")
     labels = ys.numpy()
-    run = _Run(model, transform, xs, p_dev, params, bs, dev, z=np.full((S, l, n), np.nan),
+    run = _Run(fwd, transform, xs, p_dev, params, bs, dev, z=np.full((S, l, n), np.nan),
                deltas=np.full((S, l, n), np.nan, dtype=np.float32), draws=np.zeros(S, dtype=np.int64),
                ctx=ctx, checkpoint_key=checkpoint_key, checkpoint_every_s=checkpoint_every_s,
                fingerprint=_fingerprint(params, xs, ys), last_save=time.perf_counter())
@@ -400,6 +409,7 @@ def certify_model(
         failure_probability=result_failure_probability(params), params=params,
         bound_order=order, p=p_np, deltas=run.deltas, labels=labels, indices=indices,
         seconds=time.perf_counter() - started, draws=run.draws, forward_passes=S + int(run.draws.sum()),
+        forward=fwd.describe(),
     )
 
 
@@ -436,6 +446,15 @@ def guarantee(params: dict[str, Any]) -> dict[str, Any]:
     return {"bound": bound, **GUARANTEES[bound]}
 
 
+def software(forward: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The certificate's "software": carcert and torch versions, and what ran the forwards
+    (core.fastforward.Forward.describe(): form, precision, device, batch, compile fallback) when known."""
+    out: dict[str, Any] = {"carcert": core.__version__, "torch": torch.__version__.split("+")[0]}
+    if forward:
+        out["forward"] = dict(forward)
+    return out
+
+
 def build_certificate(
     result: CertificationResult,
     *,
@@ -451,7 +470,7 @@ def build_certificate(
     return {
         "job_id": job_id,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "software": {"carcert": core.__version__, "torch": torch.__version__.split("+")[0]},
+        "software": software(result.forward),
         "model": model_info,
         "mask_sha256": mask_sha256,
         "dataset": dataset,

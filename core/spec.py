@@ -21,6 +21,7 @@ Method = Literal[METHODS]  # core.methods.REGISTRY
 Scope = Literal["layer", "global"]
 BoundOrder = Literal["conservative", "reference"]
 Bound = Literal["cccert", "binomial"]
+Precision = Literal["fp32", "bf16"]  # core.fastforward.PRECISIONS
 
 
 def _path_ref(value: str) -> str:
@@ -325,6 +326,11 @@ class CertifySpec(_Strict):
         default=False, description="stop sampling a sample once its decision cannot change (exact)"
     )
     batch_size: int = Field(default=500, ge=1, le=100_000, description="forward-pass batch")
+    precision: Precision = Field(
+        default="fp32",
+        description="fp32: the model as trained; bf16: the model as deployed in bf16 (bf16 autocast around "
+        "every forward; the certificate records it and `carcert verify --recompute` reruns it so)",
+    )
 
     @model_validator(mode="after")
     def _grid(self) -> CertifySpec:

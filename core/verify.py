@@ -7,9 +7,11 @@
   supported architectures).
 - recompute: re-runs the model on the dataset's test samples and the recorded deltas and compares
   p and Z with the evidence. Only this ties the evidence to the model: the evidence alone is
-  consistent with any model that would have produced it. Tolerance RECOMPUTE_ATOL (absolute, on
-  probabilities): float32 forward passes differ across CPUs, GPUs, thread counts and batch sizes
-  by about 1e-7.
+  consistent with any model that would have produced it. The forwards run at the certificate's
+  params.precision (fp32 or bf16) and, when its software.forward records one, in the same form
+  (compiled or not; core.fastforward). Tolerance RECOMPUTE_ATOL[precision] (absolute, on
+  probabilities): float32 forward passes differ across CPUs, GPUs, thread counts, batch sizes and
+  forms by about 1e-7; bf16 ones by up to ~1e-3 across forms and machines (8-bit mantissa).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from core.errors import InvalidInput
 
-RECOMPUTE_ATOL = 1e-6
+RECOMPUTE_ATOL = {"fp32": 1e-6, "bf16": 1e-2}
 MODEL_FILE, MASK_FILE = "model.safetensors", "mask.safetensors"
 
 
@@ -145,13 +147,19 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
               batch_size: int = 500) -> list[str]:
     """Re-run the model on the certificate's test samples and recorded deltas; mismatches of the
     dataset, the transformation, p or Z beyond RECOMPUTE_ATOL ([] when all agree). `dataset`
-    overrides the certificate's reference (e.g. a local copy of a service artifact)."""
+    overrides the certificate's reference (e.g. a local copy of a service artifact). Runs at the
+    certificate's precision and recorded form (module docstring)."""
     from core.certify import clean_probabilities, evidence_path_for, load_evidence, transformed_z
     from core.data import SPLIT_SEED, load_dataset
     from core.datasets import forward_batch
+    from core.fastforward import PRECISIONS, prepare_forward
     from core.transforms import build_transform, transform_description
 
     cert = _read_cert(cert_path)
+    precision = (cert.get("params") or {}).get("precision", "fp32")
+    if precision not in PRECISIONS:
+        return [f"unknown params.precision {precision!r} (one of {PRECISIONS})"]
+    atol = RECOMPUTE_ATOL[precision]
     ev = load_evidence(Path(evidence_path) if evidence_path else evidence_path_for(Path(cert_path)))
     ds = cert.get("dataset") or {}
     split_seed = ds.get("split_seed")
@@ -173,22 +181,26 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
     idx = torch.from_numpy(ev["indices"].astype(np.int64))
     xs = data.test_x.index_select(0, idx).to(device, torch.float32)
     batch_size = forward_batch(batch_size, xs.shape[1:])
-    p = clean_probabilities(net, xs, batch_size)
-    bad = []
-    dp = float(np.abs(p.cpu().numpy() - ev["p"]).max())
-    if not dp <= RECOMPUTE_ATOL:
-        bad.append(f"clean probabilities differ from the evidence by {dp:.3g} > {RECOMPUTE_ATOL:g}")
     z, deltas = ev["z"].reshape(len(idx), -1), ev["deltas"].reshape(len(idx), -1)
     draws = ev.get("draws", np.full(len(idx), z.shape[1]))
+    ran = (cert.get("software") or {}).get("forward") or {}
+    fwd = prepare_forward(net, tuple(xs.shape[1:]), batch_size, device=device, precision=precision,
+                          work=len(idx) + int(np.sum(draws)),
+                          compile=(ran.get("form") == "compiled") if ran else None)
+    p = clean_probabilities(fwd, xs, batch_size)
+    bad = []
+    dp = float(np.abs(p.cpu().numpy() - ev["p"]).max())
+    if not dp <= atol:
+        bad.append(f"clean probabilities differ from the evidence by {dp:.3g} > {atol:g} ({precision})")
     ids = torch.cat([torch.full((int(m),), k, dtype=torch.int64) for k, m in enumerate(draws)])
     flat = torch.from_numpy(np.concatenate([deltas[k, :int(m)] for k, m in enumerate(draws)]))
     if flat.numel():
-        got = transformed_z(net, transform, xs, p, ids, flat, batch_size)
+        got = transformed_z(fwd, transform, xs, p, ids, flat, batch_size)
         want = np.concatenate([z[k, :int(m)] for k, m in enumerate(draws)])
         dz = float(np.abs(got - want).max())
-        if not dz <= RECOMPUTE_ATOL:
+        if not dz <= atol:
             k = int(ids[int(np.argmax(np.abs(got - want)))])
-            bad.append(f"Z differs from the evidence by {dz:.3g} > {RECOMPUTE_ATOL:g} (worst: sample {k})")
+            bad.append(f"Z differs from the evidence by {dz:.3g} > {atol:g} ({precision}, worst: sample {k})")
     return bad
 
 

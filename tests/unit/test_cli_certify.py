@@ -64,7 +64,7 @@ def test_certify_and_verify(trained, tmp_path, capsys) -> None:
     assert all(set(s) == SAMPLE_KEYS for s in cert["samples"])
     assert cert["params"] == {"n": 20, "l": 3, "alpha": 0.9, "epsilon": 0.01, "t_min": 1e-4, "t_max": 1e4,
                               "t_steps": 100, "seed": 5, "samples": 12, "bound": "cccert", "beta": None,
-                              "early_stop": False}
+                              "early_stop": False, "precision": "fp32"}
     assert cert["forward_passes"] == 12 + 12 * 60 and cert["guarantee"]["bound"] == "cccert"
     assert cert["model"]["sha256"] == file_sha256(weights) and cert["mask_sha256"] is None
     data = load_dataset("digits", seed=5)
@@ -145,6 +145,29 @@ def test_binomial_early_stop_from_the_cli(trained, tmp_path, capsys) -> None:
     assert early["forward_passes"] == 12 + sum(s["draws"] for s in early["samples"]) <= full["forward_passes"]
     assert "forward passes" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "early.json"), "--model", str(weights), "--recompute"]) == 0
+
+
+def test_bf16_precision_is_certified_recorded_and_recomputed(trained, tmp_path, capsys) -> None:
+    """--precision bf16: the certificate says so (params and software.forward), `verify --recompute`
+    reruns in bf16 (OK), and the same evidence claimed as fp32 fails the recomputation."""
+    weights, _, _ = trained
+    assert _certify(weights, tmp_path / "fp32.json") == 0
+    assert _certify(weights, tmp_path / "bf16.json", "--precision", "bf16") == 0
+    fp32, bf16 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fp32", "bf16"))
+    assert fp32["params"]["precision"] == "fp32" and bf16["params"]["precision"] == "bf16"
+    assert bf16["software"]["forward"]["precision"] == "bf16"
+    assert bf16["software"]["forward"]["form"] in ("eager", "channels_last")  # tiny run: not compiled
+    assert main(["verify", str(tmp_path / "bf16.json"), "--model", str(weights), "--recompute"]) == 0
+    with np.load(tmp_path / "fp32.evidence.npz") as a, np.load(tmp_path / "bf16.evidence.npz") as b:
+        assert np.abs(a["p"] - b["p"]).max() > 1e-6  # bf16 is another function
+    claimed = dict(bf16, params={**bf16["params"], "precision": "fp32"})
+    (tmp_path / "claimed.json").write_text(json.dumps(claimed))
+    ev = str(tmp_path / "bf16.evidence.npz")
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "claimed.json"), "--evidence", ev, "--model", str(weights)]) == 0
+    code = main(["verify", str(tmp_path / "claimed.json"), "--evidence", ev, "--model", str(weights),
+                 "--recompute"])
+    assert code == 1 and "(fp32" in capsys.readouterr().out
 
 
 def test_bad_options_exit_2(trained, tmp_path, capsys) -> None:
