@@ -103,6 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection(p)
     p.set_defaults(func=cmd_cancel)
 
+    _register_download(subparsers)
+
+
+def _register_download(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "download",
         help="download a job's model, mask or evidence (sha256-checked)",

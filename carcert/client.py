@@ -274,7 +274,11 @@ class CarcertClient:
         return dest
 
     def download_model(
-        self, job_id: str, dest: str | Path, variant: str | None = None, format: str = "safetensors"  # noqa: A002
+        self,
+        job_id: str,
+        dest: str | Path,
+        variant: str | None = None,
+        format: str = "safetensors",  # noqa: A002
     ) -> Path:
         """GET /jobs/{id}/model?format= -> dest (a file, or a folder); sha256 checked against the
         header. format: safetensors (weights), pt2 (torch.export program) or onnx; pt2 and onnx

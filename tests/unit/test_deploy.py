@@ -128,3 +128,16 @@ def test_weights_without_metadata_are_refused(tmp_path: Path) -> None:
         export_deployable(
             "tflite", tmp_path / "m", weights=tmp_path / "w.safetensors", metrics={}, certificate=None
         )
+
+
+def test_cli_export_of_a_result_folder(tmp_path: Path, digits_x: np.ndarray) -> None:
+    from carcert.cli import main
+
+    weights = _pruned_small_cnn(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps(_metrics("small_cnn", [1, 8, 8])))
+    (tmp_path / "certificate.json").write_text(json.dumps(CERT))
+    assert main(["export", str(tmp_path), "--format", "onnx"]) == 0
+    logits, meta = run_onnx(tmp_path / "model.onnx", digits_x)
+    np.testing.assert_allclose(logits, _reference_logits(weights, digits_x), atol=1e-4, rtol=0)
+    assert meta["carcert.certificate_sha256"] == _expected_cert_sha()
+    assert main(["export", str(tmp_path / "missing"), "--format", "onnx"]) == 2
