@@ -55,7 +55,7 @@ def mlflow_url(tmp_path_factory) -> Iterator[str]:
             return False
 
     try:
-        wait_for(up, 120, interval=0.5, what="mlflow server")
+        wait_for(up, 300, interval=0.5, what="mlflow server")  # its imports take long on busy cores
         yield url
     finally:
         proc.terminate()
