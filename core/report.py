@@ -214,18 +214,16 @@ def certified_accuracy_curve(result: Mapping[str, Any], epsilons: np.ndarray) ->
 
 def figure_pca_epsilon(results: Sequence[Mapping[str, Any]], points: int = 200) -> Figure:
     """One panel: certified_accuracy_curve of every result with samples (label = name) on a log
-    epsilon axis from min(1e-6, smallest positive bound) to 1, and a vertical line at the job's
-    epsilon (label 'epsilon = <value>')."""
+    epsilon axis from min(1e-8, job epsilons / 100) to 1 (smaller bounds count from the left edge
+    on), and a vertical line at each job epsilon (label 'epsilon = <value>')."""
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
     with_samples = [r for r in results if _samples(r)]
-    positive = [float(s["epsilon_bound"]) for r in with_samples for s in _samples(r)
-                if s.get("epsilon_bound") and float(s["epsilon_bound"]) > 0]  # fmt: skip
-    lo = min([1e-6, *positive])
+    thresholds = sorted({t for r in with_samples if (t := _threshold(r)) is not None})
+    lo = min([1e-8, *(t / 100 for t in thresholds if t > 0)])
     grid = np.logspace(math.log10(lo), 0.0, points)
     for r in with_samples:
         ax.step(grid, certified_accuracy_curve(r, grid), where="post", label=str(r["name"]))
-    thresholds = sorted({t for r in with_samples if (t := _threshold(r)) is not None})
     for t in thresholds:
         ax.axvline(t, color="tab:red", linestyle="--", linewidth=1, label=f"epsilon = {t:g}")
     if not with_samples:
