@@ -86,6 +86,7 @@ def median_ms(fn, x, repeats: int) -> float:
 
 
 def run(arch: str, ratio: float, repeats: int, tmp: Path) -> tuple[list, list]:
+    """(sizes in MB, latencies in ms; none when repeats is 0) of one architecture and ratio."""
     torch.manual_seed(0)
     net = build_model(arch, 10, 1, small_input=True).eval()
     dense = build_model(arch, 10, 1, small_input=True).eval()
@@ -103,8 +104,8 @@ def run(arch: str, ratio: float, repeats: int, tmp: Path) -> tuple[list, list]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    lat = []
-    for batch in (1, 64):
+    lat: list[float] = []
+    for batch in (1, 64) if repeats else ():
         x = torch.rand(batch, *SHAPE)
         with torch.inference_mode():
             lat.append(median_ms(dense, x, repeats))
@@ -117,7 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="small_cnn,resnet18")
     ap.add_argument("--ratios", default="0.5,0.7")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20, help="0: sizes only (untimed)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     size_rows, lat_rows = [], []
@@ -133,6 +134,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(size_rows))
+    if args.repeats == 0:
+        return
     print()
     print(
         "| arch | prune ratio | b1 eager unpruned ms | b1 eager pruned ms | b1 ORT pruned ms "
