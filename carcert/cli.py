@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from carcert import cli_certify, cli_client, cli_deploy, cli_prune, cli_service
+from carcert import cli_certify, cli_client, cli_deploy, cli_export, cli_prune, cli_service
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         "perturbations (CC-Cert).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (cli_prune, cli_certify, cli_service, cli_client, cli_deploy):
+    for module in (cli_prune, cli_certify, cli_service, cli_client, cli_deploy, cli_export):
         module.register(sub)
     return parser
 

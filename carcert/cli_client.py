@@ -108,10 +108,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection(p)
     p.set_defaults(func=cmd_cancel)
 
-    p = subparsers.add_parser("download", help="download a job's model, mask or evidence (sha256-checked)")
+    _register_download(subparsers)
+
+
+def _register_download(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "download",
+        help="download a job's model, mask or evidence (sha256-checked)",
+        description="Download a result file of a succeeded job; the sha256 the server announces is "
+        "checked. model --format pt2|onnx: a deployable program (torch.export / ONNX) with the "
+        "preprocessing and the certificate's sha256 in its metadata, exported on the first request.",
+    )
     p.add_argument("job_id")
     p.add_argument("what", choices=("model", "mask", "evidence"))
-    p.add_argument("--variant")
+    p.add_argument("--variant", help="one variant of a sweep, e.g. car-0.50")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "pt2", "onnx"),
+        default="safetensors",
+        help="model only: safetensors (weights, default), pt2 (torch.export program) or onnx",
+    )
     p.add_argument("--out", type=Path, default=Path("."), help="file or folder (default .)")
     _connection(p)
     p.set_defaults(func=cmd_download)
@@ -422,9 +438,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     def body(client: CarcertClient) -> int:
-        fetch = {"model": client.download_model, "mask": client.download_mask,
-                 "evidence": client.download_evidence}[args.what]
-        path = fetch(args.job_id, args.out, variant=args.variant)
+        if args.format != "safetensors" and args.what != "model":
+            return _fail("--format applies to 'model' only", 2)
+        if args.what == "model":
+            path = client.download_model(args.job_id, args.out, variant=args.variant, format=args.format)
+        else:
+            fetch = {"mask": client.download_mask, "evidence": client.download_evidence}[args.what]
+            path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
         return 0
 

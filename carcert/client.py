@@ -254,13 +254,15 @@ class CarcertClient:
             404, "Not Found", f"job {job_id} has no variant {variant!r}; variants: {names}", doc
         )
 
-    def _download(self, job_id: str, what: str, dest: str | Path, variant: str | None) -> Path:
+    def _download(
+        self, job_id: str, what: str, dest: str | Path, variant: str | None, fmt: str | None = None
+    ) -> Path:
         dest = Path(dest)
         if dest.is_dir():
-            suffix = "npz" if what == "evidence" else "safetensors"
+            suffix = "npz" if what == "evidence" else fmt or "safetensors"
             dest = dest / f"{job_id}-{variant + '-' if variant else ''}{what}.{suffix}"
         tmp = dest.with_name(dest.name + ".part")
-        params = {"variant": variant} if variant else None
+        params = {k: v for k, v in (("variant", variant), ("format", fmt)) if v} or None
         response = self._send("GET", f"/jobs/{job_id}/{what}", retry=True, stream=True, params=params)
         digest = hashlib.sha256()
         try:
@@ -283,9 +285,17 @@ class CarcertClient:
         os.replace(tmp, dest)
         return dest
 
-    def download_model(self, job_id: str, dest: str | Path, variant: str | None = None) -> Path:
-        """GET /jobs/{id}/model -> dest (a file, or a folder); sha256 checked against the header."""
-        return self._download(job_id, "model", dest, variant)
+    def download_model(
+        self,
+        job_id: str,
+        dest: str | Path,
+        variant: str | None = None,
+        format: str = "safetensors",  # noqa: A002
+    ) -> Path:
+        """GET /jobs/{id}/model?format= -> dest (a file, or a folder); sha256 checked against the
+        header. format: safetensors (weights), pt2 (torch.export program) or onnx; pt2 and onnx
+        are exported by the server on the first request (seconds)."""
+        return self._download(job_id, "model", dest, variant, None if format == "safetensors" else format)
 
     def download_mask(self, job_id: str, dest: str | Path, variant: str | None = None) -> Path:
         """GET /jobs/{id}/mask -> dest; sha256 checked against the header."""

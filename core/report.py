@@ -9,7 +9,11 @@ and `examples` (optional) the images x (N, C, H, W) in [0, 1] with their transfo
 T(x, delta) for a few deltas (ExampleImages).
 
 Figures (FIGURES, keyed by name):
-    accuracy_pca  accuracy and PCA (Eq. 10: certified / samples) vs prune ratio, one line per method
+    accuracy_pca  accuracy and PCA (Eq. 10: certified / samples) vs prune ratio, one line per method;
+                  when no method has two prune ratios (e.g. a single job), bars per variant instead
+    pca_epsilon   certified accuracy vs epsilon (log axis) from the per-sample bounds: the share of
+                  samples that are correct with eps_hat <= epsilon, one line per variant, the job's
+                  epsilon marked (its value there is the certificate's PCA)
     sparsity      per-layer sparsity bars, one group per layer, one bar per variant
     epsilon       histogram of log10 of the per-sample bounds eps_hat (METHOD.md, CC-Cert), with the
                   certification threshold epsilon as a vertical line, one panel per variant
@@ -39,9 +43,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from core.bounds import DEFAULT_BETA, clopper_pearson_upper  # noqa: E402
 
-FIGURES = ("accuracy_pca", "sparsity", "epsilon", "margins", "examples")
+FIGURES = ("accuracy_pca", "pca_epsilon", "sparsity", "epsilon", "margins", "examples")
 TITLES = {
     "accuracy_pca": "Accuracy and PCA vs prune ratio",
+    "pca_epsilon": "Certified accuracy vs epsilon",
     "sparsity": "Per-layer sparsity",
     "epsilon": "Per-sample bounds eps_hat",
     "margins": "Margin d vs max Z",
@@ -151,7 +156,11 @@ def _grid(n: int) -> tuple[int, int]:
 
 def figure_accuracy_pca(results: Sequence[Mapping[str, Any]]) -> Figure:
     """Two panels (titles 'Accuracy', 'PCA'); one line per method (label = method), points sorted
-    by prune ratio."""
+    by prune ratio. When no method has two prune ratios: figure_variant_bars instead (a line of
+    one point would be a lone dot on an empty axis)."""
+    counts = [sum(str(r["method"]) == m for r in results) for m in _methods(results)]
+    if results and max(counts) < 2:
+        return figure_variant_bars(results)
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_acc, ax_pca = fig.subplots(1, 2)
     for method in _methods(results):
@@ -166,6 +175,66 @@ def figure_accuracy_pca(results: Sequence[Mapping[str, Any]]) -> Figure:
         ax.grid(alpha=0.3)
         if results:
             ax.legend(fontsize="small")
+    return fig
+
+
+def figure_variant_bars(results: Sequence[Mapping[str, Any]]) -> Figure:
+    """One panel: per variant (x tick = name) a bar of its accuracy (container label 'accuracy')
+    and of its PCA ('PCA'), each value written above its bar."""
+    fig = Figure(figsize=(max(5.0, 1.6 * len(results) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(results))
+    for k, (key, label) in enumerate((("accuracy", "accuracy"), ("pca", "PCA"))):
+        values = [_float_or_nan(r.get(key)) for r in results]
+        bars = ax.bar(x + (k - 0.5) * 0.38, values, width=0.38, label=label)
+        ax.bar_label(bars, labels=[_fmt(v if v == v else None, 3) for v in values], fontsize="small")
+    ax.set_xticks(x, [str(r["name"]) for r in results])
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Accuracy and PCA per variant")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def certified_accuracy_curve(result: Mapping[str, Any], epsilons: np.ndarray) -> np.ndarray:
+    """For each epsilon e: the share of the certificate's samples with pred == label and
+    epsilon_bound <= e (a sample stopped early has bound 1, so it counts only at e >= 1)."""
+    samples = _samples(result)
+    if not samples:
+        return np.full(len(epsilons), np.nan)
+    bounds = np.array(
+        [
+            float(s["epsilon_bound"]) if s["pred"] == s["label"] and s.get("epsilon_bound") is not None
+            else np.inf
+            for s in samples
+        ]
+    )  # fmt: skip
+    return (bounds[None, :] <= np.asarray(epsilons, dtype=np.float64)[:, None]).mean(axis=1)
+
+
+def figure_pca_epsilon(results: Sequence[Mapping[str, Any]], points: int = 200) -> Figure:
+    """One panel: certified_accuracy_curve of every result with samples (label = name) on a log
+    epsilon axis from min(1e-8, job epsilons / 100) to 1 (smaller bounds count from the left edge
+    on), and a vertical line at each job epsilon (label 'epsilon = <value>')."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    with_samples = [r for r in results if _samples(r)]
+    thresholds = sorted({t for r in with_samples if (t := _threshold(r)) is not None})
+    lo = min([1e-8, *(t / 100 for t in thresholds if t > 0)])
+    grid = np.logspace(math.log10(lo), 0.0, points)
+    for r in with_samples:
+        ax.step(grid, certified_accuracy_curve(r, grid), where="post", label=str(r["name"]))
+    for t in thresholds:
+        ax.axvline(t, color="tab:red", linestyle="--", linewidth=1, label=f"epsilon = {t:g}")
+    if not with_samples:
+        ax.text(0.5, 0.5, "no certified samples", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("epsilon (allowed probability that a random transformation changes the prediction)")
+    ax.set_ylabel("certified accuracy")
+    ax.grid(alpha=0.3, which="both")
+    if with_samples:
+        ax.legend(fontsize="small")
     return fig
 
 
@@ -298,6 +367,7 @@ def build_figures(results: Sequence[Mapping[str, Any]], examples: Examples = Non
     """Every figure of the report, keyed by FIGURES name ('examples' only when examples given)."""
     figs = {
         "accuracy_pca": figure_accuracy_pca(results),
+        "pca_epsilon": figure_pca_epsilon(results),
         "sparsity": figure_sparsity(results),
         "epsilon": figure_epsilon(results),
         "margins": figure_margins(results),
@@ -335,6 +405,7 @@ def render_figure_png(
         return figure_png(figure_examples(examples), dpi)
     builders = {
         "accuracy_pca": figure_accuracy_pca,
+        "pca_epsilon": figure_pca_epsilon,
         "sparsity": figure_sparsity,
         "epsilon": figure_epsilon,
         "margins": figure_margins,
@@ -397,7 +468,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def render_pdf(results: Sequence[Mapping[str, Any]], examples: Examples = None) -> bytes:
-    """PDF: page 1 = summary table, then one page per figure of build_figures (4 pages, 5 with
+    """PDF: page 1 = summary table, then one page per figure of build_figures (5 pages, 6 with
     examples)."""
     buf = io.BytesIO()
     with PdfPages(buf) as pdf:
@@ -449,6 +520,7 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}
 section{margin-bottom:2em}code{background:#f6f6f6;padding:0 3px}
+table.header th{text-align:left}table.header td{text-align:left}
 """
 
 
@@ -463,7 +535,7 @@ def render_report(
     accuracy_pca, sparsity, epsilon, margins, examples (a note when there are no examples).
     standalone=False returns only the <div class="carcert-report"> (for embedding in a page)."""
     figs = build_figures(results, examples)
-    parts = [f'<div class="carcert-report"><h1>{html.escape(title)}</h1>']
+    parts = [f'<div class="carcert-report"><h1>{html.escape(title)}</h1>', _header_section(results)]
     parts.append('<section id="summary"><h2>Summary</h2><table><tr>')
     header = [*SUMMARY_COLUMNS, "failure prob."]
     parts.append("".join(f"<th>{h}</th>" for h in header) + "</tr>")
@@ -488,6 +560,73 @@ def render_report(
     )
 
 
+def transform_words(t: Mapping[str, Any] | None) -> str:
+    """The certificate's transform (core.transforms describe()) as a sentence, not a dict."""
+    if not t:
+        return "-"
+    strength = t.get("strength")
+    at = f" at strength {float(strength):g}" if isinstance(strength, int | float) else ""
+    kind = t.get("kind")
+    if kind == "parametric":
+        parts = [p for p in str(t.get("name", "")).split("+") if p]
+        ranges = t.get("range_at_delta_1") or {}
+        text = " then ".join(parts) + at + ", with delta drawn uniformly from [0, 1]"
+        details = "; ".join(f"{p}: {ranges[p]}" for p in parts if p in ranges)
+        return f"{text} (at delta = 1, {details})" if details else text
+    if kind == "latent":
+        size = f", moving the image by up to {float(t['delta_max_norm']):.3g} in L2 norm" if t.get(
+            "delta_max_norm"
+        ) is not None else ""  # fmt: skip
+        if t.get("generator") == "pca":
+            evr = t.get("explained_variance_ratio")
+            share = f", which explains {float(evr):.1%} of their variance" if evr is not None else ""
+            return (
+                f"a shift along principal component {t.get('component')} of the training images"
+                f"{share}{at}{size}"
+            )
+        return f"a shift along latent component {t.get('component')} of your encoder / decoder{at}{size}"
+    if kind == "precomputed":
+        return (
+            f"precomputed variants of each test image ({t.get('variants_per_sample')} per image): the "
+            "variant whose recorded delta is nearest to the sampled delta"
+        )
+    return ", ".join(f"{k} {v}" for k, v in sorted(t.items()))
+
+
+def _duration_words(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, sec = divmod(float(seconds), 60.0)
+    return f"{int(minutes)} min {sec:.0f} s" if minutes >= 1 else f"{sec:.1f} s"
+
+
+def header_rows(results: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(label, text) rows of the report's header: architecture, dataset, transform (in words), and
+    duration (the job's own "job_seconds" when a result carries it, else the sum of the
+    variants' metrics "seconds"), from the first certificate / metrics that has each."""
+    cert = next((r.get("certificate") for r in results if r.get("certificate")), None) or {}
+    metrics = next((r.get("metrics") for r in results if r.get("metrics")), None) or {}
+    arch = (cert.get("model") or {}).get("arch") or metrics.get("arch")
+    dataset = (cert.get("dataset") or {}).get("ref") or (metrics.get("dataset") or {}).get("ref")
+    job_seconds = next((r["job_seconds"] for r in results if r.get("job_seconds") is not None), None)
+    if job_seconds is None:
+        each = [float(v) for r in results if (v := (r.get("metrics") or {}).get("seconds")) is not None]
+        job_seconds = sum(each) if each else None
+    return [
+        ("architecture", str(arch or "-")),
+        ("dataset", str(dataset or "-")),
+        ("transform", transform_words(cert.get("transform"))),
+        ("duration", _duration_words(job_seconds)),
+    ]
+
+
+def _header_section(results: Sequence[Mapping[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in header_rows(results)
+    )
+    return f'<section id="header"><table class="header">{rows}</table></section>'
+
+
 def _parameters_section(results: Sequence[Mapping[str, Any]]) -> str:
     """Certification parameters, dataset and transform of the first certificate (shared by a job)."""
     cert = next((r.get("certificate") for r in results if r.get("certificate")), None) or {}
@@ -499,6 +638,6 @@ def _parameters_section(results: Sequence[Mapping[str, Any]]) -> str:
         items.append(f"<tr><th>dataset</th><td>{html.escape(str(dataset.get('ref')))}</td></tr>")
     transform = cert.get("transform")
     if transform:
-        items.append(f"<tr><th>transform</th><td><code>{html.escape(str(transform))}</code></td></tr>")
+        items.append(f"<tr><th>transform</th><td>{html.escape(transform_words(transform))}</td></tr>")
     table = "<table>" + "".join(items) + "</table>" if items else "<p>No certificate.</p>"
     return f'<section id="parameters"><h2>Certification parameters</h2>{table}</section>'

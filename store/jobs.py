@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.results import VariantResult
 from core.spec import JobSpec
-from store.models import FINAL_STATUSES, Job, JobLabel, JobResult, is_id, utcnow
+from store.models import FINAL_STATUSES, Artifact, Job, JobLabel, JobResult, is_id, utcnow
 from store.settings import get_settings
 
 
@@ -479,3 +479,17 @@ def stale_jobs(s: Session, now: datetime | None = None) -> list[str]:
         out.append(job.id)
     s.flush()
     return out
+
+
+def link_result_file(s: Session, result_id: str, key: str, artifact_id: str) -> str:
+    """Record `artifact_id` as metrics[key] of the result (a file derived on demand, e.g. the ONNX
+    model) unless one is recorded already; returns the recorded id (the first writer wins)."""
+    row = s.get(JobResult, result_id, with_for_update=True, populate_existing=True)
+    if row is None:
+        return artifact_id
+    current = (row.metrics or {}).get(key)
+    if current and s.get(Artifact, current) is not None:
+        return str(current)
+    row.metrics = {**(row.metrics or {}), key: artifact_id}
+    s.flush()
+    return artifact_id

@@ -1,8 +1,8 @@
 """Deleting jobs: one on request (DELETE /jobs/{id}) or every finished job older than
 settings.retention_days (the workers' sweep). A job goes with its results, labels, log lines and the
-artifacts it produced (model, mask, evidence, pruned program); the artifacts it used as inputs
-(uploads) stay, they belong to the tenant. Functions take a Session and leave commit to the caller;
-the blobs are deleted by the caller after the commit (remove_blobs)."""
+artifacts it produced (model, mask, evidence, pruned program, pt2/ONNX exports); the artifacts it
+used as inputs (uploads) stay, they belong to the tenant. Functions take a Session and leave commit
+to the caller; the blobs are deleted by the caller after the commit (remove_blobs)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def _produced_artifact_ids(s: Session, job_id: str) -> set[str]:
     ids: set[str] = set()
     for r in s.scalars(select(JobResult).where(JobResult.job_id == job_id)):
         ids.update(a for a in (r.model_artifact_id, r.mask_artifact_id, r.evidence_artifact_id) if a)
-        program = (r.metrics or {}).get("program_artifact_id")
-        if isinstance(program, str):
-            ids.add(program)
+        for key in ("program_artifact_id", "pt2_artifact_id", "onnx_artifact_id"):  # exports too
+            produced = (r.metrics or {}).get(key)
+            if isinstance(produced, str):
+                ids.add(produced)
     return ids
 
 

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     tenant_max_queued: int = Field(default=100, ge=1)
     # bearer token that GET /metrics requires (per-tenant job counts); None: /metrics is open
     metrics_token: str | None = None
+    # worker.tracking: one MLflow run per variant of each succeeded job when set
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "carcert"
 
 
 @lru_cache

@@ -261,6 +261,14 @@ def ref_mapping(original: JobSpec, resolved: JobSpec) -> dict[str, str]:
     return out
 
 
+def served_certificate(folder: Path, refs: dict[str, str] | None, job_id: str) -> dict[str, Any] | None:
+    """The variant's certificate as stored and served: the user's references restored, job_id set."""
+    cert = restore_refs(_read_json(folder / "certificate.json"), refs or {})
+    if cert is not None and not cert.get("job_id"):
+        cert["job_id"] = job_id
+    return cert
+
+
 def persist_outputs(
     job_id: str,
     tenant: str,
@@ -278,9 +286,7 @@ def persist_outputs(
             for result in variant_results(out_dir, summary):
                 name, folder = result.name, out_dir / result.name
                 metrics = restore_refs(_read_json(folder / "metrics.json") or {}, refs or {})
-                cert = restore_refs(_read_json(folder / "certificate.json"), refs or {})
-                if cert is not None and not cert.get("job_id"):
-                    cert["job_id"] = job_id
+                cert = served_certificate(folder, refs, job_id)
                 ids: dict[str, str | None] = {}
                 for filename, kind in ARTIFACT_FILES:
                     path = folder / filename
@@ -432,13 +438,35 @@ def _run_and_persist(
         job_id=job_id,
         allowed_roots=allowed_roots(ctx.settings, job_dir),
     )
+    refs = ref_mapping(spec, resolved)
+    if ctx.settings.mlflow_tracking_uri:  # before stop_writes: the heartbeat keeps the lease
+        tracked = _track(job_id, tenant, spec, job_dir / "out", summary, refs, ctx)
+        summary = {**(summary or {}), "mlflow": tracked}
     ctx.stop_writes()  # persist_outputs -> finish_job sets stage "done" / progress 1.0
     if ctx.lease_lost:
         return "lost"
-    refs = ref_mapping(spec, resolved)
     if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary or {}, store, refs):
         return "lost"
     return "succeeded"
+
+
+def _track(
+    job_id: str, tenant: str, spec: JobSpec, out: Path, summary: dict, refs: dict, ctx: DbStageContext
+) -> dict[str, Any]:
+    """worker.tracking.track_job with the service's settings (the summary's "mlflow" entry)."""
+    from worker.tracking import track_job
+
+    ctx.progress("tracking", 1.0, "logging MLflow runs")
+    return track_job(
+        job_id,
+        tenant,
+        spec,
+        out,
+        summary or {},
+        lambda name: served_certificate(out / name, refs, job_id),
+        ctx.settings.mlflow_tracking_uri,
+        ctx.settings.mlflow_experiment,
+    )
 
 
 def _time_limit_detail(settings: Settings) -> str:

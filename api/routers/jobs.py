@@ -34,7 +34,7 @@ from store.jobs import list_jobs as repo_list
 from worker.queue import dispatch
 
 log = logging.getLogger("carcert.api")
-FILE_SUFFIX = {"evidence": "evidence.npz", "program": "model.pt2"}  # download names by file kind
+FILE_SUFFIX = {"evidence": "evidence.npz", "pt2": "model.pt2", "onnx": "model.onnx"}  # download names
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -504,8 +504,10 @@ def _result_file(
     result = chosen[0]
     art_id = {"mask": result.mask_artifact_id, "model": result.model_artifact_id,
               "evidence": result.evidence_artifact_id}.get(what)
-    if what == "program":  # a model.program job's pruned torch.export program
-        art_id = (result.metrics or {}).get("program_artifact_id")
+    if what in ("pt2", "onnx") and result.model_artifact_id:  # exported on first request
+        from api.model_formats import deployable_artifact_id
+
+        art_id = deployable_artifact_id(request, session, tenant, job_id, result, what)
     art = get_artifact(session, tenant, art_id) if art_id else None
     if art is None:
         raise ApiProblem(
@@ -513,7 +515,7 @@ def _result_file(
             "not-found",
             f"variant {result.name!r} of job {job_id} has no {what} file"
             + (" (an unpruned method has no mask)" if what == "mask" else "")
-            + (" (only jobs of a model.program have a .pt2)" if what == "program" else ""),
+            + (" (a certify job has no model of its own)" if what in ("model", "pt2", "onnx") else ""),
             title="Not Found",
         )
     etag = f'"{art.sha256}"'
@@ -570,8 +572,11 @@ def get_mask(
 @router.get(
     "/{job_id}/model",
     response_class=Response,
-    summary="Download the pruned model (safetensors; format=pt2: the pruned torch.export program of a "
-    "model.program job)",
+    summary="Download the pruned model: format=safetensors (weights), pt2 (torch.export program) or onnx",
+    description="pt2 and onnx carry the preprocessing (input shape, channels, scaling) and the "
+    "certificate's sha256 as metadata (pt2: the archive's extra file carcert.json; onnx: metadata_props); "
+    "they are exported on the first request (seconds) and kept. A model.program job's pt2 is the pruned "
+    "program the worker wrote (the certificate's pt2_sha256).",
     responses={**FILE_DOC, **problem_responses(401, 404, 409, 422, 503)},
 )
 def get_model(
@@ -581,9 +586,9 @@ def get_model(
     session: SessionDep,
     store: StoreDep,
     variant: Annotated[str | None, Query(max_length=100)] = None,
-    format: Annotated[Literal["safetensors", "pt2"], Query()] = "safetensors",  # noqa: A002 - the API name
+    format: Annotated[Literal["safetensors", "pt2", "onnx"], Query()] = "safetensors",  # noqa: A002
 ) -> Response:
-    what = "program" if format == "pt2" else "model"
+    what = "model" if format == "safetensors" else format
     return _result_file(session, store, tenant, job_id, variant, what, request)
 
 

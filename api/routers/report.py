@@ -101,7 +101,8 @@ def _inputs(
     from store.jobs import get_results
 
     job = succeeded_job(session, tenant, job_id, "the report exists")
-    results = result_dicts(get_results(session, job.id))
+    seconds = (job.summary or {}).get("seconds")  # the report header's duration
+    results = [{**r, "job_seconds": seconds} for r in result_dicts(get_results(session, job.id))]
     if not results:
         raise ApiProblem(404, "not-found", f"job {job_id} has no results", title="Not Found")
     return results, build_examples(job.spec, results, settings)

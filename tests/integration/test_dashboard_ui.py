@@ -54,9 +54,14 @@ def test_html_report_has_every_section(env):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
     assert page.startswith("<!doctype html>") and env["done"] in page
-    for section in ("summary", "parameters", "accuracy_pca", "sparsity", "epsilon", "margins", "examples"):
+    sections = ("header", "summary", "parameters", "accuracy_pca", "pca_epsilon", "sparsity", "epsilon")
+    for section in (*sections, "margins", "examples"):
         assert f'<section id="{section}">' in page
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5  # digits: examples available
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6  # digits: examples available
+    assert "<th>architecture</th><td>small_cnn</td>" in page and "<th>dataset</th><td>digits</td>" in page
+    assert "<th>transform</th><td>brightness at strength 1, with delta drawn uniformly" in page
+    assert "{&#x27;kind&#x27;" not in page  # the transform reads as words, not a dict
+    assert re.search(r"<th>duration</th><td>[0-9.]+ s</td>", page)
     cert = env["alice"].get(f"/jobs/{env['done']}/certificate").json()
     certified = sum(s["certified"] for s in cert["samples"])
     assert f"<td>{certified}/{len(cert['samples'])}</td>" in page
@@ -68,7 +73,7 @@ def test_html_report_has_every_section(env):
 
 def test_png_and_pdf(env):
     c, job = env["alice"], env["done"]
-    for figure in ("accuracy_pca", "sparsity", "epsilon", "margins", "examples"):
+    for figure in ("accuracy_pca", "pca_epsilon", "sparsity", "epsilon", "margins", "examples"):
         r = c.get(f"/jobs/{job}/report.png", params={"figure": figure})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
@@ -76,7 +81,7 @@ def test_png_and_pdf(env):
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
     pdf = c.get(f"/jobs/{job}/report.pdf")
     assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
-    assert pdf.content.startswith(b"%PDF") and _pages(pdf.content) == 6  # summary + 4 figures + examples
+    assert pdf.content.startswith(b"%PDF") and _pages(pdf.content) == 7  # summary + 5 figures + examples
     assert "attachment" in pdf.headers["content-disposition"]
 
 
@@ -192,6 +197,26 @@ def test_job_page_in_headless_chromium(env, tmp_path):
     assert f'id="job" class="card" data-id="{env["done"]}" data-status="succeeded"' in html
     assert '<tr class="cert"><td>lmp-0.50</td>' in html  # certificate summary row
     assert '<section id="margins">' in html and 'src="data:image/png;base64,' in html  # embedded report
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package: chromium)")
+def test_report_in_headless_chromium(env, tmp_path):
+    """The HTML report as a browser shows it (saved with the key, opened from a file): not blank,
+    every figure an image that decodes (naturalWidth > 0)."""
+    page = env["alice"].get(f"/jobs/{env['done']}/report").text
+    check = (
+        "<script>window.onload = () => { const ok = [...document.images].every(i => i.naturalWidth > 0);"
+        " document.body.setAttribute('data-images', document.images.length + (ok ? ' ok' : ' broken')); };"
+        "</script></body>"
+    )
+    (tmp_path / "report.html").write_text(page.replace("</body>", check))
+    shot = tmp_path / "report.png"
+    url = (tmp_path / "report.html").as_uri()
+    run = _chromium(tmp_path / "profile", url, f"--screenshot={shot}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    _screenshot_checks(shot)
+    dom = _chromium(tmp_path / "profile2", url, "--dump-dom").stdout
+    assert 'data-images="6 ok"' in dom
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package: chromium)")

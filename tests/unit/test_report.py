@@ -230,7 +230,7 @@ def test_pdf_page_count(results, examples, with_examples):
     data = report.render_pdf(results, examples if with_examples else None)
     assert data.startswith(b"%PDF")
     assert data.rstrip().endswith(b"%%EOF")
-    assert _pdf_pages(data) == 1 + 4 + int(with_examples)
+    assert _pdf_pages(data) == 1 + 5 + int(with_examples)
 
 
 def test_results_without_certificates_still_render():
@@ -310,3 +310,88 @@ def test_summary_shows_the_binomial_pca_beside_the_certificates_own():
               "certificate": {"samples": samples, "params": {"epsilon": 1e-2}}}  # fmt: skip
     row = summary_rows([result])[0]
     assert row["pca"] == 0.25 and row["pca_binomial"] == 0.25
+
+
+def test_certified_accuracy_vs_epsilon_is_the_share_of_correct_samples_under_each_epsilon(results):
+    """Each line is, at every epsilon e of its x grid, the share of samples with pred == label and
+    eps_hat <= e (counted here sample by sample); the job's epsilon is marked."""
+    results[0]["certificate"]["samples"][0]["pred"] = 7  # misclassified: never counts
+    fig = report.figure_pca_epsilon(results)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("epsilon")}
+    assert set(lines) == {r["name"] for r in results}
+    assert ax.get_xscale() == "log"
+    for r in results:
+        line, samples = lines[r["name"]], r["certificate"]["samples"]
+        xs, ys = line.get_xdata(), line.get_ydata()
+        assert xs[-1] == pytest.approx(1.0) and xs[0] <= 1e-6
+        for e, y in zip(xs[::17], ys[::17], strict=True):
+            ok = [s["pred"] == s["label"] and s["epsilon_bound"] <= e for s in samples]
+            assert y == pytest.approx(sum(ok) / len(samples))
+    marks = [line for line in ax.lines if line.get_label().startswith("epsilon")]
+    assert len(marks) == 1 and marks[0].get_xdata()[0] == pytest.approx(1e-3)
+
+
+def test_curve_at_the_jobs_epsilon_is_the_certificates_pca():
+    samples = [
+        {"label": 1, "pred": 1, "epsilon_bound": 0.0},
+        {"label": 1, "pred": 1, "epsilon_bound": 5e-4},
+        {"label": 1, "pred": 1, "epsilon_bound": 2e-3},
+        {"label": 1, "pred": 0, "epsilon_bound": 0.0},
+        {"label": 1, "pred": 1, "epsilon_bound": 1.0},  # stopped early
+    ]
+    for s in samples:
+        s["certified"] = s["pred"] == s["label"] and s["epsilon_bound"] <= 1e-3
+    r = {"certificate": {"samples": samples, "params": {"epsilon": 1e-3}}}
+    curve = report.certified_accuracy_curve(r, np.array([1e-3, 1e-2, 1.0]))
+    np.testing.assert_allclose(curve, [2 / 5, 3 / 5, 4 / 5])
+    assert curve[0] == sum(s["certified"] for s in samples) / len(samples)
+
+
+def test_a_single_job_draws_bars_not_a_lone_dot(results):
+    one = [results[0]]
+    fig = report.figure_accuracy_pca(one)
+    (ax,) = fig.axes
+    assert not any(len(line.get_xdata()) == 1 for line in ax.lines)
+    acc, pca = ax.containers[:2]
+    assert [b.get_height() for b in acc] == [one[0]["accuracy"]]
+    assert [b.get_height() for b in pca] == [one[0]["pca"]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [one[0]["name"]]
+    # one variant per method (a method sweep at one ratio): bars too, one group per variant
+    per_method = [r for r in results if r["prune_ratio"] == 0.5] + [results[-1]]
+    ax = report.figure_accuracy_pca(per_method).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [r["name"] for r in per_method]
+
+
+def test_transform_reads_as_words():
+    from core.transforms import PARAMETRIC
+
+    words = report.transform_words(
+        {"kind": "parametric", "name": "brightness+blur", "strength": 2.0,
+         "range_at_delta_1": {p: PARAMETRIC[p] for p in ("brightness", "blur")}}
+    )  # fmt: skip
+    assert words.startswith("brightness then blur at strength 2, with delta drawn uniformly from [0, 1]")
+    assert PARAMETRIC["blur"] in words and "{" not in words
+    pca = {"kind": "latent", "generator": "pca", "component": 0, "strength": 1.0,
+           "delta_max_norm": 3.5, "explained_variance_ratio": 0.12, "fitted_on": 1000}  # fmt: skip
+    assert report.transform_words(pca) == (
+        "a shift along principal component 0 of the training images, which explains 12.0% of their "
+        "variance at strength 1, moving the image by up to 3.5 in L2 norm"
+    )
+    assert "4 per image" in report.transform_words({"kind": "precomputed", "variants_per_sample": 4})
+
+
+def test_header_names_arch_dataset_transform_and_duration(results):
+    for r in results:
+        r["job_seconds"] = 125.0
+    page = report.render_report(results)
+    header = page.split('<section id="header">')[1].split("</section>")[0]
+    assert "<th>architecture</th><td>small_cnn</td>" in header
+    assert "<th>dataset</th><td>digits</td>" in header
+    assert "<th>transform</th><td>brightness, with delta drawn uniformly from [0, 1]</td>" in header
+    assert "<th>duration</th><td>2 min 5 s</td>" in header
+    assert "{&#x27;kind&#x27;" not in page and "{'kind'" not in page
+    for r in results:
+        r.pop("job_seconds")
+        r["metrics"]["seconds"] = 2.0
+    assert "<th>duration</th><td>12.0 s</td>" in report.render_report(results)  # 6 variants x 2 s
