@@ -101,6 +101,14 @@ def _same_or_conflict(job: Job, digest: str) -> Job:
     return job
 
 
+def fresh_job(s: Session, job_id: str) -> Job | None:
+    """The job re-read from the database after a bulk UPDATE (None if it is gone)."""
+    job = s.get(Job, job_id)
+    if job is not None:
+        s.refresh(job)
+    return job
+
+
 def get_job(s: Session, tenant: str, job_id: str) -> Job | None:
     """The job if it belongs to `tenant`, else None."""
     job = s.get(Job, job_id) if is_id(job_id) else None
@@ -206,12 +214,7 @@ def claim_job(s: Session, job_id: str, worker_id: str) -> Job | None:
         .execution_options(synchronize_session=False)
     )
     s.commit()
-    if res.rowcount != 1:
-        return None
-    job = s.get(Job, job_id)
-    if job is not None:
-        s.refresh(job)
-    return job
+    return fresh_job(s, job_id) if res.rowcount == 1 else None
 
 
 def count_queued(s: Session, tenant: str) -> int:

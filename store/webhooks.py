@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from store.jobs import fresh_job
 from store.models import FINAL_STATUSES, Job, utcnow
 
 WEBHOOK_STATES = ("pending", "sending", "delivered", "failed")
@@ -41,12 +42,7 @@ def claim_delivery(s: Session, job_id: str, lease_s: float) -> Job | None:
         .values(webhook_state="sending", webhook_lease_until=now + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
-    if res.rowcount != 1:
-        return None
-    job = s.get(Job, job_id)
-    if job is not None:
-        s.refresh(job)
-    return job
+    return fresh_job(s, job_id) if res.rowcount == 1 else None
 
 
 def record_delivery(s: Session, job_id: str, state: str, delivery: dict[str, Any]) -> None:
