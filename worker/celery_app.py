@@ -98,13 +98,13 @@ def _sweep_loop(interval: float) -> None:
             log.exception("cannot import the job runner")
 
     while True:
-        for name, step in housekeeping_steps():
+        for message, step in housekeeping_steps():
             try:
                 n = step()
                 if n:
-                    log.warning("%s: %d job(s)", name, n)
+                    log.warning(message, n)
             except Exception:  # the sweep must never kill the worker
-                log.exception("%s failed", name)
+                log.exception("housekeeping step %s failed", step.__name__)
         if interval <= 0 or _sweeper_stop.wait(interval):
             return
 
@@ -125,16 +125,16 @@ def record_beat() -> int:
 
 
 def housekeeping_steps() -> list[tuple[str, Any]]:
-    """What each sweep does, in order: re-dispatch stale jobs, send due webhooks, delete finished
-    jobs past CARCERT_RETENTION_DAYS."""
+    """What each sweep does, in order, with the message it logs: record this worker's heartbeat,
+    re-dispatch stale jobs, send due webhooks, delete finished jobs past CARCERT_RETENTION_DAYS."""
     from store.retention import delete_expired_jobs
     from worker.webhooks import deliver_due
 
-    return [
-        ("worker heartbeat", record_beat),
-        ("re-dispatched stale", sweep_stale_jobs),
-        ("webhooks due", deliver_due),
-        ("deleted past retention", delete_expired_jobs),
+    return [  # (log message when the step reports n > 0, step)
+        ("worker heartbeat: %d", record_beat),
+        ("re-dispatched %d stale job(s)", sweep_stale_jobs),
+        ("sent %d due webhook(s)", deliver_due),
+        ("deleted %d job(s) past retention", delete_expired_jobs),
     ]
 
 
