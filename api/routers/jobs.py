@@ -48,21 +48,32 @@ def job_not_found(job_id: str) -> ApiProblem:
     return ApiProblem(404, "not-found", f"job {job_id!r} not found", title="Not Found")
 
 
+def tenant_job(session: Any, tenant: str, job_id: str) -> Any:
+    """The tenant's job; 404 problem when it is not the tenant's (or does not exist)."""
+    job = repo_get(session, tenant, job_id)
+    if job is None:
+        raise job_not_found(job_id)
+    return job
+
+
+def job_conflict(job: Any, problem_type: str, advice: str) -> ApiProblem:
+    """409 problem `problem_type`: "job <id> is <status>; <advice>", with job_status."""
+    return ApiProblem(
+        409,
+        problem_type,
+        f"job {job.id} is {job.status}; {advice}",
+        title="Conflict",
+        extra={"job_status": job.status},
+    )
+
+
 def succeeded_job(session: Any, tenant: str, job_id: str, what: str = "results exist") -> Any:
     """The tenant's job if it has succeeded; 404 when it is not the tenant's (or does not exist),
     409 problem "job-not-succeeded" (with job_status) otherwise. `what` names what the caller wanted."""
 
-    job = repo_get(session, tenant, job_id)
-    if job is None:
-        raise job_not_found(job_id)
+    job = tenant_job(session, tenant, job_id)
     if job.status != "succeeded":
-        raise ApiProblem(
-            409,
-            "job-not-succeeded",
-            f"job {job_id} is {job.status}; {what} only once it has succeeded",
-            title="Conflict",
-            extra={"job_status": job.status},
-        )
+        raise job_conflict(job, "job-not-succeeded", f"{what} only once it has succeeded")
     return job
 
 
@@ -283,9 +294,7 @@ def list_jobs(
 )
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 
-    job = repo_get(session, tenant, job_id)
-    if job is None:
-        raise job_not_found(job_id)
+    job = tenant_job(session, tenant, job_id)
     return job_out(job)
 
 
@@ -303,9 +312,7 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 )
 def cancel_job(job_id: str, response: Response, tenant: TenantDep, session: SessionDep) -> JobOut:
 
-    job = repo_get(session, tenant, job_id)
-    if job is None:
-        raise job_not_found(job_id)
+    job = tenant_job(session, tenant, job_id)
     if job.status not in FINAL:
         job = request_cancel(session, tenant, job_id)
         session.commit()
@@ -341,9 +348,7 @@ def get_logs(
 ) -> JobLogs:
     from store.joblogs import read_lines
 
-    job = repo_get(session, tenant, job_id)
-    if job is None:
-        raise job_not_found(job_id)
+    job = tenant_job(session, tenant, job_id)
     rows = read_lines(session, job.id, after=after, limit=limit)
     return JobLogs(
         job_id=job.id,
@@ -366,17 +371,9 @@ def delete_job(
     from store.retention import delete_job as repo_delete
     from store.retention import remove_blobs
 
-    job = repo_get(session, tenant, job_id)
-    if job is None:
-        raise job_not_found(job_id)
+    job = tenant_job(session, tenant, job_id)
     if job.status not in FINAL:
-        raise ApiProblem(
-            409,
-            "job-active",
-            f"job {job_id} is {job.status}; cancel it first (POST /jobs/{job_id}/cancel), then delete it",
-            title="Conflict",
-            extra={"job_status": job.status},
-        )
+        raise job_conflict(job, "job-active", f"cancel it first (POST /jobs/{job_id}/cancel), then delete it")
     keys = repo_delete(session, job)
     session.commit()
     request.app.state.cert_cache.clear()
