@@ -127,6 +127,18 @@ def run_server(
                 proc.wait(5)
 
 
+@contextlib.contextmanager
+def serve_with_worker(settings_env: dict[str, str], worker: object, log_path: Path) -> Iterator[Server]:
+    """run_server on the test service's settings, with API keys for tenants alice and bob
+    (server.keys) and the running Celery worker process beside it (server.worker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
+    env.update(settings_env, PYTHONPATH=str(ROOT))
+    with run_server(env, log_path) as srv:
+        srv.keys = {t: create_key(settings_env["CARCERT_DATABASE_URL"], t) for t in ("alice", "bob")}
+        srv.worker = worker
+        yield srv
+
+
 def poll_job(
     client: httpx.Client,
     job_id: str,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,7 @@ from carcert import cli
 from core.data import load_dataset
 from core.models import build_model
 from tests.deploy_helpers import run_onnx, run_pt2_alone
-from tests.integration.api_harness import ROOT, assert_problem, create_key, poll_job, run_server
+from tests.integration.api_harness import assert_problem, poll_job, serve_with_worker
 from tests.integration.service_helpers import TINY_JOB
 
 pytestmark = pytest.mark.integration
@@ -29,11 +28,8 @@ EXPORT_TIMEOUT = 180  # the first request exports (seconds on an idle core)
 
 @pytest.fixture(scope="module")
 def api(settings_env, celery_worker_proc, tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
-    env.update(settings_env, PYTHONPATH=str(ROOT))
-    with run_server(env, tmp_path_factory.mktemp("api") / "server.log") as srv:
-        srv.keys = {t: create_key(settings_env["CARCERT_DATABASE_URL"], t) for t in ("alice", "bob")}
-        srv.worker = celery_worker_proc
+    log_path = tmp_path_factory.mktemp("api") / "server.log"
+    with serve_with_worker(settings_env, celery_worker_proc, log_path) as srv:
         yield srv
 
 

@@ -6,7 +6,6 @@ the mask keeps exactly round((1 - r) n) weights per layer and the model is zero 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from sqlalchemy import create_engine, text
 
-from tests.integration.api_harness import ROOT, assert_problem, create_key, poll_job, run_server
+from tests.integration.api_harness import assert_problem, poll_job, serve_with_worker
 from tests.integration.service_helpers import TINY_JOB
 
 pytestmark = pytest.mark.integration
@@ -22,11 +21,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def api(settings_env, celery_worker_proc, tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARCERT_")}
-    env.update(settings_env, PYTHONPATH=str(ROOT))
-    with run_server(env, tmp_path_factory.mktemp("api") / "server.log") as srv:
-        srv.keys = {t: create_key(settings_env["CARCERT_DATABASE_URL"], t) for t in ("alice", "bob")}
-        srv.worker = celery_worker_proc
+    log_path = tmp_path_factory.mktemp("api") / "server.log"
+    with serve_with_worker(settings_env, celery_worker_proc, log_path) as srv:
         yield srv
 
 
