@@ -26,7 +26,10 @@ the paper leaves open by controlled experiments, each against a random-sign cont
 - CarSpec.balance rescales the lambdas so that every term's gradient norm at init is the same;
   CarSpec.control "random_sign" is the control of every experiment (same gradient magnitudes,
   random signs);
-- eps of Eq. 6 is RATIO_EPS = 1e-3.
+- eps of Eq. 6 is RATIO_EPS = 1e-3;
+- CarSpec.checkpoint: each forward pass of a step keeps only its input and output and recomputes its
+  activations during the backward (torch.utils.checkpoint): the same gradients, with the memory of
+  one pass instead of all of them (measured at 160 px, batch 32: 2.96 -> 1.59 GB peak RSS).
 """
 
 from __future__ import annotations
@@ -69,6 +72,27 @@ if TYPE_CHECKING:
     from core.data import DatasetSplit
 
 RATIO_EPS = 1e-3
+CHECKPOINT_MIN_PIXELS = 64 * 64  # checkpoint "auto": on from this input size (H * W) up
+
+
+def uses_checkpointing(spec: CarSpec, x: Tensor) -> bool:
+    """Whether the search's forward passes on x are checkpointed: spec.checkpoint "on"/"off", or
+    "auto" = inputs of at least CHECKPOINT_MIN_PIXELS pixels (where activations, not the model,
+    set the memory of a step)."""
+    if spec.checkpoint == "auto":
+        return x.dim() >= 3 and x.shape[-1] * x.shape[-2] >= CHECKPOINT_MIN_PIXELS
+    return spec.checkpoint == "on"
+
+
+def search_forward(model: nn.Module, x: Tensor, masks: Mapping[str, Tensor], checkpointed: bool) -> Tensor:
+    """f(x; theta * m) for the mask search; checkpointed, the pass's activations are recomputed
+    during the backward instead of kept (non-reentrant torch.utils.checkpoint: gradients reach the
+    masks captured by the closure; the recomputation is the same deterministic pass)."""
+    if not checkpointed or not torch.is_grad_enabled():
+        return masked_forward(model, x, masks)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(lambda inp: masked_forward(model, inp, masks), x, use_reentrant=False)
 
 
 def noisy_masks(scores: Mapping[str, Tensor], noise: float) -> dict[str, Tensor]:
@@ -162,23 +186,24 @@ def car_terms(
     ratio_soft = use_ratio and not ratio_hard
     joint = spec.search_bn == "batch" and use_ratio
     xb = torch.cat([x, x_t]) if joint else x
+    ckpt = uses_checkpointing(spec, x)
     logits_m = p_m = mask_m = None
     if spec.lambda_stab > 0 or spec.lambda_consis > 0 or ratio_soft:
         mask_m = noisy_masks(scores, spec.noise)
-        logits_m = masked_forward(model, xb, mask_m)
+        logits_m = search_forward(model, xb, mask_m, ckpt)
         p_m = F.softmax(logits_m, dim=-1)
     if spec.lambda_stab > 0:
-        p_n = F.softmax(masked_forward(model, xb, noisy_masks(scores, spec.noise)), dim=-1)
+        p_n = F.softmax(search_forward(model, xb, noisy_masks(scores, spec.noise), ckpt), dim=-1)
         parts["stab"] = stability_loss(p_m, p_n)
     hard = logits_h = None
     if spec.lambda_consis > 0 or ratio_hard or spec.lambda_ce > 0:
         hard = straight_through_mask(scores, prune_ratio, scope)
-        logits_h = masked_forward(model, xb, hard)
+        logits_h = search_forward(model, xb, hard, ckpt)
     if use_ratio:
         # Z and d under the noisy soft mask C_m, or under the deployed network C* (Eq. 3)
         p_r, mask_r = (F.softmax(logits_h, dim=-1), hard) if ratio_hard else (p_m, mask_m)
         p_x = p_r[: len(x)][t_rows]
-        p_t = p_r[len(x) :] if joint else F.softmax(masked_forward(model, x_t, mask_r), dim=-1)
+        p_t = p_r[len(x) :] if joint else F.softmax(search_forward(model, x_t, mask_r, ckpt), dim=-1)
         rows = None
         if spec.ratio_rows == "correct":
             rows = p_x.detach().argmax(dim=-1) == y[t_rows]

@@ -224,6 +224,11 @@ class CarSpec(_Strict):
         description="rescale each active lambda so that every term's gradient norm at init equals the "
         "geometric mean of the norms (reported in the search's `term_grad_norms`)",
     )
+    checkpoint: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="activation checkpointing of the search's forward passes (same gradients, the "
+        "memory of one pass instead of all; auto: on for inputs of at least 64 x 64 pixels)",
+    )
     control: Literal["none", "random_sign"] = Field(
         default="none",
         description="diagnostic control: random_sign replaces each step's gradient by the same "

@@ -640,3 +640,61 @@ def test_default_search_carries_signal_beyond_its_random_sign_control_and_lmp():
     assert out["default"][1] > lmp[1] + 0.08, (out, lmp)
     assert out["default"][0] >= lmp[0] - 0.02, (out, lmp)
     assert out["paper"][0] < out["default"][0] - 0.2, out
+
+
+def _loss_and_grads(net, spec, x, x_t, y, seed=0):
+    scores = {
+        n: s.clone().requires_grad_(True) for n, s in partial_scaled_init(prunable_weights(net), 0.3).items()
+    }
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(seed)  # the same noisy masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = car_loss(net, scores, x, x_t, spec, prune_ratio=0.5, y=y)
+    loss.backward()
+    return float(loss.detach()), {n: s.grad for n, s in scores.items()}, saved[0]
+
+
+@pytest.mark.parametrize("search_bn", ["frozen", "batch"])
+def test_checkpointed_search_passes_give_the_same_gradients_and_keep_less(search_bn):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 5),
+    ).eval()
+    if search_bn == "batch":
+        net = batch_stat_copy(net)
+    x = torch.rand(16, 1, 8, 8)
+    y = torch.randint(0, 5, (16,))
+    x_t = brightness(x, torch.ones(16))
+    runs = {}
+    for mode in ("off", "on"):
+        spec = CarSpec(checkpoint=mode, search_bn=search_bn, eta=0.0, ratio_rows="all")
+        runs[mode] = _loss_and_grads(net, spec, x, x_t, y)
+    (l_off, g_off, saved_off), (l_on, g_on, saved_on) = runs["off"], runs["on"]
+    assert l_on == pytest.approx(l_off, abs=1e-6)
+    for name in g_off:
+        assert torch.allclose(g_on[name], g_off[name], atol=1e-6), name
+        assert g_off[name].abs().sum() > 0
+    # outside the recomputed passes autograd keeps only their inputs/outputs: a fraction of the
+    # activations every pass keeps without checkpointing
+    assert saved_on < 0.5 * saved_off
+
+
+def test_checkpoint_auto_turns_on_from_64x64_inputs():
+    from core.car import uses_checkpointing
+
+    auto, on, off = CarSpec(), CarSpec(checkpoint="on"), CarSpec(checkpoint="off")
+    small, large = torch.zeros(2, 3, 28, 28), torch.zeros(2, 3, 64, 64)
+    assert not uses_checkpointing(auto, small) and uses_checkpointing(auto, large)
+    assert uses_checkpointing(on, small) and not uses_checkpointing(off, large)
