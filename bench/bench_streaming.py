@@ -7,7 +7,7 @@ Folders: var/bench-stream/jpeg-<N>/<class>/<i>.jpg (160 x 160 RGB, 10 classes, s
 content, JPEG quality 90; generated once, seeded). Every command runs in a child process; peak RSS
 is the largest sum of VmRSS over the child and its descendants (DataLoader workers included),
 sampled every 50 ms from /proc, beside ru_maxrss (the largest single process). The prune runs train
-with --batch-size 32 (PRUNE_BATCH). `--code DIR` runs the
+with --batch-size 16 (PRUNE_BATCH). `--code DIR` runs the
 commands with DIR's carcert (e.g. /work/main, the in-memory path) for comparison. Results print as
 JSON lines and a markdown table; run it under `flock /tmp/carcert-bench.lock`.
 """
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -29,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CPUINFO = Path("/proc/cpuinfo")
 VAR = ROOT / "var" / "bench-stream"
 SIDE, CLASSES = 160, 10
-PRUNE_BATCH = 32  # training batch of the prune runs: at 160 px small_cnn's activations of a batch of
-# 128 (the default) alone take ~3 GB in the CAR search, whatever the dataset size
+PRUNE_BATCH = 16  # training batch of the prune runs: at 160 px activations, not the dataset, set the
+# memory of a step (small_cnn, one training step: 1.54 GB peak RSS at batch 32, 1.32 GB at 16)
 
 
 def generate(folder: Path, n: int, seed: int = 0) -> Path:
@@ -53,44 +54,60 @@ def generate(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
-def _tree_rss_kb(pid: int) -> int:
-    """Sum of VmRSS (kB) of pid and all its descendants (from /proc)."""
-    total, stack = 0, [pid]
+def _tree_memory_kb(pid: int) -> tuple[int, int]:
+    """(sum of VmRSS, sum of Pss) in kB over pid and all its descendants (from /proc). RSS counts a
+    page shared by a parent and its DataLoader workers (the torch libraries) once per process; PSS
+    splits it between them, so the PSS sum is the tree's real footprint."""
+    rss = pss = 0
+    stack = [pid]
     while stack:
         p = stack.pop()
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+                rss += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                pss += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+    return rss, pss
 
 
-def measure(cmd: list[str], code: Path) -> dict:
-    """Run cmd with PYTHONPATH=code: {seconds, peak_tree_rss_mb, maxrss_mb, rc}."""
+def measure(cmd: list[str], code: Path, time_limit: float | None = None) -> dict:
+    """Run cmd with PYTHONPATH=code: {seconds, peak_tree_rss_mb, peak_tree_pss_mb, maxrss_mb, rc,
+    stopped}. With time_limit, the command's process group is sent SIGTERM after that many seconds
+    (stopped: true; the peaks cover the part that ran)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    peak = 0
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=code, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    peak = peak_pss = 0
+    stopped = False
     while True:
-        peak = max(peak, _tree_rss_kb(proc.pid))
+        rss, pss = _tree_memory_kb(proc.pid)
+        peak, peak_pss = max(peak, rss), max(peak_pss, pss)
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
+        if time_limit is not None and not stopped and time.perf_counter() - t0 > time_limit:
+            os.killpg(proc.pid, signal.SIGTERM)
+            stopped = True
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
     out = proc.stdout.read().decode(errors="replace")
     rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
+    if rc != 0 and not stopped:
         print(out[-3000:], file=sys.stderr)
     return {
         "seconds": round(seconds, 2),
         "peak_tree_rss_mb": round(peak / 1024),
+        "peak_tree_pss_mb": round(peak_pss / 1024),
         "maxrss_mb": round(usage.ru_maxrss / 1024),
         "rc": rc,
+        "stopped": stopped,
         "tail": out.strip().splitlines()[-2:] if out.strip() else [],
     }
 
@@ -171,21 +188,26 @@ from core.data import load_dataset
 from core.models import build_model
 from core.training import train_epochs
 torch.set_num_threads(2)
-ref, n = sys.argv[1], int(sys.argv[2])
+ref, n, epochs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 data = load_dataset(ref, train_subset=n)
 torch.manual_seed(0)
 model = build_model("small_cnn", data.num_classes, data.in_channels)
+# one-time costs outside the timing, paid the same by every code version: the first optimizer
+# imports torch._dynamo (~2 s here), whatever imported it earlier or not
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 t0 = time.perf_counter()
-train_epochs(model, data.train_x, data.train_y, epochs=1, lr=0.01, batch_size=128, seed=0)
+train_epochs(model, data.train_x, data.train_y, epochs=epochs, lr=0.01, batch_size=128, seed=0)
 dt = time.perf_counter() - t0
-print(json.dumps({"img_per_s": round(len(data.train_y) / dt, 1), "seconds": round(dt, 2)}))
+print(json.dumps({"img_per_s": round(epochs * len(data.train_y) / dt, 1), "seconds": round(dt, 2)}))
 """
 
 
-def throughput(ref: str, n: int, code: Path) -> dict:
+def throughput(ref: str, n: int, code: Path, epochs: int = 1) -> dict:
+    """img/s of `epochs` epochs of small_cnn training (batch 128, 2 threads) on n samples of ref,
+    with code's core (its in-memory or streaming data path)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     res = subprocess.run(
-        [sys.executable, "-c", THROUGHPUT, ref, str(n)],
+        [sys.executable, "-c", THROUGHPUT, ref, str(n), str(epochs)],
         env=env,
         cwd=code,
         capture_output=True,
@@ -209,6 +231,12 @@ def main() -> None:
         "--code", type=Path, default=ROOT, help="repository whose carcert runs (default: this one)"
     )
     ap.add_argument("--skip-prune", action="store_true")
+    ap.add_argument(
+        "--prune-time-limit",
+        type=float,
+        default=None,
+        help="stop each prune after this many seconds (its peaks cover the part that ran)",
+    )
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each command (the table shows each)")
     a = ap.parse_args()
@@ -234,21 +262,30 @@ def main() -> None:
                 r = {
                     "images": n,
                     "command": name,
-                    **measure(cmd, a.code),
+                    **measure(cmd, a.code, a.prune_time_limit if name == "prune" else None),
                     "load1": round(os.getloadavg()[0], 2),
                 }
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     if not a.skip_throughput:
-        for ref, n in (("digits", 1437), ("fashion-mnist", a.fashion_subset)):
-            r = {"dataset": ref, **throughput(ref, n, a.code), "load1": round(os.getloadavg()[0], 2)}
+        for ref, n, epochs in (("digits", 1437, 40), ("fashion-mnist", a.fashion_subset, 1)):
+            r = {
+                "dataset": ref,
+                "epochs": epochs,
+                **throughput(ref, n, a.code, epochs),
+                "load1": round(os.getloadavg()[0], 2),
+            }
             print(json.dumps(r), flush=True)
-    print("\n| images | command | wall s | peak RSS, process tree (MB) | ru_maxrss (MB) | load1 |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| images | command | wall s | peak PSS, process tree (MB) | peak RSS, process tree (MB) "
+        "| ru_maxrss (MB) | load1 |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        wall = f"{r['seconds']} (stopped)" if r["stopped"] else r["seconds"]
         print(
-            f"| {r['images']} | {r['command']} | {r['seconds']} | {r['peak_tree_rss_mb']} | "
-            f"{r['maxrss_mb']} | {r['load1']} |"
+            f"| {r['images']} | {r['command']} | {wall} | {r['peak_tree_pss_mb']} | "
+            f"{r['peak_tree_rss_mb']} | {r['maxrss_mb']} | {r['load1']} |"
         )
 
 
