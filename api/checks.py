@@ -17,9 +17,12 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from api.errors import ApiProblem
+from core.errors import DatasetError
+from core.objectstore import is_s3_url
 from core.paths import within_roots
 from core.spec import JobSpec
 from store.artifacts import artifact_kind
+from store.objects import check_dataset_url
 from store.settings import Settings
 
 ARTIFACT_PREFIX = "artifact:"
@@ -266,18 +269,25 @@ def check_path(raw: str, data_roots: Sequence[Path], field: str = "dataset") -> 
     )
 
 
-def _check_dataset(session: Session, tenant: str, ref: str, data_roots: Sequence[Path]) -> None:
+def _check_dataset(
+    session: Session, tenant: str, ref: str, data_roots: Sequence[Path], settings: Settings | None
+) -> None:
     if ref in NAMED_DATASETS:
         return
     prefix, sep, rest = ref.partition(":")
     if sep and prefix == "artifact":
         _artifact_ref(session, tenant, "dataset", ref)
+    elif sep and prefix == "imagefolder" and is_s3_url(rest):
+        try:
+            check_dataset_url(rest, settings or Settings(artifact_backend="local"))
+        except DatasetError as exc:
+            raise _invalid(f"dataset: {exc}", "dataset") from None
     elif sep and prefix in PATH_DATASETS and rest:
         check_path(rest, data_roots)
     else:
         raise _invalid(
             f"unknown dataset reference {ref!r}; use digits, fashion-mnist[:DIR], "
-            "npz:PATH, imagefolder:PATH or artifact:ID",
+            "npz:PATH, imagefolder:PATH, imagefolder:s3://BUCKET/PREFIX or artifact:ID",
             "dataset",
         )
 
@@ -307,8 +317,11 @@ def check_work(spec: JobSpec, cap: int) -> int:
     return work
 
 
-def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Sequence[Path]) -> None:
-    """Raise 422 for any reference in `spec` the tenant may not or cannot use."""
+def check_job_spec(
+    session: Session, tenant: str, spec: JobSpec, data_roots: Sequence[Path], settings: Settings | None = None
+) -> None:
+    """Raise 422 for any reference in `spec` the tenant may not or cannot use (s3:// datasets only
+    inside `settings`' dataset folder of the artifact bucket, store.objects)."""
     if spec.model.weights is not None:
         _file_ref(session, tenant, "model.weights", spec.model.weights, data_roots)
     if spec.model.program is not None:
@@ -319,7 +332,7 @@ def check_job_spec(session: Session, tenant: str, spec: JobSpec, data_roots: Seq
         ref = getattr(spec.transform, name)
         if ref is not None:
             _file_ref(session, tenant, f"transform.{name}", ref, data_roots)
-    _check_dataset(session, tenant, spec.dataset, data_roots)
+    _check_dataset(session, tenant, spec.dataset, data_roots, settings)
     if spec.transform.kind == "parametric":
         names = _parametric_names()
         unknown = [p for p in spec.transform.name.split("+") if p.strip() not in names]

@@ -13,6 +13,9 @@ transformed inputs per sample, forward batch --batch-size, `--threads` torch thr
    certified samples/min (the compile time, paid once per model and shape, reported apart and
    also folded in), and against the eager run: decisions that differ, max |epsilon_bound|,
    |p| and |Z| differences. bf16 certifies --bf16-samples samples (the first ones of the eager run).
+   Forms other than eager take the calibrated batch on such a run (core.calibrate, --calibration;
+   the calibration's timing is inside "certify s"; a fresh cache file per run unless
+   CARCERT_CALIBRATION_CACHE is set); the batch that ran is printed beside the form.
 3. --demo: the `make demo` certification (small_cnn trained 3 epochs on digits, illumination,
    n = 100, l = 10, 50 samples) in every fp32 form: decisions and bound differences against eager.
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from core.calibrate import CALIBRATE_ENV, CALIBRATION_CACHE_ENV  # noqa: E402
 from core.certify import certify_model  # noqa: E402
 from core.fastforward import FORM_ENV, prepare_forward  # noqa: E402
 from core.models import build_model  # noqa: E402
@@ -140,9 +144,10 @@ def certification(model, forms: list[str], args, dev: torch.device, ips: dict) -
         rate = 60 * s / secs
         base = base or rate
         comp = ips.get(form, {}).get("compile_s", 0.0) if res.forward["form"] == "compiled" else 0.0
-        c = _compare(res, ref)
+        c, ran = _compare(res, ref), res.forward
         print(
-            f"| {form} ({res.forward['form']}, {res.forward['precision']}) | {s} | {secs:.1f} | {comp:.1f} "
+            f"| {form} ({ran['form']}, {ran['precision']}, batch {ran['batch']}) | {s} | {secs:.1f} "
+            f"| {comp:.1f} "
             f"| {rate:.2f} | {rate / base:.2f} | {60 * s / (secs + comp) / base:.2f} | {c['certified']} "
             f"| {c['differ']} | {c['eps']:.2e} | {c['p']:.2e} | {c['z']:.2e} |",
             flush=True,
@@ -200,7 +205,11 @@ def main() -> None:
     ap.add_argument("--skip-certify", action="store_true")
     ap.add_argument("--certify-forms", default="", help="forms of part 2 (default: --forms; eager first)")
     ap.add_argument("--batch-sweep", default="", help="img/s of channels_last at these batch sizes (a,b,...)")
+    ap.add_argument("--calibration", default="auto", choices=("auto", "on", "off"),
+                    help="CARCERT_BATCH_CALIBRATION for part 2 (core.calibrate; fresh cache file per run)")
     args = ap.parse_args()
+    os.environ[CALIBRATE_ENV] = args.calibration
+    os.environ.setdefault(CALIBRATION_CACHE_ENV, f"/tmp/carcert-bench-calibration-{os.getpid()}.json")
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     forms = args.forms.split(",")

@@ -14,6 +14,7 @@ writes cert.json and cert.evidence.npz beside it. --transform takes a parametric
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -214,11 +215,13 @@ def run_certify(args: argparse.Namespace) -> int:
     from core.models import default_small_input, file_sha256
     from core.preprocess import attach_normalize, normalize_for, preprocess_dict
     from core.transforms import build_transform, transform_description
+    from store.objects import objects_for
 
     tspec, cspec = _specs(args)
     pre = preprocess_spec(args)
     out = Path(args.out)
-    data = load_dataset(args.dataset, seed=args.seed, resize=pre.resize, crop=pre.crop)
+    data = load_dataset(args.dataset, seed=args.seed, resize=pre.resize, crop=pre.crop,
+                        objects=objects_for(args.dataset))
     small = args.input_size == "small" or (
         args.input_size == "auto" and default_small_input(*data.test_x.shape[2:])
     )
@@ -273,6 +276,7 @@ def run_certify(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from core.certify import verify_certificate
     from core.verify import check_files, recompute
+    from store.objects import objects_for
 
     cert = Path(args.certificate)
     evidence = Path(args.evidence) if args.evidence else None
@@ -283,8 +287,9 @@ def run_verify(args: argparse.Namespace) -> int:
         problems += check_files(cert, model, mask)
         checked.append("model/mask files")
     if args.recompute:
+        ref = args.dataset or (json.loads(cert.read_text()).get("dataset") or {}).get("ref")
         problems += recompute(cert, evidence, model=model, mask=mask, dataset=args.dataset,
-                              device=args.device, batch_size=args.batch_size)
+                              device=args.device, batch_size=args.batch_size, objects=objects_for(ref))
         checked.append("recomputed p and Z")
     if problems:
         for msg in problems:

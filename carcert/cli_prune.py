@@ -239,6 +239,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     from core.context import LocalContext, write_json
     from core.pipeline import run_job
+    from store.objects import objects_for
 
     spec = build_spec(args)
     out = Path(args.out)
@@ -261,7 +262,7 @@ def run_prune(args: argparse.Namespace) -> int:
 
     ctx = LocalContext(work, on_progress=on_progress)
     try:
-        summary = run_job(spec, work, ctx, device=args.device)
+        summary = run_job(spec, work, ctx, device=args.device, objects=objects_for(spec.dataset))
     finally:
         bar.close()
     variants = summary["variants"]

@@ -56,6 +56,7 @@ from core.masking import (
 )
 from core.preprocess import copy_normalize
 from core.spec import CarSpec, PruningSpec
+from core.trainform import channels_last_steps
 from core.training import (
     augment_with_transform,
     autocast,
@@ -500,7 +501,8 @@ def search_mask(
     term but L_ratio, whose x_T = T(x, 1, index) comes from the original rows only. `y` feeds the
     anchor and ratio_rows "correct". on_step(step, scores) runs after every step (curves);
     `report` (a dict) receives the lambdas used and, with spec.balance, the term gradient norms at
-    init. Resumable per epoch through ctx (key `checkpoint_key`)."""
+    init. Resumable per epoch through ctx (key `checkpoint_key`). CARCERT_TRAIN_FORM=channels_last
+    runs the steps in channels_last (core.trainform)."""
     dev = model_device(model)
     scores = score_params(init_scores(model, spec, seed), dev)
     opt = mask_optimizer(list(scores.values()), spec.mask_lr, spec.mask_optimizer)
@@ -513,6 +515,7 @@ def search_mask(
 
     def step(item: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         xb, yb, x_t, t_rows = batch(*item)
+        xb, x_t = fmt(xb), (None if x_t is None else fmt(x_t))
         loss = car_step(
             net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp,
             y=yb, t_rows=t_rows, lambdas=lambdas,
@@ -538,19 +541,12 @@ def search_mask(
                 report["term_grad_norms"] = norms
         if report is not None:
             report["lambdas"] = {k: v for k, v in lambdas.items() if v > 0}
-        run_epochs(
-            len(x),
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-            step=step,
-            state=state,
-            load_state=load_state,
-            ctx=ctx,
-            stage=stage,
-            checkpoint_key=checkpoint_key,
-            fetch=stream_batches(x, y, dev),
-        )
+        with channels_last_steps(net, scores.values()) as fmt:  # core.trainform
+            run_epochs(
+                len(x), epochs=epochs, batch_size=batch_size, seed=seed, step=step, state=state,
+                load_state=load_state, ctx=ctx, stage=stage, checkpoint_key=checkpoint_key,
+                fetch=stream_batches(x, y, dev),
+            )  # fmt: skip
     return {n: s.detach() for n, s in scores.items()}
 
 

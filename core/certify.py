@@ -380,6 +380,7 @@ def certify_model(
 
     fwd = prepare_forward(model, tuple(xs.shape[1:]), bs, device=dev, precision=params["precision"],
                           work=S * (1 + n * l))
+    bs = fwd.batch  # the calibrated batch on large runs (core.calibrate); results do not depend on it
     p_dev = clean_probabilities(fwd, xs, bs)  # (S, K)
     if p_dev.shape[1] < 2:
         raise InvalidInput("certification needs a classifier with at least 2 classes")

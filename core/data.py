@@ -12,6 +12,12 @@ References (DESIGN.md):
                             classes sorted by name; images are resized (bilinear) to the most
                             frequent size and are grey if every image is grey, both judged on up to
                             SIZE_PROBE files evenly spaced over the sorted listing.
+    imagefolder:s3://BUCKET/PREFIX
+                            the same layout as objects under PREFIX/ of an S3-compatible store,
+                            read through the injected ``objects`` (core.objectstore.ObjectStore):
+                            one listing, ranged GETs of up to SIZE_PROBE headers, then one GET per
+                            image when a batch reads it; the same split, classes and sha256 as the
+                            same folder on disk.
 Images come back as float32 (N, C, H, W) in [0, 1], labels as int64 (N,): digits as tensors, every
 other source as a core.datasets.ImageSource that reads rows on demand (memory-mapped npz members and
 raw IDX files, uint8 kept in memory for gzip'd IDX and compressed npz members, image files decoded per
@@ -38,28 +44,32 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from core.datasets import ArrayImages, FileImages, Geometry, ImageSource, SubsetImages
+from core.datasets import ArrayImages, FileImages, Geometry, ImageSource, ObjectImages, SubsetImages
 from core.errors import DatasetError
+from core.objectstore import ObjectStore, S3Location, is_s3_url, parse_s3_url
 from core.paths import within_roots
 
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # the fixed seed of the digits / imagefolder train/test split (never the job seed)
-REF_FORMS = "digits, fashion-mnist[:DIR], npz:PATH, imagefolder:PATH"
+REF_FORMS = "digits, fashion-mnist[:DIR], npz:PATH, imagefolder:PATH, imagefolder:s3://BUCKET/PREFIX"
 SIZE_PROBE = 512  # imagefolder: files whose headers decide the common size and colour
+OBJECT_PROBE_BYTES = 64 * 1024  # bytes of an object read for its header (ranged GET)
 Images = Tensor | ImageSource
 
 
@@ -293,9 +303,9 @@ def _presplit(root: Path) -> tuple[bool, dict[str, Path], Path | None]:
     return "train" in sub and test_dir is not None, sub, test_dir
 
 
-def _probe(root: Path, files: list[str]) -> tuple[tuple[int, int], bool]:
+def _probe(files: list[str], open_: Callable[[str], Any]) -> tuple[tuple[int, int], bool]:
     """(most frequent (w, h), ties -> smallest; grey) over up to SIZE_PROBE files evenly spaced over
-    `files` (headers only)."""
+    `files` (headers only; open_(rel) gives what PIL opens)."""
     from PIL import Image, UnidentifiedImageError
 
     step = max(1, len(files) // SIZE_PROBE)
@@ -303,7 +313,7 @@ def _probe(root: Path, files: list[str]) -> tuple[tuple[int, int], bool]:
     grey = True
     for rel in files[::step][:SIZE_PROBE]:
         try:
-            with Image.open(root / rel) as im:
+            with Image.open(open_(rel)) as im:
                 sizes[im.size] += 1
                 grey = grey and im.mode in ("1", "L", "I", "I;16", "F")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
@@ -329,7 +339,7 @@ def _imagefolder(root: Path, seed: int, geometry: Geometry | None):
         ]
         if not files[part]:
             raise DatasetError(f"imagefolder {d}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    size, grey = _probe(root, [f for items in files.values() for f, _ in items])
+    size, grey = _probe([f for items in files.values() for f, _ in items], lambda rel: root / rel)
 
     def source(items: list[tuple[str, int]]) -> tuple[FileImages, Tensor]:
         return (FileImages(root, [f for f, _ in items], size, grey, geometry),
@@ -343,11 +353,83 @@ def _imagefolder(root: Path, seed: int, geometry: Geometry | None):
     return trx, try_, tex, tey, len(classes), {}, classes
 
 
+# ---------------------------------------------------------------- imagefolder in an object store
+
+
+def _object_tree(listing: dict[str, int], part: str) -> dict[str, list[str]]:
+    """{class folder: its image files (relative to the root), sorted as paths} directly under the
+    folder `part` ("" or "train/"...) of a listing of relative keys, as _class_dirs/_image_files
+    read a local folder (hidden class folders skipped)."""
+    tree: dict[str, list[str]] = {}
+    for rel in listing:
+        if not rel.startswith(part):
+            continue
+        head, sep, tail = rel[len(part):].partition("/")
+        if not sep or not tail or head.startswith("."):
+            continue
+        files = tree.setdefault(head, [])
+        if PurePosixPath(tail).suffix.lower() in IMAGE_SUFFIXES:
+            files.append(rel)
+    return {c: sorted(fs, key=PurePosixPath) for c, fs in sorted(tree.items())}
+
+
+def _object_header(store: ObjectStore, loc: S3Location, rel: str) -> io.BytesIO:
+    """The first OBJECT_PROBE_BYTES of an object (ranged GET), or the whole object when PIL cannot
+    read the image header from them."""
+    from PIL import Image
+
+    head = store.get(loc.bucket, loc.prefix + rel, OBJECT_PROBE_BYTES)
+    if len(head) >= OBJECT_PROBE_BYTES:
+        try:
+            with Image.open(io.BytesIO(head)):
+                pass
+        except Exception:  # noqa: BLE001 - a header beyond the first bytes (large EXIF): read it all
+            head = store.get(loc.bucket, loc.prefix + rel)
+    return io.BytesIO(head)
+
+
+def _imagefolder_objects(url: str, store: ObjectStore, seed: int, geometry: Geometry | None):
+    """_imagefolder over the objects under s3://BUCKET/PREFIX: one listing, header reads (ranged
+    GETs) of up to SIZE_PROBE images, rows fetched when read (core.datasets.ObjectImages)."""
+    loc = parse_s3_url(url)
+    listing = {key[len(loc.prefix):]: int(size) for key, size in store.list(loc.bucket, loc.prefix)
+               if key.startswith(loc.prefix) and not key.endswith("/")}
+    if not listing:
+        raise DatasetError(f"imagefolder {url}: no objects under this prefix")
+    tops = {rel.split("/", 1)[0] for rel in listing if "/" in rel}
+    test_part = "test" if "test" in tops else "val" if "val" in tops else None
+    presplit = "train" in tops and test_part is not None
+    parts = {"train": "train/", "test": f"{test_part}/"} if presplit else {"all": ""}
+    trees = {part: _object_tree(listing, prefix) for part, prefix in parts.items()}
+    classes = sorted({c for tree in trees.values() for c in tree})
+    if len(classes) < 2:
+        raise DatasetError(f"imagefolder {url}: need at least 2 class folders, found {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    files = {part: [(f, index[c]) for c, fs in tree.items() for f in fs] for part, tree in trees.items()}
+    for part, items in files.items():
+        if not items:
+            raise DatasetError(f"imagefolder {url}{parts[part]}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    size, grey = _probe([f for items in files.values() for f, _ in items],
+                        lambda rel: _object_header(store, loc, rel))
+
+    def source(items: list[tuple[str, int]]) -> tuple[ObjectImages, Tensor]:
+        names = [f for f, _ in items]
+        return (ObjectImages(store, loc, names, [listing[f] for f in names], size, grey, geometry),
+                torch.tensor([y for _, y in items], dtype=torch.int64))
+
+    if presplit:
+        (trx, try_), (tex, tey) = source(files["train"]), source(files["test"])
+    else:
+        tr, te = _seeded_split(len(files["all"]), seed)
+        (trx, try_), (tex, tey) = (source([files["all"][i] for i in part]) for part in (tr, te))
+    return (trx, try_, tex, tey, len(classes), {}, classes), (None if presplit else seed)
+
+
 # ------------------------------------------------------------------------------------ entry
 
 
 def _resolve(ref: str, kind: str, arg: str, allowed_roots: Sequence[Path] | None, split_seed: int,
-             geometry: Geometry | None) -> tuple[tuple, int | None]:
+             geometry: Geometry | None, objects: ObjectStore | None) -> tuple[tuple, int | None]:
     """(the source's parts, the seed of its split or None)."""
     if kind == "digits" and not arg:
         parts = _digits(split_seed)
@@ -358,6 +440,10 @@ def _resolve(ref: str, kind: str, arg: str, allowed_roots: Sequence[Path] | None
     if kind == "fashion-mnist":
         directory = _check_root(Path(arg), allowed_roots) if arg else DEFAULT_FASHION_DIR
         return _fashion(directory, geometry), None
+    if kind == "imagefolder" and is_s3_url(arg):
+        if objects is None:
+            raise DatasetError(f"dataset {ref!r}: no object store is configured to read s3:// folders")
+        return _imagefolder_objects(arg, objects, split_seed, geometry)
     if kind in ("npz", "imagefolder"):
         if not arg:
             raise DatasetError(f"dataset reference {ref!r} needs a path: {kind}:PATH")
@@ -382,15 +468,17 @@ def load_dataset(
     split_seed: int = SPLIT_SEED,
     resize: int | None = None,
     crop: int | None = None,
+    objects: ObjectStore | None = None,
 ) -> DatasetSplit:
     """Resolve ``ref`` (see the module docstring) into a DatasetSplit. ``seed`` draws the training
-    subset only; the train/test split uses ``split_seed``. ``resize`` / ``crop``: Geometry."""
+    subset only; the train/test split uses ``split_seed``. ``resize`` / ``crop``: Geometry.
+    ``objects`` reads ``imagefolder:s3://...`` references (None: they are refused)."""
     if not isinstance(ref, str) or not ref.strip():
         raise DatasetError(f"empty dataset reference; valid forms: {REF_FORMS}")
     ref = ref.strip()
     kind, _, arg = ref.partition(":")
     geometry = Geometry(resize, crop) if resize is not None or crop is not None else None
-    parts, seeded_split = _resolve(ref, kind, arg, allowed_roots, split_seed, geometry)
+    parts, seeded_split = _resolve(ref, kind, arg, allowed_roots, split_seed, geometry, objects)
     trx, try_, tex, tey, num_classes, extras, classes = parts
     if trx.shape[0] == 0 or tex.shape[0] == 0:
         raise DatasetError(f"dataset {ref!r} has an empty train or test split")

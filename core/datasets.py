@@ -11,6 +11,8 @@ each returning a float32 CPU tensor of just those rows. Sources:
                     division the in-memory path did, so values are bit-identical).
     FileImages      image files decoded with PIL per row (imagefolder): convert to "L" / "RGB",
                     then either the fixed `size` (bilinear) or the `Geometry` (resize + crop).
+    ObjectImages    the same from objects of an object store (imagefolder:s3://...), one GET per
+                    row read, through an injected core.objectstore.ObjectStore.
     SubsetImages    rows `idx` of another source (train_subset).
     AugmentedImages a source plus q rows T(x[pick], delta=1, index=pick) computed when read
                     (core.training.augment_with_transform for streamed sources).
@@ -23,8 +25,10 @@ present), for a tensor or an array source by plain indexing (unchanged results).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +38,11 @@ import torch
 from torch import Tensor
 
 from core.errors import DatasetError
+from core.objectstore import ObjectStore, S3Location
 
 HASH_CHUNK = 2048  # rows per chunk when a source's content is hashed
 MAX_LOADER_WORKERS = 4
+FETCH_THREADS = 8  # concurrent object GETs within one batch (ObjectImages)
 FORWARD_VALUES = 1 << 21  # input values (batch x C x H x W) of one inference forward pass at most
 
 
@@ -231,13 +237,24 @@ class FileImages(ImageSource):
             hw = (size[1], size[0])
         super().__init__(len(self.files), (c, *hw))
 
+    def open(self, i: int) -> Any:
+        """What PIL opens for row i: the file's path (ObjectImages: the object's bytes)."""
+        return self.root / self.files[i]
+
+    def byte_size(self, i: int) -> int:
+        """The byte size of row i's file (for the manifest)."""
+        return (self.root / self.files[i]).stat().st_size
+
     def load(self, i: int) -> np.ndarray:
         """Row i as uint8 (H, W) or (H, W, 3)."""
+        return self.decode(self.open(i), self.files[i])
+
+    def decode(self, src: Any, rel: str) -> np.ndarray:
+        """The image `src` (a path or a binary file object) of row `rel` as uint8 (H, W) or (H, W, 3)."""
         from PIL import Image, UnidentifiedImageError
 
-        rel = self.files[i]
         try:
-            with Image.open(self.root / rel) as im:
+            with Image.open(src) as im:
                 im = im.convert("L" if self.grey else "RGB")
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"imagefolder: cannot read image {rel}: {exc}") from None
@@ -253,21 +270,68 @@ class FileImages(ImageSource):
             )
         return a
 
+    def load_many(self, idx: np.ndarray) -> list[np.ndarray]:
+        """load(i) for each row of idx, in order."""
+        return [self.load(int(i)) for i in idx]
+
     def rows(self, idx: np.ndarray) -> Tensor:
         if len(idx) == 0:
             return torch.empty((0, *self.chw), dtype=torch.float32)
-        a = np.stack([self.load(int(i)) for i in idx]).astype(np.float32) / 255.0
+        a = np.stack(self.load_many(idx)).astype(np.float32) / 255.0
         a = a[:, None] if self.grey else a.transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(a))
+
+    def subset(self, idx: np.ndarray) -> FileImages:
+        """The same kind of source over rows idx only."""
+        return FileImages(self.root, [self.files[i] for i in idx], self.size, self.grey, self.geometry)
 
     def manifest_entry(self) -> dict[str, Any]:
         """{dtype, shape, listing_sha256}: the sha256 of the file listing (relative path and byte
         size of every row, in order, with the size / colour / geometry) instead of the pixels, so
         that loading a folder costs one stat per file, not a decode."""
         h = hashlib.sha256(repr((self.size, self.grey, self.geometry)).encode())
-        for rel in self.files:
-            h.update(f"{rel}\0{(self.root / rel).stat().st_size}\n".encode())
+        for i, rel in enumerate(self.files):
+            h.update(f"{rel}\0{self.byte_size(i)}\n".encode())
         return {"dtype": "float32", "shape": list(self.shape), "listing_sha256": h.hexdigest()}
+
+
+class ObjectImages(FileImages):
+    """Image objects of an object store (core.objectstore.ObjectStore) under `location`, fetched
+    when a row is read (one GET per image, up to FETCH_THREADS at once within a batch; nothing is
+    downloaded ahead or kept) and decoded as FileImages does. `files` are the keys relative to the
+    location's prefix, `sizes` their byte sizes from the listing (the manifest hashes path and size
+    per row, as for a local folder, so the same folder gives the same dataset sha256 in both)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        location: S3Location,
+        files: Sequence[str],
+        sizes: Sequence[int],
+        size: tuple[int, int],
+        grey: bool,
+        geometry: Geometry | None = None,
+    ) -> None:
+        super().__init__(Path(), files, size, grey, geometry)
+        if len(sizes) != len(self.files):
+            raise ValueError("one size per file")
+        self.store, self.location, self.sizes = store, location, [int(v) for v in sizes]
+
+    def open(self, i: int) -> Any:
+        return io.BytesIO(self.store.get(self.location.bucket, self.location.prefix + self.files[i]))
+
+    def byte_size(self, i: int) -> int:
+        return self.sizes[i]
+
+    def load_many(self, idx: np.ndarray) -> list[np.ndarray]:
+        if len(idx) <= 1:
+            return super().load_many(idx)
+        with ThreadPoolExecutor(min(FETCH_THREADS, len(idx))) as pool:
+            return list(pool.map(self.load, (int(i) for i in idx)))
+
+    def subset(self, idx: np.ndarray) -> ObjectImages:
+        return ObjectImages(self.store, self.location, [self.files[i] for i in idx],
+                            [self.sizes[i] for i in idx], self.size, self.grey, self.geometry)
 
 
 class SubsetImages(ImageSource):
@@ -283,14 +347,7 @@ class SubsetImages(ImageSource):
 
     def manifest_entry(self) -> dict[str, Any]:
         if isinstance(self.base, FileImages):
-            sub = FileImages(
-                self.base.root,
-                [self.base.files[i] for i in self.idx],
-                self.base.size,
-                self.base.grey,
-                self.base.geometry,
-            )
-            return sub.manifest_entry()
+            return self.base.subset(self.idx).manifest_entry()
         return super().manifest_entry()
 
 

@@ -25,6 +25,12 @@ fails (at torch.compile or the warm-up call that triggers it), the Forward falls
 and records why (`describe()["fallback"]`). Prepared Forwards are cached per model object, keyed by
 item shape, batch, device, precision, compile and the weights' version counters (a weight changed in
 place gets a fresh copy).
+
+Batch: `batch` as given, or, for large runs (core.calibrate: work >= CALIBRATE_MIN_FLOPS, or
+`calibrate=True`, or CARCERT_BATCH_CALIBRATION=on), the candidate batch of highest measured
+throughput on the channels_last form (timed once per machine, model architecture and shape, then
+cached on disk), before compiling for it; `Forward.batch` is what runs, and describe() then says
+`batch_calibrated: true` and `batch_requested`. Callers batch their inputs by Forward.batch.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from core.calibrate import CALIBRATE_MIN_FLOPS, calibration_setting, should_calibrate
 
 PRECISIONS = ("fp32", "bf16")
 FORM_ENV = "CARCERT_FORWARD"
@@ -182,6 +190,38 @@ def _device_notes(device: torch.device) -> dict[str, Any]:
     }
 
 
+def _work_flops(model: nn.Module, item_shape: tuple[int, ...], device: torch.device, work: int) -> float:
+    """FLOPs of `work` forwards; 0 when the parameter x pixel bound cannot reach CALIBRATE_MIN_FLOPS
+    (nothing counted), or when CARCERT_BATCH_CALIBRATION forces the decision."""
+    if calibration_setting() != "auto" or work <= 0:
+        return 0.0
+    params = sum(p.numel() for p in model.parameters())
+    pixels = math.prod(item_shape[1:]) if len(item_shape) > 1 else 1
+    if work * 2 * params * pixels < CALIBRATE_MIN_FLOPS:
+        return 0.0
+    return float(work) * flops_per_forward(model, item_shape, device)
+
+
+def _calibrate(fwd: Forward, item_shape: tuple[int, ...], model: nn.Module) -> None:
+    """fwd.batch = the calibrated batch (core.calibrate) of fwd's eager form, before any compile."""
+    from core.calibrate import cache_key, calibrated_batch
+    from core.datasets import forward_batch
+
+    requested = fwd.batch
+    cap = forward_batch(1 << 30, item_shape)  # the memory bound on one forward's inputs
+
+    def run(b: int) -> None:
+        x = torch.zeros((b, *item_shape), device=fwd.device)
+        with torch.inference_mode(), _autocast(fwd.device, fwd.precision):
+            fwd.net(fwd._fmt(x))
+        if fwd.device.type == "cuda":
+            torch.cuda.synchronize(fwd.device)
+
+    key = cache_key(model, item_shape, fwd.device, fwd.precision, fwd.form, requested, cap)
+    fwd.batch, _ = calibrated_batch(run, requested, cap, key)
+    fwd.extra.update(batch_requested=requested, batch_calibrated=True)
+
+
 def _build(
     model: nn.Module,
     item_shape: tuple[int, ...],
@@ -189,12 +229,15 @@ def _build(
     device: torch.device,
     precision: str,
     compile: bool,
+    calibrate: bool = False,
 ) -> Forward:  # noqa: A002
     try:
         net = copy.deepcopy(model).eval().to(device=device, memory_format=torch.channels_last)
     except Exception as exc:  # noqa: BLE001 - a model that cannot be copied runs as given
         return Forward(model, device, precision, batch, fallback=f"channels_last copy failed: {exc}"[:300])
     fwd = Forward(net, device, precision, batch, channels_last=True, extra=_device_notes(device))
+    if calibrate:
+        _calibrate(fwd, item_shape, model)
     if compile:
         _compile(fwd, item_shape)
     return fwd
@@ -209,23 +252,27 @@ def prepare_forward(
     precision: str = "fp32",
     work: int = 0,
     compile: bool | None = None,
+    calibrate: bool | None = None,
 ) -> Forward:  # noqa: A002
     """The Forward of the eval-mode `model` (already on `device`) for inputs (N, *item_shape), in
-    forward batches of `batch`, for a run of about `work` forwards (module docstring); cached."""
+    forward batches of `batch` (or the calibrated batch: Forward.batch), for a run of about `work`
+    forwards (module docstring); cached."""
     device = torch.device(device)
     check_precision(precision)
     item_shape = tuple(int(s) for s in item_shape)
     eager = form_setting() == "eager" or len(item_shape) != 3  # channels_last needs (C, H, W) items
     want_compile = not eager and should_compile(model, item_shape, device, work, compile)
-    key = (item_shape, int(batch), str(device), precision, eager, want_compile, _weights_version(model))
+    want_calibrate = not eager and should_calibrate(_work_flops(model, item_shape, device, work), calibrate)
+    key = (item_shape, int(batch), str(device), precision, eager, want_compile, want_calibrate,
+           _weights_version(model))
     cached = _CACHE.setdefault(model, {})
     if key in cached:
         return cached[key]
     if eager:
         return Forward(model, device, precision, int(batch), extra=_device_notes(device))
-    fwd = _build(model, item_shape, int(batch), device, precision, want_compile)
+    fwd = _build(model, item_shape, int(batch), device, precision, want_compile, want_calibrate)
     if fwd.net is not model:  # only copies are cached (a value holding its key would never be freed)
-        for old in [k for k in cached if k[:6] == key[:6]]:  # the same slot with stale weights
+        for old in [k for k in cached if k[:7] == key[:7]]:  # the same slot with stale weights
             del cached[old]
         cached[key] = fwd
     return fwd

@@ -58,6 +58,7 @@ from core.models import (
     load_weights,
     save_weights,
 )
+from core.objectstore import ObjectStore
 from core.paths import within_roots
 from core.preprocess import attach_normalize, metadata_entry, normalize_for, preprocess_dict
 from core.results import VariantResult
@@ -137,10 +138,10 @@ def _certify_and_write(
     return result
 
 
-def _load_data(spec: JobSpec, allowed_roots: Any) -> DatasetSplit:
+def _load_data(spec: JobSpec, allowed_roots: Any, objects: ObjectStore | None) -> DatasetSplit:
     return load_dataset(spec.dataset, seed=spec.seed, allowed_roots=allowed_roots,
                         train_subset=spec.train_subset, resize=spec.preprocess.resize,
-                        crop=spec.preprocess.crop)
+                        crop=spec.preprocess.crop, objects=objects)
 
 
 def _with_preprocess(model: torch.nn.Module, info: dict[str, Any], spec: JobSpec,
@@ -210,17 +211,19 @@ def run_job(
     *,
     job_id: str | None = None,
     allowed_roots: Any = None,
+    objects: ObjectStore | None = None,
 ) -> dict:
     """Run a JobSpec into `out_dir` (module docstring). `job_id` goes into the certificates
     (default: ctx.job_id if the context has one); `allowed_roots` confines dataset, weights and
-    mask paths (None: no restriction, the CLI case). Returns {"variants": [...], "seconds"}."""
+    mask paths (None: no restriction, the CLI case); `objects` reads imagefolder:s3:// datasets.
+    Returns {"variants": [...], "seconds"}."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = default_device(device)
     job_id = job_id if job_id is not None else getattr(ctx, "job_id", None)
     check_cancel(ctx, "loading data")
-    data = _load_data(spec, allowed_roots)
+    data = _load_data(spec, allowed_roots, objects)
     if spec.kind == "certify":
         summary = _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots)
     else:

@@ -388,7 +388,8 @@ class JobSpec(_Strict):
     model: ModelSpec = Field(default=ModelSpec(), description="the network: built-in arch or your .pt2")
     dataset: PathRef = Field(
         default="digits",
-        description="digits | fashion-mnist[:DIR] | imagefolder:PATH | npz:PATH | artifact:ID",
+        description="digits | fashion-mnist[:DIR] | imagefolder:PATH | imagefolder:s3://BUCKET/PREFIX | "
+        "npz:PATH | artifact:ID",
     )
     transform: TransformSpec = Field(
         default=TransformSpec(), description="the semantic transformation T(x, delta)"

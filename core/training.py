@@ -20,6 +20,7 @@ from core.datasets import AugmentedImages, ImageSource, batch_stream, forward_ba
 from core.errors import Cancelled, TrainingDiverged
 from core.masking import apply_masks_, masked_forward, prunable_weights
 from core.spec import PruningSpec
+from core.trainform import channels_last_steps
 
 Images = Tensor | ImageSource  # a split in memory or read on demand (core.datasets)
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -179,7 +180,8 @@ def train_epochs(
     their device; batches are moved to the model's device (`stream_batches`: an ImageSource is
     read a batch at a time by DataLoader workers). Raises TrainingDiverged on a NaN/inf
     loss (nothing is updated or saved for that step), Cancelled on ctx.should_cancel(). amp: the
-    loss's forward pass under bf16 autocast (`autocast`)."""
+    loss's forward pass under bf16 autocast (`autocast`). CARCERT_TRAIN_FORM=channels_last runs the
+    steps in channels_last (core.trainform); the model is contiguous again afterwards."""
     loss_fn = loss_fn or ce_loss
     dev = model_device(model)
     steps_per_epoch = max(1, len(epoch_batches(len(x), batch_size, seed, 0)))
@@ -191,6 +193,7 @@ def train_epochs(
         xb, yb = item[1].to(dev, non_blocking=True), item[2].to(dev, non_blocking=True)
         if augment is not None:
             xb, yb = augment(xb, yb)
+        xb = fmt(xb)
         model.train()
         opt.zero_grad(set_to_none=True)
         with autocast(dev, amp):
@@ -216,19 +219,12 @@ def train_epochs(
         opt.load_state_dict(s["opt"])
         sched.load_state_dict(s["sched"])
 
-    run_epochs(
-        len(x),
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        step=step,
-        state=state,
-        load_state=load_state,
-        ctx=ctx,
-        stage=stage,
-        checkpoint_key=checkpoint_key,
-        fetch=stream_batches(x, y, dev),
-    )
+    with channels_last_steps(model) as fmt:  # core.trainform
+        run_epochs(
+            len(x), epochs=epochs, batch_size=batch_size, seed=seed, step=step, state=state,
+            load_state=load_state, ctx=ctx, stage=stage, checkpoint_key=checkpoint_key,
+            fetch=stream_batches(x, y, dev),
+        )  # fmt: skip
     model.eval()
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from core.errors import InvalidInput
+from core.objectstore import ObjectStore
 
 RECOMPUTE_ATOL = {"fp32": 1e-6, "bf16": 1e-2}
 MODEL_FILE, MASK_FILE = "model.safetensors", "mask.safetensors"
@@ -144,11 +145,12 @@ def _transform_spec(desc: dict[str, Any]) -> Any:
 
 def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path | None = None,
               mask: Path | None = None, dataset: str | None = None, device: str = "cpu",
-              batch_size: int = 500) -> list[str]:
+              batch_size: int = 500, objects: ObjectStore | None = None) -> list[str]:
     """Re-run the model on the certificate's test samples and recorded deltas; mismatches of the
     dataset, the transformation, p or Z beyond RECOMPUTE_ATOL ([] when all agree). `dataset`
-    overrides the certificate's reference (e.g. a local copy of a service artifact). Runs at the
-    certificate's precision and recorded form (module docstring)."""
+    overrides the certificate's reference (e.g. a local copy of a service artifact); `objects`
+    reads an imagefolder:s3:// one. Runs at the certificate's precision and recorded form (module
+    docstring)."""
     from core.certify import clean_probabilities, evidence_path_for, load_evidence, transformed_z
     from core.data import SPLIT_SEED, load_dataset
     from core.datasets import forward_batch
@@ -167,7 +169,7 @@ def recompute(cert_path: Path, evidence_path: Path | None = None, *, model: Path
     data = load_dataset(dataset or ds.get("ref", ""), seed=int(cert["params"]["seed"]),
                         train_subset=ds.get("train_subset"),
                         split_seed=SPLIT_SEED if split_seed is None else int(split_seed),
-                        resize=pre.resize, crop=pre.crop)
+                        resize=pre.resize, crop=pre.crop, objects=objects)
     if data.sha256 != ds.get("sha256"):
         return [f"dataset sha256 {data.sha256} != the certificate's {ds.get('sha256')}: not the same data"]
     transform = build_transform(_transform_spec(cert.get("transform") or {}), data=data, split="test")

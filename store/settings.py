@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     s3_bucket: str | None = None
     s3_endpoint_url: str | None = None
     s3_prefix: str = "carcert/"
+    # imagefolder:s3://<bucket>/<s3_prefix><s3_datasets_prefix>... datasets jobs may read (store.objects)
+    s3_datasets_prefix: str = Field(default="datasets/", min_length=1)
     work_root: Path = Path("./var/work")
     data_roots: list[Path] = Field(default_factory=lambda: [Path("/usr/share/datasets"), Path("./var/data")])
     max_upload_bytes: int = 512 * MiB

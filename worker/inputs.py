@@ -5,7 +5,9 @@ blob under <job dir>/inputs/ keeping the uploaded file's extension (the loaders 
 it). "artifact:ID" as dataset -> "npz:<path>" for a .npz upload, or, for a .zip / .tar(.gz|.bz2|.xz)
 archive of class folders, "imagefolder:<dir>" after a safe extraction (regular files and folders
 only, no absolute paths, no "..", no links, byte and file-count limits counted while extracting).
-Plain paths (CLI-style references) are only accepted under settings.data_roots.
+Plain paths (CLI-style references) are only accepted under settings.data_roots;
+"imagefolder:s3://..." only inside the artifact bucket's dataset folder (store.objects), and stays as
+it is: the job reads those images object by object.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from pathlib import Path, PurePosixPath
 from sqlalchemy.orm import Session
 
 from core.errors import DatasetError, InvalidInput
+from core.objectstore import is_s3_url
 from core.paths import within_roots
 from core.spec import JobSpec
 from store.artifacts import ArtifactStore, copy_to, get_artifact
+from store.objects import check_dataset_url
 from store.settings import Settings
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -181,6 +185,9 @@ class InputResolver:
                 f"({', '.join(ARCHIVE_SUFFIXES)})"
             )
         kind, _, path = ref.partition(":")
+        if kind == "imagefolder" and is_s3_url(path):
+            check_dataset_url(path, self.settings)
+            return ref  # read object by object during the job (store.objects)
         local = kind in ("npz", "imagefolder") or (kind == "fashion-mnist" and path)
         if local and not within_roots(Path(path), self.settings.data_roots):
             raise DatasetError(f"dataset path {path!r} is outside the allowed data roots")

@@ -42,6 +42,7 @@ from store.jobs import (
     renew_lease,
     update_progress,
 )
+from store.objects import service_objects
 from store.settings import Settings, get_settings
 from worker.inputs import InputResolver, allowed_roots
 from worker.joblog import JobLogRecorder
@@ -437,6 +438,7 @@ def _run_and_persist(
         device=device,
         job_id=job_id,
         allowed_roots=allowed_roots(ctx.settings, job_dir),
+        objects=service_objects(ctx.settings),
     )
     refs = ref_mapping(spec, resolved)
     if ctx.settings.mlflow_tracking_uri:  # before stop_writes: the heartbeat keeps the lease

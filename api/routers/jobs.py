@@ -219,7 +219,7 @@ def submit_job(
     from api.program_checks import check_program_job
 
     check_work(spec, settings.max_job_work)
-    check_job_spec(session, tenant, spec, settings.data_roots)
+    check_job_spec(session, tenant, spec, settings.data_roots, settings)
     check_webhook(spec, settings)
     check_quota(session, tenant, settings.tenant_max_queued, idempotency_key)
     check_program_job(session, store, tenant, spec)

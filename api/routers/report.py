@@ -3,10 +3,11 @@
 
 Rendered by core.report from the job's results (JobResult rows: certificate + metrics). Example
 images x and T(x, delta) are drawn for the first certified test samples when the job's dataset
-and transform can be rebuilt in the API process (built-in datasets and paths under
-settings.data_roots; not uploaded artifacts, which only the worker resolves): otherwise the report
-says there are no examples. A succeeded job is immutable, so rendered outputs are cached per job
-(LRU). Another tenant's job -> 404; a job that has not succeeded -> 409 problem+json."""
+and transform can be rebuilt in the API process (built-in datasets, paths under
+settings.data_roots and imagefolders in the S3 dataset folder, store.objects; not uploaded
+artifacts, which only the worker resolves): otherwise the report says there are no examples.
+A succeeded job is immutable, so rendered outputs are cached per job (LRU). Another tenant's job
+-> 404; a job that has not succeeded -> 409 problem+json."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def build_examples(
     from core.data import load_dataset
     from core.spec import JobSpec
     from core.transforms import build_transform
+    from store.objects import service_objects
 
     spec = JobSpec.model_validate(spec_json)
     uses_artifacts = [spec.dataset, spec.transform.encoder, spec.transform.decoder]
@@ -85,6 +87,7 @@ def build_examples(
             train_subset=spec.train_subset,
             resize=spec.preprocess.resize,
             crop=spec.preprocess.crop,
+            objects=service_objects(settings),  # imagefolder:s3:// (store.objects)
         )
         transform = build_transform(spec.transform, data=data, split="test")
         if int(indices.max()) >= data.test_x.shape[0]:

@@ -10,67 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
-from carcert.cli_service import free_port
 from tests.integration.api_harness import ROOT, create_key, fresh_database, poll_job, run_server
-from tests.integration.service_helpers import TINY_JOB, launch_worker, wait_for
+from tests.integration.s3_server import BUCKET, CREDENTIALS, moto_s3
+from tests.integration.service_helpers import TINY_JOB, launch_worker
 
 pytestmark = pytest.mark.integration
 
-BUCKET = "carcert-test"
 PREFIX = "cluster/"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "test",
-    "AWS_SECRET_ACCESS_KEY": "test",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    pytest.importorskip("moto.server", reason="moto[s3] + flask (dev extra) run the S3 test server")
-    boto3 = pytest.importorskip("boto3")
-    port = free_port()
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(url, timeout=1).status_code < 500
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(up, 60, what="the S3 server")
-        client = boto3.client("s3", endpoint_url=url, **_boto_credentials())
-        client.create_bucket(Bucket=BUCKET)
-        yield url, client
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _boto_credentials() -> dict[str, str]:
-    return {
-        "aws_access_key_id": CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": CREDENTIALS["AWS_DEFAULT_REGION"],
-    }
+    with moto_s3(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server
 
 
 def _machine_env(base: dict[str, str], root: Path) -> dict[str, str]:
