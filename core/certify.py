@@ -342,6 +342,14 @@ def _sample_early(run: _Run, seed: int, done: int, pred: np.ndarray, labels: np.
         run.after_group(g1)
 
 
+def _clean_rows(fwd: Forward, x: Tensor, a: int, b: int, S: int, bs: int, dev: torch.device  # noqa: N803
+                ) -> Tensor:
+    """Clean probabilities of rows a..b, computed in the whole run's batches over rows 0..S (the
+    batches covering a..b), so each row's result does not depend on where a shard starts."""
+    c0, c1 = a // bs * bs, min(S, -(-b // bs) * bs)
+    return clean_probabilities(fwd, x[c0:c1].to(dev, torch.float32), bs)[a - c0:b - c0]
+
+
 def certify_model(
     model: nn.Module,
     x: Tensor,
@@ -388,9 +396,7 @@ def certify_model(
     model.eval().to(dev)
     fwd = prepare_forward(model, tuple(x.shape[1:]), bs, device=dev, precision=params["precision"],
                           work=S * (1 + n * l))
-    # clean passes over the whole run's batches that cover a..b, so each row sees the same batch
-    c0, c1 = a // bs * bs, min(S, -(-b // bs) * bs)
-    p_dev = clean_probabilities(fwd, x[c0:c1].to(dev, torch.float32), bs)[a - c0:b - c0]
+    p_dev = _clean_rows(fwd, x, a, b, S, bs, dev)
     xs = x[a:b].to(dev, torch.float32)
     ys = y[a:b].detach().cpu().to(torch.int64)
     S = b - a  # noqa: N806 - from here on, the rows of this run

@@ -19,8 +19,12 @@ Progress, cancel and checkpoints go through `ctx`; a rerun with the same out_dir
 from the last checkpoint and gives the same result as an uninterrupted run with the same seed.
 
 Details:
-- run_job(..., *, job_id=None, allowed_roots=None): job_id goes into the certificates (default
-  getattr(ctx, "job_id", None)); allowed_roots confines the dataset / weights / mask paths.
+- run_job(..., *, job_id=None, allowed_roots=None, only=None): job_id goes into the certificates
+  (default getattr(ctx, "job_id", None)); allowed_roots confines the dataset / weights / mask paths;
+  `only` (kind=prune) runs just the named variants (variant_names) and returns just theirs: [] runs
+  only the shared pretraining (checkpoint "pretrain"), ["car-0.50"] one variant that starts from that
+  checkpoint when it exists. A sweep split so (worker fan-out: one call with [] then one call per
+  variant, anywhere sharing the checkpoints) writes the same files as one call with only=None.
 - "accuracy" in metrics.json is over the whole test split; the certificate's accuracy and PCA are
   over its first `certification.samples` test samples. The certificate's model.sha256 is the sha256
   of model.safetensors (certify jobs: of the given weights file, with mask_sha256 of the mask file).
@@ -210,10 +214,12 @@ def run_job(
     *,
     job_id: str | None = None,
     allowed_roots: Any = None,
+    only: list[str] | None = None,
 ) -> dict:
     """Run a JobSpec into `out_dir` (module docstring). `job_id` goes into the certificates
     (default: ctx.job_id if the context has one); `allowed_roots` confines dataset, weights and
-    mask paths (None: no restriction, the CLI case). Returns {"variants": [...], "seconds"}."""
+    mask paths (None: no restriction, the CLI case); `only`: these variants of a prune job (module
+    docstring). Returns {"variants": [...], "seconds"}."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +230,7 @@ def run_job(
     if spec.kind == "certify":
         summary = _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots)
     else:
-        summary = _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots)
+        summary = _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots, only)
     summary["seconds"] = time.perf_counter() - started
     summary["dataset"] = {"ref": data.ref, "sha256": data.sha256}
     ctx.progress("done", 1.0, "")
@@ -278,6 +284,18 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     return {"variants": [_summary_entry(folder)]}
 
 
+def variant_names(spec: JobSpec) -> list[str]:
+    """The distinct variant folder names of a prune job, in run order (certify jobs: ["certify"])."""
+    if spec.kind == "certify":
+        return ["certify"]
+    names: list[str] = []
+    for v in spec.variants():
+        name = variant_name(v.method, v.prune_ratio)
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def _variant_spec(v: PruningSpec, shared: bool, user_weights: bool) -> PruningSpec:
     """The PruningSpec handed to run_method: no pretraining of its own when the variant starts from
     the shared pretrained model or from user weights."""
@@ -305,24 +323,28 @@ class _PrunePlan:
     """What a prune job will do: its distinct variants, which still lack a certificate, whether
     the shared pretraining runs, and the progress slots of all of it."""
 
-    def __init__(self, spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext) -> None:
+    def __init__(self, spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext,
+                 only: list[str] | None = None) -> None:
         self.variants: list[tuple[str, PruningSpec]] = []
         for v in spec.variants():
             name = variant_name(v.method, v.prune_ratio)
-            if name not in (n for n, _ in self.variants):
+            if name not in (n for n, _ in self.variants) and (only is None or name in only):
                 self.variants.append((name, v))
+        if only is not None and len(self.variants) != len(set(only)):
+            unknown = sorted(set(only) - {n for n, _ in self.variants})
+            raise InvalidInput(f"no variant(s) {unknown} in this job")
         self.user_weights = spec.model.weights is not None or spec.model.program is not None
         todo = [(n, v) for n, v in self.variants if not (out_dir / n / "certificate.json").is_file()]
         self.pretrain_epochs = spec.pruning.pretrain_epochs
         self.shared = not self.user_weights and self.pretrain_epochs > 0
-        self.need_shared = self.shared and any(  # a finished variant's "result" needs no pretraining
+        self.need_shared = self.shared and (only == [] or any(  # a finished "result" needs none
             method_info(v.method).shares_pretraining and ctx.load_checkpoint(f"{n}/result") is None
             for n, v in todo
-        )
+        ))
         self.any_todo = bool(todo)
         n_train, n_test = data.train_x.shape[0], data.test_x.shape[0]
         self.slots = Slots()
-        if self.need_shared:
+        if self.need_shared and not only:  # a variant run alone: its progress is its own
             self.slots.add("job", "pretrain", self.pretrain_epochs)
         for n, v in todo:
             for stage, w in _stage_plan(self.spec_of(v), n_train, n_test, spec.certification):
@@ -420,14 +442,14 @@ def _finish_variant(name: str, v: PruningSpec, vmodel: torch.nn.Module, masks: A
 
 
 def _run_prune(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext, device: str,
-               job_id: str | None, allowed_roots: Any) -> dict:
-    plan = _PrunePlan(spec, data, out_dir, ctx)
+               job_id: str | None, allowed_roots: Any, only: list[str] | None = None) -> dict:
+    plan = _PrunePlan(spec, data, out_dir, ctx, only)
     model, shape_info = _build(spec, data, allowed_roots)
     if spec.model.weights is not None:
         load_weights(model, _weights_path(allowed_roots, "weights", spec.model.weights))
     model.to(device)
     train_t = test_t = None
-    if plan.any_todo:
+    if plan.any_todo or plan.need_shared:
         train_t = build_transform(spec.transform, data=data, split="train")
         test_t = build_transform(spec.transform, data=data, split="test")
     if plan.need_shared:

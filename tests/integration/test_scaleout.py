@@ -1,0 +1,144 @@
+"""A sweep spread over workers (worker.fanout, store.units) on real Celery workers, Redis and
+Postgres: the reference runs the whole job on one worker without fan-out; the same spec spread over
+two workers, and again with one of the two SIGKILLed in the middle of a variant, gives the same
+certificate body and evidence for every variant. Each run has its own queue, so no other worker of
+the session takes its messages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+
+import pytest
+
+from core.spec import JobSpec
+from store import jobs as repo
+from store.db import session_scope
+from store.models import Job
+from store.units import units_of
+from tests.integration.service_helpers import TINY_JOB, launch_worker, wait_for
+from worker.queue import dispatch
+
+pytestmark = pytest.mark.integration
+
+FINAL = ("succeeded", "failed", "cancelled")
+# 4 variants (car and lmp at two ratios) after one shared pretraining; a few seconds each
+SWEEP = {
+    **TINY_JOB,
+    "pruning": {**TINY_JOB["pruning"], "search_epochs": 3, "finetune_epochs": 2},
+    "sweep_methods": ["car", "lmp"],
+    "sweep_prune_ratios": [0.5, 0.7],
+    "certification": {**TINY_JOB["certification"], "samples": 20},
+    "seed": 5,
+}
+VARIANTS = ["car-0.50", "car-0.70", "lmp-0.50", "lmp-0.70"]
+
+
+def _job(job_id: str) -> Job:
+    with session_scope() as s:
+        return s.get(Job, job_id)
+
+
+def _run(tenant: str, queue: str) -> str:
+    with session_scope() as s:
+        job, _ = repo.create_job(s, tenant, JobSpec.model_validate(SWEEP))
+    assert dispatch(job.id, queue=queue)
+    return job.id
+
+
+def _wait(job_id: str, workers: list) -> Job:
+    try:
+        job = wait_for(lambda: (j := _job(job_id)).status in FINAL and j, 400, interval=0.5, what="the sweep")
+    except AssertionError:
+        raise AssertionError("\n".join(w.log()[-3000:] for w in workers)) from None
+    assert job.status == "succeeded", job.error
+    return job
+
+
+def _outcome(job_id: str) -> dict[str, tuple[dict, str]]:
+    """{variant: (certificate without job_id / created_at, evidence sha256)}."""
+    out = {}
+    with session_scope() as s:
+        for res in repo.get_results(s, job_id):
+            cert = dict(res.certificate)
+            assert cert.pop("job_id") == job_id
+            cert.pop("created_at")
+            out[res.name] = (cert, cert["evidence_sha256"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(settings_env, tmp_path_factory):
+    """The sweep run whole on one worker (CARCERT_FAN_OUT=0), one torch thread like each spread worker
+    (CPU results depend on the thread count: reductions split differently): its outcome."""
+    queue = f"scale-ref-{uuid.uuid4().hex[:8]}"
+    env = {**settings_env, "CARCERT_QUEUE": queue, "CARCERT_FAN_OUT": "0", "CARCERT_TORCH_THREADS": "1"}
+    w = launch_worker(env, tmp_path_factory.mktemp("ref") / "w.log", "carcert-test-scale-ref")
+    try:
+        job_id = _run("scale-ref", queue)
+        _wait(job_id, [w])
+        with session_scope() as s:
+            assert units_of(s, job_id) == []  # not spread
+        return _outcome(job_id)
+    finally:
+        w.stop()
+
+
+def _two_workers(settings_env, tmp_path, tag: str) -> tuple[str, list]:
+    queue = f"scale-{tag}-{uuid.uuid4().hex[:8]}"
+    env = {**settings_env, "CARCERT_QUEUE": queue, "CARCERT_TORCH_THREADS": "1"}
+    return queue, [launch_worker(env, tmp_path / f"{tag}{i}.log", f"carcert-test-scale-{tag}{i}")
+                   for i in (0, 1)]
+
+
+def test_sweep_on_two_workers_gives_the_same_certificates(settings_env, reference, tmp_path) -> None:
+    queue, workers = _two_workers(settings_env, tmp_path, "two")
+    try:
+        job_id = _run("scale-two", queue)
+        job = _wait(job_id, workers)
+        spread = _outcome(job_id)
+        logs = [w.log() for w in workers]
+    finally:
+        for w in workers:
+            w.stop()
+    assert sorted(spread) == sorted(reference) == VARIANTS
+    for name in VARIANTS:
+        assert spread[name] == reference[name], name
+    with session_scope() as s:
+        units = units_of(s, job_id)
+    assert [u.name for u in units] == VARIANTS and all(u.status == "succeeded" for u in units)
+    assert [v["name"] for v in job.summary["variants"]] == VARIANTS
+    assert job.progress == 1.0 and job.stage == "done"
+    # both workers ran variants (each logs the units it claimed)
+    assert all(" unit " in log and "claimed by" in log for log in logs), logs
+
+
+def test_sweep_survives_a_worker_killed_mid_variant(settings_env, reference, tmp_path) -> None:
+    queue, workers = _two_workers(settings_env, tmp_path, "kill")
+    victim, survivor = workers
+    try:
+        job_id = _run("scale-kill", queue)
+        tag = f":{victim.proc.pid}:"
+
+        def victim_mid_variant() -> bool:
+            with session_scope() as s:
+                return any(u.status == "running" and tag in (u.lease_owner or "")
+                           and u.stage in ("search", "finetune") for u in units_of(s, job_id))
+
+        wait_for(victim_mid_variant, 300, interval=0.2, what="the victim inside a variant")
+        with session_scope() as s:
+            killed = next(u.name for u in units_of(s, job_id) if tag in (u.lease_owner or ""))
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        _wait(job_id, [survivor])
+        after = _outcome(job_id)
+    finally:
+        for w in workers:
+            w.stop()
+    for name in VARIANTS:
+        assert after[name] == reference[name], name
+    with session_scope() as s:
+        attempts = {u.name: u.attempts for u in units_of(s, job_id)}
+    assert attempts[killed] == 2, attempts  # only the killed variant ran again
+    assert "stale job unit(s)" in survivor.log()  # the survivor's sweep re-sent the dead unit
