@@ -138,6 +138,10 @@ class Job(Base):
         back_populates="job", order_by="JobResult.name", cascade="all, delete-orphan"
     )
     labels: Mapped[list[JobLabel]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    # the variants of a sweep spread over workers (store.units); loaded with the job for the API
+    units: Mapped[list[JobUnit]] = relationship(
+        order_by="JobUnit.position", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
 
 
 class JobLabel(Base):

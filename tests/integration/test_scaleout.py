@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from api.routers.jobs import job_out
 from core.spec import JobSpec
 from store import jobs as repo
 from store.db import session_scope
@@ -110,6 +111,10 @@ def test_sweep_on_two_workers_gives_the_same_certificates(settings_env, referenc
     assert [u.name for u in units] == VARIANTS and all(u.status == "succeeded" for u in units)
     assert [v["name"] for v in job.summary["variants"]] == VARIANTS
     assert job.progress == 1.0 and job.stage == "done"
+    with session_scope() as s:  # what GET /jobs/{id} shows
+        shown = job_out(s.get(Job, job_id)).units
+    assert [(u.name, u.status, u.progress, u.attempts) for u in shown] == [
+        (n, "succeeded", 1.0, 1) for n in VARIANTS]
     # both workers ran variants (each logs the units it claimed)
     assert all(" unit " in log and "claimed by" in log for log in logs), logs
 
@@ -142,3 +147,33 @@ def test_sweep_survives_a_worker_killed_mid_variant(settings_env, reference, tmp
         attempts = {u.name: u.attempts for u in units_of(s, job_id)}
     assert attempts[killed] == 2, attempts  # only the killed variant ran again
     assert "stale job unit(s)" in survivor.log()  # the survivor's sweep re-sent the dead unit
+
+
+def test_cancel_stops_every_unit(settings_env, tmp_path) -> None:
+    queue, workers = _two_workers(settings_env, tmp_path, "cancel")
+    slow = {**SWEEP, "pruning": {**SWEEP["pruning"], "search_epochs": 200}}
+    try:
+        with session_scope() as s:
+            job, _ = repo.create_job(s, "scale-cancel", JobSpec.model_validate(slow))
+        assert dispatch(job.id, queue=queue)
+
+        def two_running() -> bool:
+            with session_scope() as s:
+                return sum(u.status == "running" for u in units_of(s, job.id)) == 2
+
+        wait_for(two_running, 300, interval=0.2, what="two units running")
+        with session_scope() as s:
+            assert repo.request_cancel(s, "scale-cancel", job.id).cancel_requested
+        done = wait_for(lambda: (j := _job(job.id)).status in FINAL and j, 60, interval=0.2, what="cancel")
+        assert done.status == "cancelled"
+
+        def units_cancelled() -> bool:
+            with session_scope() as s:
+                return all(u.status == "cancelled" for u in units_of(s, job.id))
+
+        wait_for(units_cancelled, 30, what="every unit cancelled")
+        with session_scope() as s:
+            assert repo.get_results(s, job.id) == []
+    finally:
+        for w in workers:
+            w.stop()
