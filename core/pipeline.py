@@ -25,6 +25,8 @@ Details:
   only the shared pretraining (checkpoint "pretrain"), ["car-0.50"] one variant that starts from that
   checkpoint when it exists. A sweep split so (worker fan-out: one call with [] then one call per
   variant, anywhere sharing the checkpoints) writes the same files as one call with only=None.
+  kind=certify: only=["shard-<i>"] computes shard i of a split certification (certify_unit_names,
+  core.shards) into certify/shards/<i>.npz; a whole run loads the shards it finds and computes the rest.
 - "accuracy" in metrics.json is over the whole test split; the certificate's accuracy and PCA are
   over its first `certification.samples` test samples. The certificate's model.sha256 is the sha256
   of model.safetensors (certify jobs: of the given weights file, with mask_sha256 of the mask file).
@@ -65,6 +67,7 @@ from core.models import (
 from core.paths import within_roots
 from core.preprocess import attach_normalize, metadata_entry, normalize_for, preprocess_dict
 from core.results import VariantResult
+from core.shards import certify_in_shards, certify_ranges
 from core.spec import JobSpec, PruningSpec
 from core.training import augment_with_transform, evaluate, train_epochs
 from core.transforms import build_transform, transform_description
@@ -124,10 +127,14 @@ def _certify_and_write(
     job_id: str | None,
 ) -> Any:
     _seed_all(spec.seed)
-    result = certify_model(
-        model, data.test_x, data.test_y, transform, spec.certification, seed=spec.seed, device=device,
-        ctx=ctx, checkpoint_key="certify",
-    )
+    if len(certify_ranges(spec.certification, data.test_x)) > 1:  # core.shards: the same result
+        result = certify_in_shards(model, data.test_x, data.test_y, transform, spec.certification,
+                                   seed=spec.seed, device=device, ctx=ctx, folder=folder)
+    else:
+        result = certify_model(
+            model, data.test_x, data.test_y, transform, spec.certification, seed=spec.seed, device=device,
+            ctx=ctx, checkpoint_key="certify",
+        )
     cert = build_certificate(
         result,
         model_info=model_info,
@@ -228,7 +235,7 @@ def run_job(
     check_cancel(ctx, "loading data")
     data = _load_data(spec, allowed_roots)
     if spec.kind == "certify":
-        summary = _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots)
+        summary = _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots, only)
     else:
         summary = _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots, only)
     summary["seconds"] = time.perf_counter() - started
@@ -243,10 +250,11 @@ def _summary_entry(folder: Path) -> dict:
 
 
 def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext, device: str,
-                 job_id: str | None, allowed_roots: Any) -> dict:
+                 job_id: str | None, allowed_roots: Any, only: list[str] | None = None) -> dict:
     folder = out_dir / "certify"
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
+    shard = _shard_of(only)
+    if shard is None and (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
         return {"variants": [_summary_entry(folder)]}
     t0 = time.perf_counter()
     model, shape_info = _build(spec, data, allowed_roots)
@@ -260,6 +268,12 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
         apply_masks_(model, masks)
         mask_sha = file_sha256(mpath)
     model.to(device).eval()
+    if shard is not None:  # one shard of the certification (core.shards), for the final merge
+        check_cancel(ctx, f"certification shard {shard}")
+        transform = build_transform(spec.transform, data=data, split="test")
+        certify_in_shards(model, data.test_x, data.test_y, transform, spec.certification, seed=spec.seed,
+                          device=device, ctx=ctx, folder=folder, only=shard)
+        return {"variants": []}
     slots = Slots()
     slots.add("certify", "evaluate", 0.05)
     slots.add("certify", "certify", 1.0)
@@ -282,6 +296,23 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     }
     write_json(folder / "metrics.json", metrics)
     return {"variants": [_summary_entry(folder)]}
+
+
+def _shard_of(only: list[str] | None) -> int | None:
+    """The shard index of only=["shard-<i>"] (a certify job's unit), else None."""
+    if only and len(only) == 1 and only[0].startswith("shard-") and only[0][6:].isdigit():
+        return int(only[0][6:])
+    return None
+
+
+def certify_unit_names(spec: JobSpec) -> list[str]:
+    """A certify job's units when its certification is split (certification.shards, or automatic for
+    spec.certification.samples rows; core.shards): "shard-0".."shard-<k-1>" then "certify" (the merge,
+    which also computes any shard it finds missing); [] when it is not split."""
+    from core.shards import shard_count
+
+    k = shard_count(spec.certification, spec.certification.samples)
+    return [f"shard-{i}" for i in range(k)] + ["certify"] if spec.kind == "certify" and k > 1 else []
 
 
 def variant_names(spec: JobSpec) -> list[str]:

@@ -122,5 +122,59 @@ def load_partial(path: Path) -> CertificationResult:
     )
 
 
-__all__ = ["AUTO_SHARD_PASSES", "load_partial", "merge_results", "save_partial", "shard_alignment",
-           "shard_count", "shard_ranges"]
+def certify_ranges(spec: Any, x: Any) -> list[tuple[int, int]]:
+    """The shard ranges of certifying the first spec.samples rows of x (shard_count, aligned)."""
+    samples = min(int(spec.samples), int(x.shape[0]))
+    if samples < 1:
+        raise InvalidInput("no test samples to certify")
+    return shard_ranges(samples, shard_count(spec, samples), shard_alignment(spec, tuple(x.shape[1:])))
+
+
+class _ShardProgress:
+    """A context whose "certify" progress of rows a..b is reported as a fraction of all S rows."""
+
+    def __init__(self, ctx: Any, a: int, b: int, total: int) -> None:
+        self.ctx, self.a, self.b, self.total = ctx, a, b, total
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        self.ctx.progress(stage, (self.a + fraction * (self.b - self.a)) / self.total, message)
+
+    def should_cancel(self) -> bool:
+        return self.ctx.should_cancel()
+
+    def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
+        self.ctx.save_checkpoint(key, state)
+
+    def load_checkpoint(self, key: str) -> dict[str, Any] | None:
+        return self.ctx.load_checkpoint(key)
+
+
+def certify_in_shards(model: Any, x: Any, y: Any, transform: Any, spec: Any, *, seed: int, device: Any,
+                      ctx: Any, folder: Path, only: int | None = None) -> CertificationResult | None:
+    """certify_model over certify_ranges(spec, x), shard by shard: a shard whose partial
+    <folder>/shards/<i>.npz exists (computed by another worker) is loaded, any other is computed and
+    saved; returns the merged result (= the unsharded run's). With `only` = i: just shard i (saved;
+    returns None; nothing when the spec has fewer shards)."""
+    from core.certify import certify_model
+
+    ranges = certify_ranges(spec, x)
+    total = ranges[-1][1]
+    parts = []
+    for i, (a, b) in enumerate(ranges):
+        if only is not None and i != only:
+            continue
+        path = Path(folder) / "shards" / f"{i}.npz"
+        if path.is_file():
+            parts.append(load_partial(path))
+            continue
+        sctx = ctx if ctx is None or only is not None else _ShardProgress(ctx, a, b, total)
+        part = certify_model(model, x, y, transform, spec, seed=seed, device=device, ctx=sctx,
+                             checkpoint_key=f"certify-shard-{i}", sample_range=(a, b))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_partial(part, path)
+        parts.append(part)
+    return None if only is not None else merge_results(parts)
+
+
+__all__ = ["AUTO_SHARD_PASSES", "certify_in_shards", "certify_ranges", "load_partial", "merge_results",
+           "save_partial", "shard_alignment", "shard_count", "shard_ranges"]

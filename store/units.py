@@ -2,7 +2,8 @@
 caller (store.db.session_scope), except claim_unit (commits, like store.jobs.claim_job).
 
 Life cycle: the worker that claimed the job runs its shared part (a sweep's pretraining), then
-fan_out() inserts one queued unit per piece (a variant) and hands the job's lease to the units
+fan_out() inserts one queued unit per piece (a variant; or a certification's shards and MERGE_UNIT,
+which is claimable only once every other unit succeeded) and hands the job's lease to the units
 (lease_owner FANOUT_OWNER, no expiry: the job-level stale sweep leaves it alone). Each unit is
 claimed, leased, renewed and finished like a job (claim_unit, unit_progress, finish_unit); the
 transaction that records the last unit's success also finishes the job (complete_job_if_done, with
@@ -29,6 +30,7 @@ from store.models import FINAL_STATUSES, Job, JobUnit, utcnow
 from store.settings import get_settings
 
 FANOUT_OWNER = "units"  # the jobs.lease_owner of a job whose units run it
+MERGE_UNIT = "certify"  # a split certification's last unit: claimable once its shards succeeded
 
 
 def _lease_until(now: datetime) -> datetime:
@@ -75,6 +77,12 @@ def claim_unit(s: Session, unit_id: str, worker_id: str) -> JobUnit | None:
                Job.cancel_requested.is_(False))
         .exists()
     )
+    other = JobUnit.__table__.alias("other")
+    pending_shards = (  # the merge unit waits for every other unit of its job
+        select(other.c.id)
+        .where(other.c.job_id == JobUnit.job_id, other.c.id != JobUnit.id, other.c.status != "succeeded")
+        .exists()
+    )
     res = s.execute(
         update(JobUnit)
         .where(
@@ -82,6 +90,7 @@ def claim_unit(s: Session, unit_id: str, worker_id: str) -> JobUnit | None:
             or_(JobUnit.status == "queued",
                 and_(JobUnit.status == "running", JobUnit.lease_expires_at < now)),
             live_job,
+            or_(JobUnit.name != MERGE_UNIT, ~pending_shards),
         )
         .values(status="running", lease_owner=worker_id, lease_expires_at=_lease_until(now),
                 attempts=JobUnit.attempts + 1, updated_at=now, started_at=now)
@@ -221,7 +230,8 @@ def complete_job_if_done(s: Session, job_id: str, summary_extra: dict[str, Any] 
         _job_progress(s, job_id, utcnow())
         return False
     seconds = (utcnow() - job.started_at).total_seconds() if job.started_at else None
-    summary = {**(summary_extra or {}), "variants": [(u.result or {}).get("variant") for u in units],
+    variants = [(u.result or {}).get("variant") for u in units]
+    summary = {**(summary_extra or {}), "variants": [v for v in variants if v is not None],
                "seconds": seconds}
     return finish_job(s, job_id, "succeeded", summary=summary, worker_id=FANOUT_OWNER)
 
@@ -281,6 +291,6 @@ def stale_units(s: Session, now: datetime | None = None) -> list[str]:
     return out
 
 
-__all__ = ["FANOUT_OWNER", "check_unit", "claim_unit", "complete_job_if_done", "fan_out", "finish_unit",
-           "job_fraction", "release_unit",
-           "renew_unit", "stale_units", "stop_job", "unit_progress", "units_of"]
+__all__ = ["check_unit", "claim_unit", "complete_job_if_done", "fan_out", "FANOUT_OWNER", "finish_unit",
+           "job_fraction", "MERGE_UNIT", "release_unit", "renew_unit", "stale_units", "stop_job",
+           "unit_progress", "units_of"]

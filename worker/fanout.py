@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core.pipeline import run_job, variant_names
+from core.pipeline import certify_unit_names, run_job, variant_names
 from core.spec import JobSpec
 from store.db import session_scope
 from store.jobs import LeaseLost
@@ -47,11 +47,19 @@ class _Scaled:
         return self.ctx.load_checkpoint(key)
 
 
+def unit_names(spec: JobSpec) -> list[str]:
+    """The units of a job spread over workers: a sweep's variants, or a split certification's shards
+    and its merge (core.pipeline.certify_unit_names); [] when one worker runs it all."""
+    if spec.kind == "certify":
+        return certify_unit_names(spec)
+    names = variant_names(spec)
+    return names if len(names) > 1 else []
+
+
 def spreads(spec: JobSpec, settings: Settings) -> bool:
-    """Whether the job runs as units: a prune job with several variants, settings.fan_out on, and no
-    MLflow tracking (which logs the whole job from one worker)."""
-    return (settings.fan_out and not settings.mlflow_tracking_uri and spec.kind == "prune"
-            and len(variant_names(spec)) > 1)
+    """Whether the job runs as units (unit_names), settings.fan_out on, and no MLflow tracking (which
+    logs the whole job from one worker)."""
+    return settings.fan_out and not settings.mlflow_tracking_uri and bool(unit_names(spec))
 
 
 def start_units(job_id: str, worker_id: str, resolved: JobSpec, job_dir: Path, ctx: Any,
@@ -60,14 +68,15 @@ def start_units(job_id: str, worker_id: str, resolved: JobSpec, job_dir: Path, c
     unit per variant, dispatched. Returns "fanned-out" ("lost" when the lease went meanwhile)."""
     from core.work import shared_fraction
 
-    run_job(resolved, job_dir / "out", _Scaled(ctx, shared_fraction(resolved)), device=device, job_id=job_id,
-            allowed_roots=allowed_roots(ctx.settings, job_dir), only=[])
+    if resolved.kind == "prune":  # a certification's shards share nothing to compute first
+        run_job(resolved, job_dir / "out", _Scaled(ctx, shared_fraction(resolved)), device=device,
+                job_id=job_id, allowed_roots=allowed_roots(ctx.settings, job_dir), only=[])
     ctx.stop_writes()
     if ctx.lease_lost:
         return "lost"
     try:
         with session_scope() as s:
-            ids = fan_out(s, job_id, worker_id, variant_names(resolved))
+            ids = fan_out(s, job_id, worker_id, unit_names(resolved))
     except LeaseLost:
         return "lost"
     for unit_id in ids:
@@ -76,4 +85,4 @@ def start_units(job_id: str, worker_id: str, resolved: JobSpec, job_dir: Path, c
     return "fanned-out"
 
 
-__all__ = ["spreads", "start_units"]
+__all__ = ["spreads", "start_units", "unit_names"]

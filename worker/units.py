@@ -20,6 +20,7 @@ from store.jobs import LeaseLost
 from store.models import Job
 from store.settings import Settings, get_settings
 from store.units import (
+    MERGE_UNIT,
     check_unit,
     claim_unit,
     complete_job_if_done,
@@ -28,6 +29,7 @@ from store.units import (
     renew_unit,
     stop_job,
     unit_progress,
+    units_of,
 )
 from worker.inputs import InputResolver, allowed_roots
 from worker.queue import dispatch_unit
@@ -73,26 +75,25 @@ def execute_unit(unit_id: str, *, worker_id: str | None = None, settings: Settin
         tenant, spec_json = job.tenant, job.spec
     job_dir = Path(settings.work_root).resolve() / job_id
     log.info("job %s unit %s claimed by %s (attempt %d)", job_id, name, worker_id, attempt)
+    ended: list[bool] = []  # set when this unit's transaction finished the job
     with DbStageContext(job_id, worker_id, job_dir, settings, lease=UnitLease, lease_id=unit_id) as ctx:
         try:
-            status = _run_unit(unit_id, name, job_id, tenant, spec_json, worker_id, job_dir, ctx, device)
+            status = _run_unit(unit_id, name, job_id, tenant, spec_json, worker_id, job_dir, ctx, device,
+                               ended)
         except Exception as exc:
-            status = _unit_failure(exc, unit_id, job_id, worker_id, ctx, settings)
+            status = _unit_failure(exc, unit_id, job_id, worker_id, ctx, settings, ended)
     if status in ("succeeded", "failed", "cancelled"):
         log.info("job %s unit %s finished: %s", job_id, name, status)
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        final = job is not None and job.status in ("succeeded", "failed", "cancelled")
-        webhook = final and bool((job.spec or {}).get("webhook"))
-    if final and status in ("succeeded", "failed", "cancelled"):  # this unit ended the job
+    if ended:  # the job's work folder goes, its webhook is sent (once: only one unit ends the job)
+        log.info("job %s finished by unit %s", job_id, name)
         shutil.rmtree(job_dir, ignore_errors=True)
-        if webhook:
+        if spec_json.get("webhook"):
             deliver_in_background(job_id)
     return status
 
 
 def _run_unit(unit_id: str, name: str, job_id: str, tenant: str, spec_json: dict[str, Any], worker_id: str,
-              job_dir: Path, ctx: DbStageContext, device: str | None) -> str:
+              job_dir: Path, ctx: DbStageContext, device: str | None, ended: list[bool]) -> str:
     ctx.progress("preparing", 0.0)
     spec = JobSpec.model_validate(spec_json)
     store = get_artifact_store()
@@ -105,12 +106,15 @@ def _run_unit(unit_id: str, name: str, job_id: str, tenant: str, spec_json: dict
     ctx.stop_writes()
     if ctx.lease_lost:
         return "lost"
+    if not summary.get("variants"):  # a certification shard: its partial waits for the merge unit
+        return _finish_shard(unit_id, job_id, worker_id)
 
     def finish(s: Any, restored: dict[str, Any]) -> bool:
         result = {"variant": restored["variants"][0], "dataset": restored.get("dataset")}
         if not finish_unit(s, unit_id, worker_id, "succeeded", result=result):
             return False
-        complete_job_if_done(s, job_id, {"dataset": restored.get("dataset"), "units": True})
+        if complete_job_if_done(s, job_id, {"dataset": restored.get("dataset"), "units": True}):
+            ended.append(True)
         return True
 
     if not persist_outputs(job_id, tenant, worker_id, job_dir / "out", summary, store, refs, finish=finish):
@@ -118,8 +122,22 @@ def _run_unit(unit_id: str, name: str, job_id: str, tenant: str, spec_json: dict
     return "succeeded"
 
 
+def _finish_shard(unit_id: str, job_id: str, worker_id: str) -> str:
+    """Mark a shard succeeded; when no other shard is left, dispatch the merge unit."""
+    with session_scope() as s:
+        if not finish_unit(s, unit_id, worker_id, "succeeded"):
+            return "lost"
+    with session_scope() as s:
+        units = units_of(s, job_id)
+        merge = [u.id for u in units if u.name == MERGE_UNIT and u.status == "queued"]
+        ready = all(u.status == "succeeded" for u in units if u.name != MERGE_UNIT)
+    if merge and ready:
+        dispatch_unit(merge[0])
+    return "succeeded"
+
+
 def _unit_failure(exc: Exception, unit_id: str, job_id: str, worker_id: str, ctx: DbStageContext,
-                  settings: Settings) -> str:
+                  settings: Settings, ended: list[bool]) -> str:
     """What a unit that raised `exc` ends as; a failure the user can act on fails the whole job."""
     if isinstance(exc, LeaseLost) or (isinstance(exc, Cancelled) and ctx.lease_lost):
         return "lost"
@@ -149,7 +167,8 @@ def _unit_failure(exc: Exception, unit_id: str, job_id: str, worker_id: str, ctx
         status, error = "failed", {"title": "Internal error", "detail": detail}
     with session_scope() as s:
         finish_unit(s, unit_id, worker_id, status)
-        stop_job(s, job_id, status, error)
+        if stop_job(s, job_id, status, error):
+            ended.append(True)
     return status
 
 

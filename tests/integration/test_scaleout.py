@@ -6,6 +6,7 @@ the session takes its messages."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import uuid
@@ -177,3 +178,52 @@ def test_cancel_stops_every_unit(settings_env, tmp_path) -> None:
     finally:
         for w in workers:
             w.stop()
+
+
+def test_certification_shards_on_two_workers_give_the_unsharded_bytes(settings_env, service_dirs,
+                                                                       tmp_path) -> None:
+    """A certify job split into 3 shards (+ the merge unit) on two workers: the certificate and the
+    evidence are those of the same certification run whole in this process."""
+    import torch
+
+    from core.certify import certificate_body
+    from core.context import LocalContext
+    from core.models import build_model, default_small_input, save_weights
+    from core.pipeline import run_job
+
+    torch.manual_seed(0)
+    weights = service_dirs["data"] / f"scale-{uuid.uuid4().hex[:8]}.safetensors"
+    save_weights(build_model("small_cnn", 10, 1, small_input=default_small_input(8, 8)), weights)
+    spec = {"kind": "certify", "model": {"arch": "small_cnn", "weights": str(weights)}, "dataset": "digits",
+            "transform": {"kind": "parametric", "name": "brightness"}, "seed": 4,
+            "certification": {"n": 20, "l": 10, "samples": 120, "t_steps": 50, "batch_size": 64}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker (CARCERT_TORCH_THREADS=1)
+    try:
+        out = tmp_path / "whole"
+        run_job(JobSpec.model_validate(spec), out, LocalContext(out), device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    whole = json.loads((tmp_path / "whole" / "certify" / "certificate.json").read_text())
+    assert not (tmp_path / "whole" / "certify" / "shards").exists()  # unsplit
+
+    queue, workers = _two_workers(settings_env, tmp_path, "shards")
+    sharded = {**spec, "certification": {**spec["certification"], "shards": 3}}
+    try:
+        with session_scope() as s:
+            job, _ = repo.create_job(s, "scale-shards", JobSpec.model_validate(sharded))
+        assert dispatch(job.id, queue=queue)
+        _wait(job.id, workers)
+        logs = [w.log() for w in workers]
+    finally:
+        for w in workers:
+            w.stop()
+    with session_scope() as s:
+        (res,) = repo.get_results(s, job.id)
+        cert = dict(res.certificate)
+        names = [(u.name, u.status) for u in units_of(s, job.id)]
+    assert names == [("shard-0", "succeeded"), ("shard-1", "succeeded"), ("shard-2", "succeeded"),
+                     ("certify", "succeeded")]
+    assert certificate_body(cert) == certificate_body(whole)
+    assert cert["evidence_sha256"] == whole["evidence_sha256"]
+    assert all("unit shard-" in log for log in logs), "both workers computed shards"
