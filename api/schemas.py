@@ -57,6 +57,18 @@ class WebhookDelivery(BaseModel):
     delivered_at: datetime | None = None
 
 
+class UnitOut(BaseModel):
+    """One variant of a sweep spread over workers: its own status and progress."""
+
+    name: str = Field(description="the variant (method-ratio), as in the certificate's name")
+    status: JobStatus
+    stage: str | None = None
+    progress: float = Field(ge=0.0, le=1.0)
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
 class JobOut(BaseModel):
     id: str
     name: str | None = None
@@ -76,6 +88,10 @@ class JobOut(BaseModel):
     spec: JobSpec
     links: dict[str, str] = Field(default_factory=dict)
     webhook: WebhookDelivery | None = Field(default=None, description="completion webhook delivery")
+    units: list[UnitOut] = Field(
+        default_factory=list,
+        description="a sweep spread over workers: each variant's status and progress (else empty)",
+    )
 
 
 class LogLine(BaseModel):

@@ -298,19 +298,24 @@ def _labels_text(job: dict) -> str:
 
 
 def _progress_bar(job_id: str):
-    """A tqdm bar (0..100 %) whose description is the current stage; returns (callback, bar)."""
+    """A tqdm bar (0..100 %) whose description is the current stage, followed by the variant(s) the
+    job is on and an ETA (carcert.progress); returns (callback, bar)."""
     from tqdm import tqdm
+
+    from carcert.progress import EtaClock
 
     bar = tqdm(
         total=100,
         desc="queued",
         unit="%",
-        bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed}",
+        bar_format="{desc:<24} {percentage:3.0f}%|{bar}| {elapsed} {postfix}",
         file=sys.stderr,
     )
+    clock = EtaClock()
 
     def update(job: dict) -> None:
         bar.set_description_str(f"{job.get('status')}:{job.get('stage') or '-'}"[:24])
+        bar.set_postfix_str(clock.text(job)[:60], refresh=False)
         target = round(100 * float(job.get("progress") or 0.0), 1)
         bar.update(max(0.0, target - bar.n))
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,26 @@ def _repo_root() -> Path:
 # --------------------------------------------------------------------------------------------- up
 
 
+def declare_queue() -> None:
+    """Declare the job queue on the broker once (idempotent), before several workers start: on the
+    embedded SQLite broker, workers that all create it at once fail on its unique name."""
+    from store.settings import get_settings
+    from worker.queue import sender
+
+    app = sender()
+    with app.connection_for_write() as conn:
+        app.amqp.queues[get_settings().queue].bind(conn.default_channel).declare()
+
+
+def embedded_worker_env(index: int, workers: int, env: dict[str, str]) -> dict[str, str]:
+    """Settings of embedded worker `index` of `workers`: its GPU index, and torch threads split
+    between the workers (cores // workers, at least 1) unless CARCERT_TORCH_THREADS is set."""
+    out = {"CARCERT_WORKER_INDEX": str(index)}
+    if not env.get("CARCERT_TORCH_THREADS"):
+        out["CARCERT_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return out
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -152,18 +173,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     }
     log_path = var / "worker.log"
     log_file = None if args.verbose else open(log_path, "ab")  # noqa: SIM115
+    workers = max(1, int(args.workers))
 
-    def start_worker() -> subprocess.Popen:
-        return subprocess.Popen(
-            worker_command(loglevel="info"),
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT if log_file else None,
+    def starter(index: int) -> Callable[[], subprocess.Popen]:
+        cmd = worker_command(loglevel="info")
+        if index:  # worker 0 keeps the name of the single-worker embedded mode
+            cmd[cmd.index("--hostname") + 1] = f"carcert-{os.getpid()}-{index}@%h"
+        wenv = {**env, **embedded_worker_env(index, workers, env)}
+        return lambda: subprocess.Popen(
+            cmd, env=wenv, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
             start_new_session=True,
         )
 
+    declare_queue()  # kombu's SQLite transport: workers declaring a new queue at once collide
     # a worker that dies (crash, OOM, kill -9) is restarted with backoff; the API stays up
-    supervisor = WorkerSupervisor(start_worker, on_restart=print_restart(log_path))
+    supervisors = [WorkerSupervisor(starter(i), on_restart=print_restart(log_path)) for i in range(workers)]
     from api.main import create_app
     from store.settings import get_settings
 
@@ -178,7 +202,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"carcert is up at {url}  (API docs: {url}/docs)", flush=True)
     print(f"API key (tenant {EMBEDDED_TENANT!r}, stored in {var / 'api_key'}): {key}", flush=True)
     print(f"client: export CARCERT_URL={url} CARCERT_API_KEY={key}; carcert jobs", flush=True)
-    print(f"data in {var}; worker log: {'console' if args.verbose else log_path}; Ctrl-C stops", flush=True)
+    print(f"data in {var}; {workers} worker(s), log: {'console' if args.verbose else log_path}; Ctrl-C stops",
+          flush=True)
 
     def on_term(signum: int, _frame: Any) -> None:
         # uvicorn re-raises the signal it caught after its graceful shutdown: turn SIGTERM into an
@@ -191,8 +216,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        print("carcert up: stopping the worker...", flush=True)
-        supervisor.stop()
+        print("carcert up: stopping the worker(s)...", flush=True)
+        for supervisor in supervisors:
+            supervisor.stop()
         if log_file:
             log_file.close()
     return 0
@@ -475,6 +501,8 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--var", default="var", help="data folder (database, broker, artifacts, key)")
     p.add_argument("--verbose", action="store_true", help="show the API and worker logs on the console")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (a sweep's variants run in parallel; torch threads are split)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="the REST API against the configured database and broker")

@@ -36,22 +36,26 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
 
 
 def release_dead_worker_jobs(pid: int) -> int:
-    """Expire the leases of running jobs held by the (dead) worker process `pid` on this host;
-    returns how many. The stale-job sweep then re-dispatches them (store.jobs.stale_jobs)."""
+    """Expire the leases of running jobs and job units (store.units) held by the (dead) worker
+    process `pid` on this host; returns how many. The stale sweeps then re-dispatch them
+    (store.jobs.stale_jobs, store.units.stale_units)."""
     from sqlalchemy import update
 
     from store.db import session_scope
-    from store.models import Job, utcnow
+    from store.models import Job, JobUnit, utcnow
 
     owner = f"{socket.gethostname()}:{pid}:%"
+    n = 0
     with session_scope() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.status == "running", Job.lease_owner.like(owner))
-            .values(lease_expires_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        return int(res.rowcount or 0)
+        for table in (Job, JobUnit):
+            res = s.execute(
+                update(table)
+                .where(table.status == "running", table.lease_owner.like(owner))
+                .values(lease_expires_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            n += int(res.rowcount or 0)
+    return n
 
 
 class WorkerSupervisor:

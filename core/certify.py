@@ -220,10 +220,10 @@ def clean_probabilities(model: nn.Module | Forward, x: Tensor, batch_size: int) 
 
 @torch.inference_mode()
 def transformed_z(model: nn.Module | Forward, transform: SemanticTransform, xs: Tensor, p: Tensor,
-                  sample_ids: Tensor, flat_d: Tensor, batch_size: int) -> np.ndarray:
+                  sample_ids: Tensor, flat_d: Tensor, batch_size: int, offset: int = 0) -> np.ndarray:
     """Z = ||p[s] - softmax(f(T(xs[s], delta)))||_inf (float64) for each pair (s, delta) of the flat
     CPU `sample_ids` and `flat_d`, in forward batches of batch_size; xs and p on the model's device.
-    Raises InvalidInput on NaN/inf outputs."""
+    Row s of xs is dataset sample offset + s (the index T sees). Raises InvalidInput on NaN/inf outputs."""
     dev = xs.device
     flat_d = flat_d.to(dev)
     ids_dev = sample_ids.to(dev)
@@ -231,12 +231,12 @@ def transformed_z(model: nn.Module | Forward, transform: SemanticTransform, xs: 
     for b0 in range(0, flat_d.shape[0], batch_size):
         b1 = min(flat_d.shape[0], b0 + batch_size)
         s_dev = ids_dev[b0:b1]
-        xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], sample_ids[b0:b1])
+        xt = transform(xs.index_select(0, s_dev), flat_d[b0:b1], sample_ids[b0:b1] + offset)
         pt = model(xt).double().softmax(dim=1)
         out[b0:b1] = (pt - p.index_select(0, s_dev)).abs().amax(dim=1)
     res = out.cpu().numpy()
     if not np.isfinite(res).all():
-        bad = sorted(set(sample_ids[~torch.from_numpy(np.isfinite(res))].tolist()))
+        bad = sorted(set((sample_ids[~torch.from_numpy(np.isfinite(res))] + offset).tolist()))
         raise InvalidInput(f"NaN/inf model outputs on transformed samples {bad[0]}..{bad[-1]}")
     return res
 
@@ -260,10 +260,12 @@ class _Run:
     checkpoint_every_s: float
     fingerprint: str
     last_save: float = 0.0
+    offset: int = 0  # row k is dataset sample offset + k (a shard: core.shards)
 
     def z_of(self, sample_ids: Tensor, flat_d: Tensor) -> np.ndarray:
-        """Z of the given (sample, delta) pairs (flat, CPU ids), in forward batches of bs."""
-        return transformed_z(self.model, self.transform, self.xs, self.p_dev, sample_ids, flat_d, self.bs)
+        """Z of the given (sample, delta) pairs (flat, CPU row ids), in forward batches of bs."""
+        return transformed_z(self.model, self.transform, self.xs, self.p_dev, sample_ids, flat_d, self.bs,
+                             self.offset)
 
     def after_group(self, g1: int) -> None:
         """Progress, cancel and the periodic checkpoint after samples [0, g1) are done."""
@@ -300,7 +302,7 @@ def _sample_full(run: _Run, seed: int, done: int) -> None:
     group = max(1, math.ceil(run.bs / (l * n)))
     for g0 in range(done, S, group):
         g1 = min(S, g0 + group)
-        dl = torch.stack([sample_deltas(seed, i, l, n) for i in range(g0, g1)])  # (G, l, n)
+        dl = torch.stack([sample_deltas(seed, run.offset + i, l, n) for i in range(g0, g1)])  # (G, l, n)
         run.deltas[g0:g1] = dl.numpy()
         ids = torch.arange(g0, g1).repeat_interleave(l * n)
         run.z[g0:g1] = run.z_of(ids, dl.reshape(-1)).reshape(g1 - g0, l, n)
@@ -324,7 +326,7 @@ def _sample_early(run: _Run, seed: int, done: int, pred: np.ndarray, labels: np.
     group = max(1, math.ceil(run.bs / n))
     for g0 in range(done, S, group):
         g1 = min(S, g0 + group)
-        full = {k: sample_deltas(seed, k, l, n).reshape(-1) for k in range(g0, g1)}
+        full = {k: sample_deltas(seed, run.offset + k, l, n).reshape(-1) for k in range(g0, g1)}
         run.draws[g0:g1] = 0
         active = [k for k in range(g0, g1) if not stopped(k)]
         for pos in range(0, l * n, n):
@@ -340,6 +342,14 @@ def _sample_early(run: _Run, seed: int, done: int, pred: np.ndarray, labels: np.
         run.after_group(g1)
 
 
+def _clean_rows(fwd: Forward, x: Tensor, a: int, b: int, S: int, bs: int, dev: torch.device  # noqa: N803
+                ) -> Tensor:
+    """Clean probabilities of rows a..b, computed in the whole run's batches over rows 0..S (the
+    batches covering a..b), so each row's result does not depend on where a shard starts."""
+    c0, c1 = a // bs * bs, min(S, -(-b // bs) * bs)
+    return clean_probabilities(fwd, x[c0:c1].to(dev, torch.float32), bs)[a - c0:b - c0]
+
+
 def certify_model(
     model: nn.Module,
     x: Tensor,
@@ -352,9 +362,15 @@ def certify_model(
     ctx: Any = None,
     checkpoint_key: str = "certify",
     checkpoint_every_s: float = 30.0,
+    sample_range: tuple[int, int] | None = None,
 ) -> CertificationResult:
     """Certify the first spec.samples of (x, y) (CertifySpec; module docstring). Row k of x is
     dataset sample k: k is its `index` (delta seed, precomputed variants).
+
+    `sample_range` (a, b): only samples a..b-1 of those S (a shard, core.shards): the result holds
+    their records and evidence rows, computed exactly as in the whole run (params.samples stays S;
+    forward batches and sample groups keep the whole run's boundaries when `a` is a multiple of
+    core.shards.shard_alignment), and core.shards.merge_results joins shards into the whole result.
 
     Forward passes are batched across samples (spec.batch_size inputs per pass, capped by
     core.datasets.forward_batch for large images); samples are
@@ -373,15 +389,18 @@ def certify_model(
         raise InvalidInput("no test samples to certify")
     n, l, bs = int(spec.n), int(spec.l), forward_batch(spec.batch_size, x.shape[1:])  # noqa: E741
     params = _params(spec, seed, S)
+    a, b = (0, S) if sample_range is None else (int(sample_range[0]), int(sample_range[1]))
+    if not 0 <= a < b <= S:
+        raise InvalidInput(f"sample range {a}..{b} is not within the {S} samples to certify")
     dev = torch.device(device) if device else _model_device(model)
     model.eval().to(dev)
-    xs = x[:S].to(dev, torch.float32)
-    ys = y[:S].detach().cpu().to(torch.int64)
-
-    fwd = prepare_forward(model, tuple(xs.shape[1:]), bs, device=dev, precision=params["precision"],
+    fwd = prepare_forward(model, tuple(x.shape[1:]), bs, device=dev, precision=params["precision"],
                           work=S * (1 + n * l))
     bs = fwd.batch  # the calibrated batch on large runs (core.calibrate); results do not depend on it
-    p_dev = clean_probabilities(fwd, xs, bs)  # (S, K)
+    p_dev = _clean_rows(fwd, x, a, b, S, bs, dev)
+    xs = x[a:b].to(dev, torch.float32)
+    ys = y[a:b].detach().cpu().to(torch.int64)
+    S = b - a  # noqa: N806 - from here on, the rows of this run
     if p_dev.shape[1] < 2:
         raise InvalidInput("certification needs a classifier with at least 2 classes")
     p_np = p_dev.cpu().numpy()
@@ -391,17 +410,17 @@ def certify_model(
     run = _Run(fwd, transform, xs, p_dev, params, bs, dev, z=np.full((S, l, n), np.nan),
                deltas=np.full((S, l, n), np.nan, dtype=np.float32), draws=np.zeros(S, dtype=np.int64),
                ctx=ctx, checkpoint_key=checkpoint_key, checkpoint_every_s=checkpoint_every_s,
-               fingerprint=_fingerprint(params, xs, ys), last_save=time.perf_counter())
+               fingerprint=_fingerprint(params, xs, ys), last_save=time.perf_counter(), offset=a)
     done = run.resume()
     if params["early_stop"]:
         _sample_early(run, seed, done, p_np.argmax(axis=1), labels, margin(p_np))
     else:
         _sample_full(run, seed, done)
     for k in range(done):  # resumed: the skipped samples' deltas are regenerated (same seed)
-        flat = sample_deltas(seed, k, l, n).numpy().reshape(-1)
+        flat = sample_deltas(seed, a + k, l, n).numpy().reshape(-1)
         flat[int(run.draws[k]):] = np.nan
         run.deltas[k] = flat.reshape(l, n)
-    indices = np.arange(S, dtype=np.int64)
+    indices = np.arange(a, b, dtype=np.int64)
     samples = [sample_record(int(indices[k]), int(labels[k]), p_np[k], run.z[k], params, order,
                              int(run.draws[k])) for k in range(S)]
     acc, pca = summarize(samples)

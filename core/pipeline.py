@@ -19,8 +19,14 @@ Progress, cancel and checkpoints go through `ctx`; a rerun with the same out_dir
 from the last checkpoint and gives the same result as an uninterrupted run with the same seed.
 
 Details:
-- run_job(..., *, job_id=None, allowed_roots=None): job_id goes into the certificates (default
-  getattr(ctx, "job_id", None)); allowed_roots confines the dataset / weights / mask paths.
+- run_job(..., *, job_id=None, allowed_roots=None, only=None): job_id goes into the certificates
+  (default getattr(ctx, "job_id", None)); allowed_roots confines the dataset / weights / mask paths;
+  `only` (kind=prune) runs just the named variants (variant_names) and returns just theirs: [] runs
+  only the shared pretraining (checkpoint "pretrain"), ["car-0.50"] one variant that starts from that
+  checkpoint when it exists. A sweep split so (worker fan-out: one call with [] then one call per
+  variant, anywhere sharing the checkpoints) writes the same files as one call with only=None.
+  kind=certify: only=["shard-<i>"] computes shard i of a split certification (certify_unit_names,
+  core.shards) into certify/shards/<i>.npz; a whole run loads the shards it finds and computes the rest.
 - "accuracy" in metrics.json is over the whole test split; the certificate's accuracy and PCA are
   over its first `certification.samples` test samples. The certificate's model.sha256 is the sha256
   of model.safetensors (certify jobs: of the given weights file, with mask_sha256 of the mask file).
@@ -62,6 +68,7 @@ from core.objectstore import ObjectStore
 from core.paths import within_roots
 from core.preprocess import attach_normalize, metadata_entry, normalize_for, preprocess_dict
 from core.results import VariantResult
+from core.shards import certify_in_shards, certify_ranges
 from core.spec import JobSpec, PruningSpec
 from core.training import augment_with_transform, evaluate, train_epochs
 from core.transforms import build_transform, transform_description
@@ -121,10 +128,14 @@ def _certify_and_write(
     job_id: str | None,
 ) -> Any:
     _seed_all(spec.seed)
-    result = certify_model(
-        model, data.test_x, data.test_y, transform, spec.certification, seed=spec.seed, device=device,
-        ctx=ctx, checkpoint_key="certify",
-    )
+    if len(certify_ranges(spec.certification, data.test_x)) > 1:  # core.shards: the same result
+        result = certify_in_shards(model, data.test_x, data.test_y, transform, spec.certification,
+                                   seed=spec.seed, device=device, ctx=ctx, folder=folder)
+    else:
+        result = certify_model(
+            model, data.test_x, data.test_y, transform, spec.certification, seed=spec.seed, device=device,
+            ctx=ctx, checkpoint_key="certify",
+        )
     cert = build_certificate(
         result,
         model_info=model_info,
@@ -212,11 +223,12 @@ def run_job(
     job_id: str | None = None,
     allowed_roots: Any = None,
     objects: ObjectStore | None = None,
+    only: list[str] | None = None,
 ) -> dict:
     """Run a JobSpec into `out_dir` (module docstring). `job_id` goes into the certificates
     (default: ctx.job_id if the context has one); `allowed_roots` confines dataset, weights and
-    mask paths (None: no restriction, the CLI case); `objects` reads imagefolder:s3:// datasets.
-    Returns {"variants": [...], "seconds"}."""
+    mask paths (None: no restriction, the CLI case); `objects` reads imagefolder:s3:// datasets;
+    `only`: these variants of a prune job (module docstring). Returns {"variants": [...], "seconds"}."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,9 +237,9 @@ def run_job(
     check_cancel(ctx, "loading data")
     data = _load_data(spec, allowed_roots, objects)
     if spec.kind == "certify":
-        summary = _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots)
+        summary = _run_certify(spec, data, out_dir, ctx, device, job_id, allowed_roots, only)
     else:
-        summary = _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots)
+        summary = _run_prune(spec, data, out_dir, ctx, device, job_id, allowed_roots, only)
     summary["seconds"] = time.perf_counter() - started
     summary["dataset"] = {"ref": data.ref, "sha256": data.sha256}
     ctx.progress("done", 1.0, "")
@@ -240,10 +252,11 @@ def _summary_entry(folder: Path) -> dict:
 
 
 def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext, device: str,
-                 job_id: str | None, allowed_roots: Any) -> dict:
+                 job_id: str | None, allowed_roots: Any, only: list[str] | None = None) -> dict:
     folder = out_dir / "certify"
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
+    shard = _shard_of(only)
+    if shard is None and (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
         return {"variants": [_summary_entry(folder)]}
     t0 = time.perf_counter()
     model, shape_info = _build(spec, data, allowed_roots)
@@ -257,6 +270,12 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
         apply_masks_(model, masks)
         mask_sha = file_sha256(mpath)
     model.to(device).eval()
+    if shard is not None:  # one shard of the certification (core.shards), for the final merge
+        check_cancel(ctx, f"certification shard {shard}")
+        transform = build_transform(spec.transform, data=data, split="test")
+        certify_in_shards(model, data.test_x, data.test_y, transform, spec.certification, seed=spec.seed,
+                          device=device, ctx=ctx, folder=folder, only=shard)
+        return {"variants": []}
     slots = Slots()
     slots.add("certify", "evaluate", 0.05)
     slots.add("certify", "certify", 1.0)
@@ -279,6 +298,35 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     }
     write_json(folder / "metrics.json", metrics)
     return {"variants": [_summary_entry(folder)]}
+
+
+def _shard_of(only: list[str] | None) -> int | None:
+    """The shard index of only=["shard-<i>"] (a certify job's unit), else None."""
+    if only and len(only) == 1 and only[0].startswith("shard-") and only[0][6:].isdigit():
+        return int(only[0][6:])
+    return None
+
+
+def certify_unit_names(spec: JobSpec) -> list[str]:
+    """A certify job's units when its certification is split (certification.shards, or automatic for
+    spec.certification.samples rows; core.shards): "shard-0".."shard-<k-1>" then "certify" (the merge,
+    which also computes any shard it finds missing); [] when it is not split."""
+    from core.shards import shard_count
+
+    k = shard_count(spec.certification, spec.certification.samples)
+    return [f"shard-{i}" for i in range(k)] + ["certify"] if spec.kind == "certify" and k > 1 else []
+
+
+def variant_names(spec: JobSpec) -> list[str]:
+    """The distinct variant folder names of a prune job, in run order (certify jobs: ["certify"])."""
+    if spec.kind == "certify":
+        return ["certify"]
+    names: list[str] = []
+    for v in spec.variants():
+        name = variant_name(v.method, v.prune_ratio)
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _variant_spec(v: PruningSpec, shared: bool, user_weights: bool) -> PruningSpec:
@@ -308,24 +356,28 @@ class _PrunePlan:
     """What a prune job will do: its distinct variants, which still lack a certificate, whether
     the shared pretraining runs, and the progress slots of all of it."""
 
-    def __init__(self, spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext) -> None:
+    def __init__(self, spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext,
+                 only: list[str] | None = None) -> None:
         self.variants: list[tuple[str, PruningSpec]] = []
         for v in spec.variants():
             name = variant_name(v.method, v.prune_ratio)
-            if name not in (n for n, _ in self.variants):
+            if name not in (n for n, _ in self.variants) and (only is None or name in only):
                 self.variants.append((name, v))
+        if only is not None and len(self.variants) != len(set(only)):
+            unknown = sorted(set(only) - {n for n, _ in self.variants})
+            raise InvalidInput(f"no variant(s) {unknown} in this job")
         self.user_weights = spec.model.weights is not None or spec.model.program is not None
         todo = [(n, v) for n, v in self.variants if not (out_dir / n / "certificate.json").is_file()]
         self.pretrain_epochs = spec.pruning.pretrain_epochs
         self.shared = not self.user_weights and self.pretrain_epochs > 0
-        self.need_shared = self.shared and any(  # a finished variant's "result" needs no pretraining
+        self.need_shared = self.shared and (only == [] or any(  # a finished "result" needs none
             method_info(v.method).shares_pretraining and ctx.load_checkpoint(f"{n}/result") is None
             for n, v in todo
-        )
+        ))
         self.any_todo = bool(todo)
         n_train, n_test = data.train_x.shape[0], data.test_x.shape[0]
         self.slots = Slots()
-        if self.need_shared:
+        if self.need_shared and not only:  # a variant run alone: its progress is its own
             self.slots.add("job", "pretrain", self.pretrain_epochs)
         for n, v in todo:
             for stage, w in _stage_plan(self.spec_of(v), n_train, n_test, spec.certification):
@@ -423,14 +475,14 @@ def _finish_variant(name: str, v: PruningSpec, vmodel: torch.nn.Module, masks: A
 
 
 def _run_prune(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageContext, device: str,
-               job_id: str | None, allowed_roots: Any) -> dict:
-    plan = _PrunePlan(spec, data, out_dir, ctx)
+               job_id: str | None, allowed_roots: Any, only: list[str] | None = None) -> dict:
+    plan = _PrunePlan(spec, data, out_dir, ctx, only)
     model, shape_info = _build(spec, data, allowed_roots)
     if spec.model.weights is not None:
         load_weights(model, _weights_path(allowed_roots, "weights", spec.model.weights))
     model.to(device)
     train_t = test_t = None
-    if plan.any_todo:
+    if plan.any_todo or plan.need_shared:
         train_t = build_transform(spec.transform, data=data, split="train")
         test_t = build_transform(spec.transform, data=data, split="test")
     if plan.need_shared:

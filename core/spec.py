@@ -331,6 +331,11 @@ class CertifySpec(_Strict):
         default=False, description="stop sampling a sample once its decision cannot change (exact)"
     )
     batch_size: int = Field(default=500, ge=1, le=100_000, description="forward-pass batch")
+    shards: int | None = Field(
+        default=None, ge=1, le=64,
+        description="split the samples into this many shards run by separate workers (same certificate "
+        "bytes whatever the count); unset: one shard per ~2M forward passes (core.shards)",
+    )
     precision: Precision = Field(
         default="fp32",
         description="fp32: the model as trained; bf16: the model as deployed in bf16 (bf16 autocast around "

@@ -63,6 +63,24 @@ def dataset_size(ref: str) -> tuple[int, int]:
     return DATASET_SIZES.get(ref.split(":", 1)[0], ASSUMED_SIZE)
 
 
+def shared_pretrain_work(spec: JobSpec, n_train: int | None = None) -> int:
+    """Sample passes of the shared pretraining alone (0 for certify jobs and with model.weights)."""
+    if spec.kind == "certify" or spec.model.weights is not None:
+        return 0
+    if not any(method_info(v.method).shares_pretraining for v in spec.variants()):
+        return 0
+    n_train = dataset_size(spec.dataset)[0] if n_train is None else n_train
+    if spec.train_subset is not None:
+        n_train = min(n_train, spec.train_subset)
+    return spec.pruning.pretrain_epochs * _epoch_passes("ce", n_train + spec.pruning.augment_q, 0)
+
+
+def shared_fraction(spec: JobSpec) -> float:
+    """The shared pretraining's share of the job's work (progress of a job spread over workers)."""
+    total = estimate_work(spec)
+    return shared_pretrain_work(spec) / total if total else 0.0
+
+
 def estimate_work(spec: JobSpec, n_train: int | None = None, n_test: int | None = None) -> int:
     """Sample passes (forward or backward of one image) the job performs on a dataset with
     n_train training and n_test test images (default: dataset_size(spec.dataset)); train_subset,
@@ -79,9 +97,7 @@ def estimate_work(spec: JobSpec, n_train: int | None = None, n_test: int | None 
     n = n_train + spec.pruning.augment_q
     variants = spec.variants()
     user_weights = spec.model.weights is not None
-    p = spec.pruning
-    shared = not user_weights and any(method_info(v.method).shares_pretraining for v in variants)
-    work = p.pretrain_epochs * _epoch_passes("ce", n, 0) if shared else 0
+    work = shared_pretrain_work(spec, n_train)
     for v in variants:
         own = not user_weights and not method_info(v.method).shares_pretraining
         work += _variant_work(v, n, own) + per_variant_eval

@@ -138,6 +138,10 @@ class Job(Base):
         back_populates="job", order_by="JobResult.name", cascade="all, delete-orphan"
     )
     labels: Mapped[list[JobLabel]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    # the variants of a sweep spread over workers (store.units); loaded with the job for the API
+    units: Mapped[list[JobUnit]] = relationship(
+        order_by="JobUnit.position", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+    )
 
 
 class JobLabel(Base):
@@ -198,3 +202,33 @@ class JobResult(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="results")
+
+
+UNIT_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class JobUnit(Base):
+    """One piece of a job spread over workers (store.units): a variant of a sweep or a shard of a
+    certification, with its own lease, attempts and progress; the job is done when all its units are."""
+
+    __tablename__ = "job_units"
+    __table_args__ = (
+        UniqueConstraint("job_id", "name", name="uq_job_units_job_name"),
+        Index("ix_job_units_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    stage: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

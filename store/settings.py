@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # (~2 ms CPU), so an idle worker costs ~4 % of a core at 0.05 s (~2 % at 0.1 s).
     broker_poll_interval_s: float = Field(default=0.05, gt=0)
     queue: str = "carcert"  # Celery queue the API sends jobs to and workers consume
+    # a sweep's variants run as separate tasks on any worker after the shared pretraining
+    # (worker.fanout); off: the whole job runs on the worker that claimed it
+    fan_out: bool = True
+    # torch intra-op threads of each worker process (None: torch's default, all cores); `carcert up
+    # --workers N` sets cores / N so N workers do not oversubscribe the CPU
+    torch_threads: int | None = Field(default=None, ge=1)
     worker_index: int = 0  # picks the GPU of a worker process (CUDA_VISIBLE_DEVICES)
     gpus: list[str] | None = None  # GPU ids to spread workers over; default: all visible
     auth_disabled: bool = False

@@ -23,7 +23,7 @@ from typing import Any
 from celery import signals
 
 from store.settings import Settings, get_settings
-from worker.queue import adopt, make_celery, sweep_stale_jobs
+from worker.queue import adopt, make_celery, sweep_stale_jobs, sweep_stale_units
 from worker.shutdown import SHUTTING_DOWN
 
 log = logging.getLogger("carcert.worker")
@@ -69,9 +69,22 @@ def _pin_child(**_: Any) -> None:
     base = get_settings().worker_index
     gpu = pin_gpu(base + (index or 0))
     log.info("worker process %s pinned to GPU %s", os.getpid(), gpu)
+    set_torch_threads()
 
 
 _MAIN_RUNS_TASKS = False
+
+
+def set_torch_threads(settings: Settings | None = None) -> int | None:
+    """Apply settings.torch_threads (CARCERT_TORCH_THREADS) to torch in the process that runs
+    tasks; returns it (None: left at torch's default)."""
+    threads = (settings or get_settings()).torch_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("worker process %s uses %d torch thread(s)", os.getpid(), threads)
+    return threads
 
 
 @signals.worker_init.connect
@@ -83,6 +96,7 @@ def _pin_main(sender: Any = None, **_: Any) -> None:
         _MAIN_RUNS_TASKS = True
         gpu = pin_gpu(get_settings().worker_index)
         log.info("worker %s pinned to GPU %s", os.getpid(), gpu)
+        set_torch_threads()
 
 
 # --- stale-job sweep (no beat needed) ---------------------------------------------------------------
@@ -126,13 +140,15 @@ def record_beat() -> int:
 
 def housekeeping_steps() -> list[tuple[str, Any]]:
     """What each sweep does, in order, with the message it logs: record this worker's heartbeat,
-    re-dispatch stale jobs, send due webhooks, delete finished jobs past CARCERT_RETENTION_DAYS."""
+    re-dispatch stale jobs and stale job units (store.units), send due webhooks, delete finished
+    jobs past CARCERT_RETENTION_DAYS."""
     from store.retention import delete_expired_jobs
     from worker.webhooks import deliver_due
 
     return [  # (log message when the step reports n > 0, step)
         ("worker heartbeat: %d", record_beat),
         ("re-dispatched %d stale job(s)", sweep_stale_jobs),
+        ("re-dispatched %d stale job unit(s)", sweep_stale_units),
         ("sent %d due webhook(s)", deliver_due),
         ("deleted %d job(s) past retention", delete_expired_jobs),
     ]

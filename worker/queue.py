@@ -16,10 +16,12 @@ from celery import Celery, bootsteps
 from store.db import session_scope
 from store.jobs import stale_jobs
 from store.settings import Settings, get_settings
+from store.units import stale_units
 
 log = logging.getLogger("carcert.worker")
 
 TASK_NAME = "carcert.run_job"
+UNIT_TASK_NAME = "carcert.run_unit"  # one unit of a job spread over workers (worker.fanout)
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -90,13 +92,13 @@ def sender() -> Celery:
     return _senders[url]
 
 
-def dispatch(job_id: str, queue: str | None = None) -> bool:
+def dispatch(job_id: str, queue: str | None = None, task: str = TASK_NAME) -> bool:
     """Send the run message for `job_id` (to settings.queue unless `queue` is given). Never raises:
     if the broker is unreachable the job stays queued and the workers' stale-job sweep sends it
     later. Returns whether the message went out."""
     try:
         sender().send_task(
-            TASK_NAME,
+            task,
             args=[job_id],
             queue=queue or get_settings().queue,
             retry=True,
@@ -106,6 +108,20 @@ def dispatch(job_id: str, queue: str | None = None) -> bool:
     except Exception:
         log.exception("could not dispatch job %s; the stale-job sweep will retry", job_id)
         return False
+
+
+def dispatch_unit(unit_id: str) -> bool:
+    """Send the run message of a job unit (store.units); never raises (the stale sweep resends)."""
+    return dispatch(unit_id, task=UNIT_TASK_NAME)
+
+
+def sweep_stale_units() -> int:
+    """Re-dispatch units never picked up and running units whose lease expired; returns how many."""
+    with session_scope() as s:
+        ids = stale_units(s)
+    for unit_id in ids:
+        dispatch_unit(unit_id)
+    return len(ids)
 
 
 def sweep_stale_jobs() -> int:

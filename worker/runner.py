@@ -17,11 +17,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from core.context import LocalContext
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
@@ -44,6 +46,7 @@ from store.jobs import (
 )
 from store.objects import service_objects
 from store.settings import Settings, get_settings
+from worker.fanout import spreads, start_units
 from worker.inputs import InputResolver, allowed_roots
 from worker.joblog import JobLogRecorder
 from worker.queue import dispatch
@@ -61,6 +64,14 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+class JobLease:
+    """The lease a DbStageContext renews: the job's row (store.jobs)."""
+
+    update = staticmethod(update_progress)
+    check = staticmethod(check_lease)
+    renew = staticmethod(renew_lease)
+
+
 class DbStageContext:
     """StageContext backed by the jobs table: progress() records stage + progress at most every
     settings.progress_interval_s (and on every stage change) and renews the lease; should_cancel()
@@ -71,12 +82,18 @@ class DbStageContext:
     Inside `with ctx:` the heartbeat thread also does the progress writes: progress() only hands
     the latest (stage, fraction) over and returns, so the pipeline never waits for a commit (an
     UPDATE + commit is ~4-8 ms on Postgres; a tiny job has ~7 of them). Outside `with`, progress()
-    writes synchronously. The cancel check is a read-only SELECT (store.jobs.check_lease)."""
+    writes synchronously. The cancel check is a read-only SELECT (store.jobs.check_lease).
+
+    `lease` says which row holds the lease: JobLease (the jobs row, the default) or, for a unit of a
+    job spread over workers (worker.fanout), UnitLease with `lease_id` the unit's id."""
 
     def __init__(
-        self, job_id: str, worker_id: str, job_dir: Path, settings: Settings, joblog: Any = None
+        self, job_id: str, worker_id: str, job_dir: Path, settings: Settings, joblog: Any = None,
+        lease: type[JobLease] | None = None, lease_id: str | None = None,
     ) -> None:
         self.job_id, self.worker_id, self.settings = job_id, worker_id, settings
+        self.lease = lease or JobLease
+        self.lease_id = lease_id or job_id
         self.joblog = joblog  # worker.joblog.JobLogRecorder: flushed by the heartbeat
         self.stage_seconds: dict[str, float] = {}  # seconds per stage, for /metrics
         self._stage_started = time.monotonic()
@@ -99,7 +116,7 @@ class DbStageContext:
     def _write(self, stage: str | None, fraction: float | None) -> None:
         try:
             with session_scope() as s:
-                cancel = update_progress(s, self.job_id, self.worker_id, stage, fraction)
+                cancel = self.lease.update(s, self.lease_id, self.worker_id, stage, fraction)
             self.cancel_requested = self.cancel_requested or cancel
         except LeaseLost:
             if self._closing:  # a last write racing the job's own finish_job: expected
@@ -151,7 +168,7 @@ class DbStageContext:
         if check:
             try:
                 with session_scope() as s:
-                    cancel = check_lease(s, self.job_id, self.worker_id)
+                    cancel = self.lease.check(s, self.lease_id, self.worker_id)
                 self.cancel_requested = self.cancel_requested or cancel
             except LeaseLost:
                 log.warning("job %s: lease lost by %s; stopping", self.job_id, self.worker_id)
@@ -195,7 +212,7 @@ class DbStageContext:
                 try:
                     with session_scope() as s:
                         self.cancel_requested = (
-                            renew_lease(s, self.job_id, self.worker_id) or self.cancel_requested
+                            self.lease.renew(s, self.lease_id, self.worker_id) or self.cancel_requested
                         )
                 except LeaseLost:
                     self.lease_lost = True
@@ -278,9 +295,12 @@ def persist_outputs(
     summary: dict[str, Any],
     store: ArtifactStore,
     refs: dict[str, str] | None = None,
+    finish: Callable[[Session, dict[str, Any]], bool] | None = None,
 ) -> bool:
-    """Store each variant's files as artifacts and a JobResult row, then mark the job succeeded,
-    all in one transaction (blobs are deleted again if it fails). False if the lease was lost."""
+    """Store each variant's files as artifacts and a JobResult row, then mark the job succeeded
+    (or call `finish(session, summary)`, which returns False when the lease was lost: a unit of a
+    spread job, worker.fanout), all in one transaction (blobs are deleted again if it fails).
+    False if the lease was lost."""
     stored_keys: list[str] = []
     try:
         with session_scope() as s:
@@ -314,7 +334,9 @@ def persist_outputs(
                     evidence_artifact_id=ids.get("evidence"),
                 )
             summary = restore_refs(summary, refs or {})
-            if not finish_job(s, job_id, "succeeded", summary=summary, worker_id=worker_id):
+            done = (finish(s, summary) if finish is not None
+                    else finish_job(s, job_id, "succeeded", summary=summary, worker_id=worker_id))
+            if not done:
                 raise LeaseLost(job_id)
         return True
     except LeaseLost:
@@ -375,7 +397,8 @@ def execute_job(
 ) -> str:
     """Run job `job_id` if it can be claimed; with `fair` (the Celery task), the job a broker message
     for `job_id` stands for: the one store.jobs.claim_fair picks (tenants take turns). Returns the
-    final status ("succeeded", "failed", "cancelled"), "skipped" (not claimable: already running
+    final status ("succeeded", "failed", "cancelled"), "fanned-out" (a sweep whose variants now run
+    as units on any worker: worker.fanout), "skipped" (not claimable: already running
     elsewhere, finished, cancelled) or
     "lost" (the lease was taken over by another worker) or "released" (worker shutting down; the
     job was put back in the queue and resumes from its checkpoints)."""
@@ -404,7 +427,7 @@ def execute_job(
                 status = _run_and_persist(job_id, tenant, spec_json, worker_id, job_dir, store, ctx, device)
             except Exception as exc:
                 status = _outcome_of_failure(exc, job_id, worker_id, ctx, settings)
-        if status in ("lost", "released"):  # the work folder (checkpoints) stays for the next attempt
+        if status in ("lost", "released", "fanned-out"):  # the work folder (checkpoints) stays
             return status
         shutil.rmtree(job_dir, ignore_errors=True)
         log.info("job %s finished: %s", job_id, status)
@@ -431,6 +454,8 @@ def _run_and_persist(
     spec = JobSpec.model_validate(spec_json)
     with session_scope() as s:
         resolved = InputResolver(s, tenant, store, job_dir / "inputs", ctx.settings).resolve(spec)
+    if spreads(resolved, ctx.settings):  # a sweep over workers: the shared part here, then units
+        return start_units(job_id, worker_id, resolved, job_dir, ctx, device)
     summary = run_job(
         resolved,
         job_dir / "out",

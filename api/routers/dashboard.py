@@ -1,5 +1,6 @@
 """Browser dashboard: GET /ui (job list: status, stage, progress; refreshes every few seconds) and
-GET /ui/jobs/{id} (job status, certificate summary, downloads, the embedded report).
+GET /ui/jobs/{id} (job status, each variant of a sweep spread over workers with its own progress,
+certificate summary, downloads, the embedded report).
 
 Plain HTML + a small inline script, no build step. The pages themselves hold no data: the script
 calls the JSON API with `Authorization: Bearer <key>`, the key pasted once into the page (or given
@@ -193,6 +194,10 @@ async function refresh() {
       ['created', j.created_at], ['started', j.started_at || '-'], ['finished', j.finished_at || '-'],
       ['attempts', j.attempts]];
     if (j.error) rows.push(['error', (j.error.title || '') + ': ' + (j.error.detail || '')]);
+    for (const u of (j.units || [])) {  // a sweep spread over workers: each variant's own progress
+      rows.push(['unit-' + u.name, el('span', {}, badge(u.status), ' ', u.stage || '-', ' ',
+        el('progress', {max: '1', value: String(u.progress || 0)}), ' ', pct(u.progress))]);
+    }
     for (const [k, v] of rows) info.append(el('dt', {}, k), el('dd', {'id': 'job-' + k}, v));
     document.getElementById('spec').textContent = JSON.stringify(j.spec, null, 2);
     document.getElementById('job').setAttribute('data-status', j.status);

@@ -25,7 +25,16 @@ from api.checks import check_job_spec, check_webhook, check_work
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.errors import ApiProblem
 from api.lru import LruCache
-from api.schemas import JobLogs, JobOut, JobPage, JobStatus, LogLine, WebhookDelivery, problem_responses
+from api.schemas import (
+    JobLogs,
+    JobOut,
+    JobPage,
+    JobStatus,
+    LogLine,
+    UnitOut,
+    WebhookDelivery,
+    problem_responses,
+)
 from core.spec import LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, JobSpec
 from store.artifacts import ArtifactMissing, get_artifact
 from store.jobs import IdempotencyConflict, InvalidCursor, create_job, get_results, request_cancel
@@ -120,6 +129,9 @@ def job_out(job: Any) -> JobOut:
         spec=spec,
         links=links,
         webhook=webhook_out(job),
+        units=[UnitOut(name=u.name, status=u.status, stage=u.stage, progress=u.progress or 0.0,
+                       attempts=u.attempts or 0, started_at=u.started_at, finished_at=u.finished_at)
+               for u in getattr(job, "units", None) or []],
     )
 
 

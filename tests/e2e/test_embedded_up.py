@@ -37,13 +37,15 @@ def worker_pids(up_pid: int) -> list[int]:
     return pids
 
 
-def start_up(cwd: Path, port: int) -> tuple[subprocess.Popen, Path]:
+def start_up(cwd: Path, port: int, *extra: str, env_extra: dict[str, str] | None = None
+             ) -> tuple[subprocess.Popen, Path]:
     # the embedded service must not inherit another test's CARCERT_* configuration
     env = {k: v for k, v in python_env({}).items() if not k.startswith("CARCERT_")}
+    env.update(env_extra or {})
     log = cwd / f"up-{port}.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "carcert.cli", "up", "--port", str(port), "--var", "var"],
+            [sys.executable, "-m", "carcert.cli", "up", "--port", str(port), "--var", "var", *extra],
             cwd=cwd,
             env=env,
             stdout=f,

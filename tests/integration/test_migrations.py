@@ -17,7 +17,8 @@ from tests.integration.service_helpers import ROOT, python_env
 
 pytestmark = pytest.mark.integration
 
-TABLES = {"api_keys", "artifacts", "jobs", "job_results", "job_labels", "job_logs", "worker_beats"}
+TABLES = {"api_keys", "artifacts", "jobs", "job_results", "job_labels", "job_logs", "worker_beats",
+          "job_units"}
 
 
 def _tables(engine) -> set[str]:
@@ -35,7 +36,7 @@ def _roundtrip(url: str) -> None:
         assert _tables(engine) == set()
         init_db(engine)
         assert _tables(engine) == TABLES == set(Base.metadata.tables)
-        assert _revision(engine) == "0002_lifecycle"
+        assert _revision(engine) == "0003_units"
         with engine.connect() as c:  # the migration creates what the models declare, nothing else
             assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
         init_db(engine)  # idempotent at head

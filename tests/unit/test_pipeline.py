@@ -15,7 +15,7 @@ from core.data import load_dataset
 from core.errors import Cancelled, InvalidInput, WeightsError
 from core.masking import load_masks, prunable_weights
 from core.models import build_model, file_sha256, load_weights
-from core.pipeline import run_job, variant_name
+from core.pipeline import run_job, variant_name, variant_names
 from core.spec import JobSpec
 from core.training import evaluate
 
@@ -46,9 +46,11 @@ class Recorder:
         self.events.append((stage, fraction, message))
 
 
-def _run(out: Path, spec: JobSpec | None = None, **ctx_kw) -> tuple[dict, Recorder]:
+def _run(out: Path, spec: JobSpec | None = None, only: list[str] | None = None, **ctx_kw
+         ) -> tuple[dict, Recorder]:
     rec = Recorder()
-    summary = run_job(spec or _spec(), out, LocalContext(out, on_progress=rec, **ctx_kw), device="cpu")
+    summary = run_job(spec or _spec(), out, LocalContext(out, on_progress=rec, **ctx_kw), device="cpu",
+                      only=only)
     return summary, rec
 
 
@@ -160,6 +162,27 @@ def test_same_seed_same_certificate(first, tmp_path: Path) -> None:
         assert strip == [line for line in b.read_text().splitlines() if "created_at" not in line]
         model_file = Path(name) / "model.safetensors"
         assert (out / model_file).read_bytes() == (tmp_path / model_file).read_bytes()
+
+
+def test_split_run_equals_whole_run(first, tmp_path: Path) -> None:
+    """The worker fan-out's split: the shared pretraining alone (only=[]), then each variant alone
+    in a fresh process state (its own context on the same folder) -> the same files as one run."""
+    out, _, _ = first
+    assert variant_names(_spec()) == list(VARIANTS)
+    pre, rec = _run(tmp_path, only=[])
+    assert pre["variants"] == [] and [e for e in rec.events if e[0] == "pretrain" and "loss" in e[2]]
+    assert not any((tmp_path / name).exists() for name in VARIANTS)
+    for name in reversed(VARIANTS):  # any order
+        summary, rec = _run(tmp_path, only=[name])
+        assert [v["name"] for v in summary["variants"]] == [name]
+        # the shared pretraining resumed from its finished checkpoint: no training step reported
+        assert not [e for e in rec.events if e[0] == "pretrain" and "loss" in e[2]]
+    for name in VARIANTS:
+        assert _body(out / name / "certificate.json") == _body(tmp_path / name / "certificate.json")
+        model_file = Path(name) / "model.safetensors"
+        assert (out / model_file).read_bytes() == (tmp_path / model_file).read_bytes()
+    with pytest.raises(InvalidInput, match="no variant"):
+        _run(tmp_path, only=["car-0.90"])
 
 
 def test_cancel_then_resume_equals_uninterrupted(first, tmp_path: Path) -> None:
