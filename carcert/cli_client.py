@@ -1,4 +1,5 @@
-"""`carcert submit | jobs | job | certificate | cancel | download`: client of a running service.
+"""`carcert submit | jobs | job | certificate | report | logs | cancel | delete | download`: client of a
+running service.
 
 Server and key: --url / --api-key, else the environment variables CARCERT_URL / CARCERT_API_KEY
 (default URL http://127.0.0.1:8000). Exit codes: 0 ok; 1 the service answered an error, cannot be
@@ -115,6 +116,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_cancel)
 
     _register_download(subparsers)
+    _register_report(subparsers)
+
+
+def _register_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="print a signed link that opens a job's HTML report in a browser (no API key needed)",
+        description="Ask the service for a signed, expiring link to the job's HTML report and print "
+        "it; anyone holding the link can open the report until it expires, without an API key.",
+    )
+    _job_id(p)
+    p.add_argument("--ttl", type=int, help="seconds the link stays valid (server default 7 days)")
+    p.add_argument("--open", action="store_true", help="also open the link in the default browser")
+    _connection(p)
+    p.set_defaults(func=cmd_report)
 
 
 def _register_download(subparsers: argparse._SubParsersAction) -> None:
@@ -463,6 +479,21 @@ def cmd_download(args: argparse.Namespace) -> int:
             fetch = {"mask": client.download_mask, "evidence": client.download_evidence}[args.what]
             path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        link = client.report_link(args.job_id, ttl=args.ttl)
+        print(link["url"])
+        print(f"valid until {link['expires_at']}", file=sys.stderr)
+        if args.open:
+            import webbrowser
+
+            if not webbrowser.open(link["url"]):
+                print("no browser found; open the link above yourself", file=sys.stderr)
         return 0
 
     return _run(args, body)

@@ -57,8 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"one of {', '.join(METHODS)}; comma-separated for a sweep")
     p.add_argument("--prune-ratio", default="0.5",
                    help="in (0, 1); comma-separated for a sweep (default 0.5)")
-    p.add_argument("--scope", choices=("layer", "global"), default="layer",
-                   help="binarize per layer (the same ratio in every layer) or over all layers at once")
+    p.add_argument("--scope", choices=("layer", "global"), default="layer", help="binarization scope")
     p.add_argument("--weights",
                    help="trained weights (safetensors / weights_only checkpoint; with --model: of the "
                         "program's state dict): no pretraining")
@@ -110,8 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="min over t of max over repeats (conservative) or the reference code's order")
     add_bound_options(p)
     add_preprocess_options(p)
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds training and the sampled transformations (the test split has a fixed seed)")
+    p.add_argument("--seed", type=int, default=0, help="seeds training and the sampled transformations")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--keep-work", action="store_true", help=f"keep DIR/{WORK} (checkpoints) after success")

@@ -1,5 +1,8 @@
 """Job report: GET /jobs/{id}/report (HTML; ?embed=1 -> the bare <div> for the dashboard),
 /jobs/{id}/report.png (?figure= one of core.report.FIGURES) and /jobs/{id}/report.pdf.
+POST /jobs/{id}/report/link makes a signed, expiring link, GET /shared/jobs/{id}/report?expires=&sig=,
+that shows the HTML report without an Authorization header (api/report_links.py; 403 problem+json
+when expired, altered or not signed here).
 
 Rendered by core.report from the job's results (JobResult rows: certificate + metrics). Example
 images x and T(x, delta) are drawn for the first certified test samples when the job's dataset
@@ -12,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse
 
+from api import report_links
 from api.deps import SessionDep, SettingsDep, TenantDep
 from api.errors import PROBLEM_MEDIA_TYPE, ApiProblem
 from api.lru import LruCache
@@ -26,6 +32,7 @@ from core.results import VariantResult
 
 log = logging.getLogger("carcert.api")
 router = APIRouter(prefix="/jobs", tags=["report"])
+shared_router = APIRouter(prefix="/shared", tags=["report"])  # signed links: no Authorization header
 
 EXAMPLE_DELTAS = (0.25, 0.5, 0.75, 1.0)
 EXAMPLE_COUNT = 4
@@ -157,6 +164,77 @@ def get_report(
 
     body = _rendered(request, session, settings, tenant, job_id, ("html", embed), render)
     return HTMLResponse(body, headers={"Cache-Control": "private, max-age=0"})
+
+
+@router.post(
+    "/{job_id}/report/link",
+    summary="A signed, expiring link to the HTML report (opens without an API key)",
+    responses=_responses(422),
+)
+def create_report_link(
+    job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    ttl: Annotated[
+        int,
+        Query(ge=60, le=report_links.MAX_TTL_S, description="seconds the link stays valid (default 7 days)"),
+    ] = report_links.DEFAULT_TTL_S,
+) -> dict[str, Any]:
+    """{"url", "expires" (Unix seconds), "expires_at"}: GET url shows the report to anyone holding
+    it until it expires (api/report_links.py)."""
+    from datetime import UTC, datetime
+
+    succeeded_job(session, tenant, job_id, "the report exists")
+    expires = int(time.time()) + ttl
+    secret = report_links.link_secret(request.app.state, settings.report_link_secret)
+    query = urlencode({"expires": expires, "sig": report_links.sign(secret, tenant, job_id, expires)})
+    base = (settings.public_url or str(request.base_url)).rstrip("/")
+    return {
+        "url": f"{base}/shared/jobs/{job_id}/report?{query}",
+        "expires": expires,
+        "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
+    }
+
+
+@shared_router.get(
+    "/jobs/{job_id}/report",
+    response_class=HTMLResponse,
+    summary="The HTML report through a signed link (no Authorization header)",
+    responses={
+        200: {"content": {"text/html": {}}},
+        403: {"description": "Expired, tampered or foreign link", "content": {PROBLEM_MEDIA_TYPE: {}}},
+        422: {"description": "Invalid parameter", "content": {PROBLEM_MEDIA_TYPE: {}}},
+    },
+)
+def get_shared_report(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    expires: Annotated[int, Query(description="Unix time (s) after which the link is refused")],
+    sig: Annotated[str, Query(max_length=256, description="HMAC-SHA256 of the link (hex)")],
+) -> HTMLResponse:
+    from store.jobs import job_tenant
+
+    tenant = job_tenant(session, job_id)
+    secret = report_links.link_secret(request.app.state, settings.report_link_secret)
+    why = report_links.refusal(secret, tenant, job_id, expires, sig)
+    if why is not None:
+        detail = (
+            "this report link has expired; ask for a new one (carcert report JOB)"
+            if why == "expired"
+            else "this report link is not valid (altered, or not signed by this service)"
+        )
+        raise ApiProblem(403, f"report-link-{why}", detail, title="Forbidden")
+
+    def render(results, examples) -> bytes:
+        return core_report.render_report(results, examples, title=f"carcert report: job {job_id}").encode()
+
+    body = _rendered(request, session, settings, tenant, job_id, ("html", False), render)
+    headers = {"Cache-Control": "private, no-store", "Referrer-Policy": "no-referrer"}
+    return HTMLResponse(body, headers=headers)
 
 
 @router.get(

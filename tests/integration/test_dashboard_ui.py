@@ -197,6 +197,13 @@ def test_job_page_in_headless_chromium(env, tmp_path):
     assert f'id="job" class="card" data-id="{env["done"]}" data-status="succeeded"' in html
     assert '<tr class="cert"><td>lmp-0.50</td>' in html  # certificate summary row
     assert '<section id="margins">' in html and 'src="data:image/png;base64,' in html  # embedded report
+    # the signed report link the page offers opens the report without a key
+    link = re.search(r'<a id="share-link" href="([^"]+)"', html)
+    assert link is not None, html[-3000:]
+    url = link.group(1).replace("&amp;", "&")
+    assert f"/shared/jobs/{env['done']}/report?expires=" in url
+    r = httpx.get(url, timeout=60)
+    assert r.status_code == 200 and '<section id="pca_epsilon">' in r.text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package: chromium)")

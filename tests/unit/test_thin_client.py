@@ -114,7 +114,7 @@ def test_blocker_really_blocks(tmp_path):
 
 def test_client_commands_run_without_torch_and_say_which_extra_others_need(tmp_path):
     assert run_thin_cli(["--help"], tmp_path).returncode == 0
-    for command in ("submit", "job", "jobs", "certificate", "download", "logs", "cancel", "delete"):
+    for command in ("submit", "job", "jobs", "certificate", "download", "logs", "report", "cancel", "delete"):
         done = run_thin_cli([command, "--help"], tmp_path)
         assert done.returncode == 0, (command, done.stderr)
     # a spec is validated locally (core.spec, pydantic only), then the unreachable server is reported

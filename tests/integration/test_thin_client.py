@@ -1,0 +1,137 @@
+"""The thin client against a real server: every client command of `carcert` runs in a subprocess
+where torch, numpy, Celery, SQLAlchemy, FastAPI ... cannot be imported (tests/thin_client.py),
+against a real uvicorn on Postgres with a real job run by the worker code; and the signed, expiring
+report link that `carcert report` prints opens without an API key, while expired, altered and
+foreign links are refused with 403 problem+json."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from tests.integration.client_harness import TINY_SPEC, run_job_to_end, serve
+from tests.thin_client import run_thin_cli
+
+pytestmark = pytest.mark.integration
+SECRET = "thin-client-test-link-secret"
+PREPROCESS = {"resize": 8, "crop": 8, "mean": [0.5], "std": [0.25]}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("thin-client")
+    with serve(tmp, CARCERT_REPORT_LINK_SECRET=SECRET) as server:
+        conn = {"CARCERT_URL": server.url, "CARCERT_API_KEY": server.keys["alice"]}
+
+        def cli(*args: str) -> tuple[str, str]:
+            done = run_thin_cli(list(args), tmp, env=conn)
+            assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-3000:])
+            return done.stdout, done.stderr
+
+        spec_file = tmp / "spec.json"
+        spec_file.write_text(json.dumps(TINY_SPEC))
+        out, _ = cli(
+            "submit", str(spec_file), "--name", "thin", "--label", "team=thin",
+            "--resize", "8", "--crop", "8", "--mean", "0.5", "--std", "0.25",
+        )  # fmt: skip
+        job = json.loads(out)
+        run_job_to_end(server, job["id"], tmp / "runner.log")
+        yield {"server": server, "cli": cli, "job": job["id"], "tmp": tmp}
+
+
+def test_submitted_spec_carries_the_preprocess_flags(env):
+    with env["server"].client("alice") as c:
+        job = c.get(f"/jobs/{env['job']}").json()
+    assert job["status"] == "succeeded", job
+    assert job["spec"]["preprocess"] == PREPROCESS
+    assert job["name"] == "thin" and job["labels"] == {"team": "thin"}
+
+
+def test_client_commands_run_without_torch(env, tmp_path):
+    cli, job = env["cli"], env["job"]
+    shown = json.loads(cli("job", job)[0])
+    assert shown["id"] == job and shown["status"] == "succeeded"
+    assert job in cli("jobs", "--label", "team=thin")[0]
+    assert job not in cli("jobs", "--label", "team=other")[0]
+    cli("certificate", job, "--out", str(tmp_path / "cert.json"))
+    cert = json.loads((tmp_path / "cert.json").read_text())
+    with env["server"].client("alice") as c:
+        assert cert == c.get(f"/jobs/{job}/certificate").json()
+        model = c.get(f"/jobs/{job}/model").content
+    _, err = cli("download", job, "model", "--out", str(tmp_path / "model.safetensors"))
+    assert "sha256 verified" in err and (tmp_path / "model.safetensors").read_bytes() == model
+    assert cli("logs", job)[0].strip()
+    # a queued job (no worker serves this private broker): cancelled at once, then deleted
+    queued = json.loads(cli("submit", "--dataset", "digits", "--arch", "small_cnn", "--seed", "3")[0])
+    assert "cancel requested" in cli("cancel", queued["id"])[0]
+    assert "deleted" in cli("delete", queued["id"])[0]
+
+
+def _link(env) -> str:
+    out, err = env["cli"]("report", env["job"], "--ttl", "600")
+    assert "valid until" in err
+    return out.strip()
+
+
+def _expected_sig(tenant: str, job_id: str, expires: int) -> str:
+    message = f"carcert-report-link-v1\n{tenant}\n{job_id}\n{expires}".encode()
+    return hmac.new(SECRET.encode(), message, hashlib.sha256).hexdigest()
+
+
+def test_report_link_opens_without_a_bearer_header(env):
+    url = _link(env)
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    assert parts.path == f"/shared/jobs/{env['job']}/report"
+    expires = int(query["expires"])
+    assert 0 < expires - time.time() <= 600
+    assert query["sig"] == _expected_sig("alice", env["job"], expires)  # the documented HMAC
+    r = httpx.get(url, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["referrer-policy"] == "no-referrer"
+    assert env["job"] in r.text and '<section id="pca_epsilon">' in r.text
+    with env["server"].client("alice") as c:  # the same report the key holder sees
+        assert r.text == c.get(f"/jobs/{env['job']}/report").text
+
+
+def _refused(url: str, kind: str) -> None:
+    r = httpx.get(url, timeout=30)
+    assert r.status_code == 403, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["type"].endswith(f"report-link-{kind}"), r.json()
+
+
+def test_expired_altered_and_foreign_links_are_refused(env):
+    url, job, base = _link(env), env["job"], env["server"].url
+    query = {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+    sig, expires = query["sig"], int(query["expires"])
+    shared = f"{base}/shared/jobs/{job}/report"
+    flipped = ("0" if sig[0] != "0" else "1") + sig[1:]
+    _refused(f"{shared}?expires={expires}&sig={flipped}", "invalid")
+    _refused(f"{shared}?expires={expires + 3600}&sig={sig}", "invalid")  # a longer life, same sig
+    past = int(time.time()) - 5
+    _refused(f"{shared}?expires={past}&sig={_expected_sig('alice', job, past)}", "expired")
+    _refused(f"{shared}?expires={expires}&sig={_expected_sig('bob', job, expires)}", "invalid")
+    with env["server"].client("alice") as c:  # another job of the same tenant
+        other = c.post("/jobs", json=dict(TINY_SPEC, seed=11)).json()["id"]
+    _refused(f"{base}/shared/jobs/{other}/report?expires={expires}&sig={sig}", "invalid")
+    _refused(f"{base}/shared/jobs/nope/report?expires={expires}&sig={sig}", "invalid")
+    r = httpx.get(f"{shared}?expires=soon&sig={sig}", timeout=30)
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_report_link_needs_the_key_of_the_jobs_tenant(env):
+    with env["server"].client("bob") as c:
+        assert c.post(f"/jobs/{env['job']}/report/link").status_code == 404
+    with env["server"].client() as c:
+        assert c.post(f"/jobs/{env['job']}/report/link").status_code == 401
+    with env["server"].client("alice") as c:
+        r = c.post(f"/jobs/{env['job']}/report/link", params={"ttl": 10**9})
+        assert r.status_code == 422
+
