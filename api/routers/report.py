@@ -96,7 +96,8 @@ def build_examples(
         transform = build_transform(spec.transform, data=data, split="test")
         if int(indices.max()) >= data.test_x.shape[0]:
             return None
-        return core_report.make_examples(data.test_x[indices], transform, EXAMPLE_DELTAS, indices)
+        chosen = ordered[:EXAMPLE_COUNT]
+        return core_report.make_examples(data.test_x[indices], transform, EXAMPLE_DELTAS, indices, chosen)
     except Exception as exc:  # examples are illustrative: a report without them beats a 500
         log.info("report examples unavailable (%s): %s", spec.dataset, exc)
         return None
@@ -260,6 +261,13 @@ def get_report_png(
         )
 
     def render(results, examples) -> bytes:
+        if figure == "pareto" and len(results) < 2:
+            raise ApiProblem(
+                404,
+                "not-found",
+                f"job {job_id} has a single variant: no Pareto plot (a sweep has several)",
+                title="Not Found",
+            )
         if figure == "examples" and examples is None:
             raise ApiProblem(
                 404,
