@@ -498,7 +498,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser("up", help="embedded all-in-one: API + Celery worker on SQLite (no servers needed)")
     p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
     p.add_argument("--port", type=int, default=8000, help="port the API listens on")
-    p.add_argument("--var", default="var", help="data folder (database, broker, artifacts, key)")
+    p.add_argument(
+        "--data-dir",
+        "--var",
+        dest="var",
+        default="var",
+        metavar="DIR",
+        help="data folder: database, broker, artifacts, API key",
+    )
     p.add_argument("--verbose", action="store_true", help="show the API and worker logs on the console")
     p.set_defaults(func=cmd_up)
 

@@ -77,8 +77,9 @@ def test_up_on_a_busy_port_fails_before_saying_it_is_up(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
+        up = ["up", "--port", str(port), "--data-dir", str(tmp_path / "v")]
         done = subprocess.run(
-            [sys.executable, "-m", "carcert.cli", "up", "--port", str(port), "--var", str(tmp_path / "var")],
+            [sys.executable, "-m", "carcert.cli", *up],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -87,7 +88,7 @@ def test_up_on_a_busy_port_fails_before_saying_it_is_up(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "is up" not in done.stdout + done.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "--port" in done.stderr
-    assert not (tmp_path / "var").exists()  # nothing was started or created
+    assert not (tmp_path / "v").exists()  # nothing was started or created
 
 
 def _submit_args(*argv: str) -> argparse.Namespace:
