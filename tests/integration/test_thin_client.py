@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -135,3 +136,35 @@ def test_report_link_needs_the_key_of_the_jobs_tenant(env):
         r = c.post(f"/jobs/{env['job']}/report/link", params={"ttl": 10**9})
         assert r.status_code == 422
 
+
+
+def _readme_loading_lines() -> list[str]:
+    """The three lines of README.md's "Deployable model" section that load the output model."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("### Deployable model") :]
+    block = section[section.index("```python\n") + len("```python\n") :]
+    lines = block[: block.index("```")].strip().splitlines()
+    return [line.split("  #")[0].rstrip() for line in lines]
+
+
+def test_readme_lines_load_the_downloaded_model(env, tmp_path, monkeypatch):
+    """The README's three loading lines, run as written (cwd = the download folder) on the model of a
+    real job downloaded by the thin CLI as pt2, onnx and safetensors, give the same logits."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    lines = _readme_loading_lines()
+    assert len(lines) == 3 and all("logits" in line for line in lines)
+    for fmt in ("pt2", "onnx", "safetensors"):
+        env["cli"]("download", env["job"], "model", "--format", fmt, "--out", str(tmp_path / f"model.{fmt}"))
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        scope = {"torch": torch, "onnxruntime": onnxruntime, "x": x}
+        exec(line, scope)  # the README's own text
+        outputs.append(np.asarray(torch.as_tensor(scope["logits"]).detach(), dtype=np.float64))
+    assert outputs[0].shape == (5, 10)
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-4)
+    np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-5)
