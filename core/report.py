@@ -128,6 +128,55 @@ def make_examples(
     )
 
 
+EXAMPLE_DELTAS = (0.25, 0.5, 0.75, 1.0)
+EXAMPLE_COUNT = 4
+THUMBNAIL_SIDE = 96  # examples.npz keeps images at most this many pixels a side (uint8)
+
+
+def example_samples(samples: Sequence[Mapping[str, Any]], count: int = EXAMPLE_COUNT) -> list[dict]:
+    """The certificate samples a report shows as examples: certified ones first, then the rest."""
+    ordered = [s for s in samples if s.get("certified")] + [s for s in samples if not s.get("certified")]
+    return [dict(s) for s in ordered[:count]]
+
+
+def _thumbnail(images: np.ndarray, side: int) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> uint8, scaled down (antialiased) so that max(H, W) <= side."""
+    import torch
+
+    t = torch.as_tensor(images, dtype=torch.float32)
+    h, w = t.shape[-2:]
+    if max(h, w) > side:
+        size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+        t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True)
+    return np.round(t.clamp(0.0, 1.0).numpy() * 255.0).astype(np.uint8)
+
+
+def save_examples(path: Any, examples: ExampleImages, side: int = THUMBNAIL_SIDE) -> None:
+    """examples.npz beside a certificate: x and T(x, delta) as uint8 thumbnails (max side `side`),
+    the deltas and the test indices of examples.samples (the certificate holds the rest)."""
+    if examples.samples is None:
+        raise ValueError("save_examples needs the examples' certificate samples")
+    np.savez_compressed(
+        path,
+        x=_thumbnail(examples.x, side),
+        transformed=np.stack([_thumbnail(t, side) for t in examples.transformed]),
+        deltas=np.asarray(examples.deltas, dtype=np.float64),
+        indices=np.asarray([int(s["index"]) for s in examples.samples], dtype=np.int64),
+    )
+
+
+def load_examples(path: Any, samples: Sequence[Mapping[str, Any]]) -> ExampleImages:
+    """ExampleImages from save_examples' file; each image's sample found by index in `samples` (the
+    certificate's). Never unpickles (allow_pickle=False)."""
+    by_index = {int(s["index"]): dict(s) for s in samples}
+    with np.load(path, allow_pickle=False) as data:
+        x = data["x"].astype(np.float32) / 255.0
+        transformed = [t.astype(np.float32) / 255.0 for t in data["transformed"]]
+        deltas = [float(d) for d in data["deltas"]]
+        chosen = [by_index[int(i)] for i in data["indices"]]
+    return ExampleImages(x=x, deltas=deltas, transformed=transformed, samples=chosen)
+
+
 # ----------------------------------------------------------------------------- data extraction
 
 

@@ -5,9 +5,10 @@ that shows the HTML report without an Authorization header (api/report_links.py;
 when expired, altered or not signed here).
 
 Rendered by core.report from the job's results (JobResult rows: certificate + metrics). Example
-images x and T(x, delta) are drawn for the first certified test samples when the job's dataset
-and transform can be rebuilt in the API process (built-in datasets and paths under
-settings.data_roots; not uploaded artifacts, which only the worker resolves): otherwise the report
+images x and T(x, delta) of the first certified test samples come from the examples.npz the worker
+stored (metrics.examples_artifact_id); for jobs without one (run before it existed) they are rebuilt
+when the job's dataset and transform can be rebuilt in the API process (built-in datasets and paths
+under settings.data_roots; not uploaded artifacts, which only the worker resolves), otherwise the report
 says there are no examples. A succeeded job is immutable, so rendered outputs are cached per job
 (LRU). Another tenant's job -> 404; a job that has not succeeded -> 409 problem+json."""
 
@@ -34,8 +35,7 @@ log = logging.getLogger("carcert.api")
 router = APIRouter(prefix="/jobs", tags=["report"])
 shared_router = APIRouter(prefix="/shared", tags=["report"])  # signed links: no Authorization header
 
-EXAMPLE_DELTAS = (0.25, 0.5, 0.75, 1.0)
-EXAMPLE_COUNT = 4
+EXAMPLE_DELTAS = core_report.EXAMPLE_DELTAS
 CACHE_SIZE = 64
 _RENDER_LOCK = threading.Lock()  # matplotlib is not documented thread-safe: render one at a time
 
@@ -60,7 +60,7 @@ def result_dicts(rows: list[Any]) -> list[dict[str, Any]]:
 def build_examples(
     spec_json: dict[str, Any], results: list[dict[str, Any]], settings: Any
 ) -> core_report.ExampleImages | None:
-    """x and T(x, delta) for up to EXAMPLE_COUNT certificate samples (certified ones first), or None
+    """x and T(x, delta) for core.report.example_samples (certified ones first), or None
     when the dataset / transform cannot be rebuilt here (see the module docstring)."""
     import torch
 
@@ -82,8 +82,8 @@ def build_examples(
     )
     if not samples:
         return None
-    ordered = [s for s in samples if s.get("certified")] + [s for s in samples if not s.get("certified")]
-    indices = torch.tensor([int(s["index"]) for s in ordered[:EXAMPLE_COUNT]], dtype=torch.int64)
+    chosen = core_report.example_samples(samples)
+    indices = torch.tensor([int(s["index"]) for s in chosen], dtype=torch.int64)
     try:
         data = load_dataset(
             spec.dataset,
@@ -96,15 +96,32 @@ def build_examples(
         transform = build_transform(spec.transform, data=data, split="test")
         if int(indices.max()) >= data.test_x.shape[0]:
             return None
-        chosen = ordered[:EXAMPLE_COUNT]
         return core_report.make_examples(data.test_x[indices], transform, EXAMPLE_DELTAS, indices, chosen)
     except Exception as exc:  # examples are illustrative: a report without them beats a 500
         log.info("report examples unavailable (%s): %s", spec.dataset, exc)
         return None
 
 
+def stored_examples(
+    session: Any, store: Any, tenant: str, results: list[dict[str, Any]]
+) -> core_report.ExampleImages | None:
+    """The examples.npz the worker stored for the first result with certificate samples, or None."""
+    from store.artifacts import get_artifact
+
+    first = next((r for r in results if (r.get("certificate") or {}).get("samples")), None)
+    artifact_id = ((first or {}).get("metrics") or {}).get("examples_artifact_id")
+    art = get_artifact(session, tenant, artifact_id) if isinstance(artifact_id, str) else None
+    if art is None:
+        return None
+    try:
+        return core_report.load_examples(store.local_path(art.storage_key), first["certificate"]["samples"])
+    except Exception as exc:  # illustrative only: fall back to rebuilding them
+        log.warning("stored report examples %s unreadable: %s", artifact_id, exc)
+        return None
+
+
 def _inputs(
-    session: Any, settings: Any, tenant: str, job_id: str
+    session: Any, settings: Any, store: Any, tenant: str, job_id: str
 ) -> tuple[list[dict[str, Any]], core_report.ExampleImages | None]:
     from store.jobs import get_results
 
@@ -113,7 +130,8 @@ def _inputs(
     results = [{**r, "job_seconds": seconds} for r in result_dicts(get_results(session, job.id))]
     if not results:
         raise ApiProblem(404, "not-found", f"job {job_id} has no results", title="Not Found")
-    return results, build_examples(job.spec, results, settings)
+    examples = stored_examples(session, store, tenant, results)
+    return results, examples if examples is not None else build_examples(job.spec, results, settings)
 
 
 def _rendered(
@@ -123,7 +141,8 @@ def _rendered(
     hit = cache.get((job_id, *key))
     if hit is not None and hit[0] == tenant:
         return hit[1]
-    results, examples = _inputs(session, settings, tenant, job_id)  # 404 / 409 for the wrong tenant too
+    store = request.app.state.artifact_store
+    results, examples = _inputs(session, settings, store, tenant, job_id)  # 404 / 409 for the wrong tenant
     with _RENDER_LOCK:
         body = render(results, examples)
     cache.put((job_id, *key), (tenant, body))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -168,3 +169,34 @@ def test_readme_lines_load_the_downloaded_model(env, tmp_path, monkeypatch):
     assert outputs[0].shape == (5, 10)
     np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-4)
     np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-5)
+
+
+def test_uploaded_dataset_report_shows_the_workers_example_images(env, tmp_path):
+    """A job on a dataset uploaded by the thin CLI, which only the worker can read: the report's
+    examples are the thumbnails the worker stored, named by the certificate's labels, predictions
+    and marks (certified samples first)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = np.round(digits.images / 16 * 255).astype(np.uint8)[:, None]  # (N, 1, 8, 8)
+    y = digits.target.astype(np.int64)
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x_train=x[:400], y_train=y[:400], x_test=x[400:500], y_test=y[400:500])
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({k: v for k, v in TINY_SPEC.items() if k != "dataset"}))
+    job = json.loads(env["cli"]("submit", str(spec_file), "--dataset-file", str(npz))[0])
+    assert job["spec"]["dataset"].startswith("artifact:")
+    run_job_to_end(env["server"], job["id"], tmp_path / "runner.log")
+    with env["server"].client("alice") as c:
+        page = c.get(f"/jobs/{job['id']}/report").text
+        samples = c.get(f"/jobs/{job['id']}/certificate").json()["samples"]
+        png = c.get(f"/jobs/{job['id']}/report.png", params={"figure": "examples"})
+    assert "No example images" not in page and png.status_code == 200
+    ordered = [s for s in samples if s["certified"]] + [s for s in samples if not s["certified"]]
+    cell = r"<td>(\d+)</td>"
+    rows = re.findall(rf'<tr class="example" data-certified="(\w+)">{cell}{cell}{cell}', page)
+    assert rows == [
+        (str(s["certified"]).lower(), str(s["index"]), str(s["label"]), str(s["pred"])) for s in ordered[:4]
+    ]
+    assert [int(r[2]) for r in rows] == [int(y[400 + int(r[1])]) for r in rows]  # the uploaded labels

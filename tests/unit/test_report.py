@@ -459,3 +459,33 @@ def test_examples_name_label_prediction_and_certified_mark(examples):
     ]  # fmt: skip
     with pytest.raises(ValueError, match="one certificate sample per example"):
         report.ExampleImages(examples.x, examples.deltas, examples.transformed, samples[:2])
+
+
+def test_saved_examples_round_trip_as_uint8_thumbnails(tmp_path, examples):
+    certificate_samples = [{"index": i, "label": i % 7, "pred": i % 5, "certified": i > 5} for i in range(9)]
+    samples = [certificate_samples[i] for i in (3, 5, 8)]
+    ex = report.ExampleImages(examples.x, examples.deltas, examples.transformed, samples)
+    report.save_examples(tmp_path / "examples.npz", ex)
+    back = report.load_examples(tmp_path / "examples.npz", certificate_samples)
+    np.testing.assert_array_equal(back.x, np.round(examples.x * 255).astype(np.uint8) / np.float32(255))
+    for got, want in zip(back.transformed, examples.transformed, strict=True):
+        np.testing.assert_allclose(got, want, atol=0.5 / 255 + 1e-7)  # 8x8: kept at full size
+    assert list(back.deltas) == list(examples.deltas)
+    assert back.samples == [certificate_samples[i] for i in (3, 5, 8)]  # found by test index
+
+
+def test_saved_examples_are_scaled_down_to_thumbnails(tmp_path):
+    """A 3 x 300 x 200 image is kept at 96 x 64 (the longer side THUMBNAIL_SIDE), its mean colour
+    unchanged by the antialiased scaling; nothing is unpickled when loading."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(size=(1, 3, 300, 200)).astype(np.float32)
+    ex = report.ExampleImages(x, [1.0], [1.0 - x], [{"index": 0, "label": 1, "pred": 1, "certified": True}])
+    report.save_examples(tmp_path / "e.npz", ex)
+    back = report.load_examples(tmp_path / "e.npz", ex.samples)
+    assert back.x.shape == (1, 3, 96, 64) and back.transformed[0].shape == (1, 3, 96, 64)
+    np.testing.assert_allclose(back.x.mean(axis=(2, 3)), x.mean(axis=(2, 3)), atol=0.01)
+    np.testing.assert_allclose(back.transformed[0].mean(axis=(2, 3)), 1 - x.mean(axis=(2, 3)), atol=0.01)
+    pickled = np.array([object()], dtype=object)
+    np.savez(tmp_path / "bad.npz", x=pickled, transformed=x, deltas=[1.0], indices=[0])
+    with pytest.raises(ValueError, match="pickle"):
+        report.load_examples(tmp_path / "bad.npz", ex.samples)
