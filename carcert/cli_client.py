@@ -1,4 +1,5 @@
-"""`carcert submit | jobs | job | certificate | cancel | download`: client of a running service.
+"""`carcert submit | jobs | job | certificate | report | logs | cancel | delete | download`: client of a
+running service.
 
 Server and key: --url / --api-key, else the environment variables CARCERT_URL / CARCERT_API_KEY
 (default URL http://127.0.0.1:8000). Exit codes: 0 ok; 1 the service answered an error, cannot be
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from carcert.cli_certify import add_preprocess_options
 from carcert.client import CarcertAPIError, CarcertClient, coerce_spec
 from core.errors import InvalidInput
 from core.methods import METHODS
@@ -29,6 +31,10 @@ def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None, help=f"service URL (env CARCERT_URL, default {DEFAULT_URL})")
     p.add_argument("--api-key", default=None, help="API key (env CARCERT_API_KEY)")
     p.add_argument("--timeout", type=float, default=60.0, help="HTTP timeout in seconds (default 60)")
+
+
+def _job_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job_id", help="the job's id (from `carcert submit` or `carcert jobs`)")
 
 
 def _job_tags(p: argparse.ArgumentParser) -> None:
@@ -49,15 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shows a progress bar and prints the final job).",
     )
     p.add_argument("spec", nargs="?", type=Path, help="JSON file with a JobSpec (optional)")
-    p.add_argument("--kind", choices=("prune", "certify"))
-    p.add_argument("--arch", choices=ARCHS)
+    p.add_argument("--kind", choices=("prune", "certify"), help="prune and certify, or certify only")
+    p.add_argument("--arch", choices=ARCHS, help="built-in architecture (or --model)")
     p.add_argument(
         "--dataset", help="digits | fashion-mnist[:DIR] | imagefolder:PATH | npz:PATH | artifact:ID"
     )
     p.add_argument("--dataset-file", type=Path, help="local dataset archive to upload; sets --dataset")
-    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--method", choices=METHODS, help="pruning method")
     p.add_argument("--methods", help="sweep: comma-separated methods")
-    p.add_argument("--prune-ratio", type=float)
+    p.add_argument("--prune-ratio", type=float, help="share of the weights removed, in [0, 1)")
     p.add_argument("--prune-ratios", help="sweep: comma-separated prune ratios")
     p.add_argument(
         "--transform",
@@ -72,14 +78,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'model') or artifact:ID; replaces --arch",
     )
     p.add_argument("--mask", help="certify jobs: local mask file (uploaded first) or artifact:ID")
-    p.add_argument("--pretrain-epochs", type=int)
-    p.add_argument("--search-epochs", type=int)
-    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--pretrain-epochs", type=int, help="epochs of pretraining (0 with trained --weights)")
+    p.add_argument("--search-epochs", type=int, help="epochs of the CAR / HYDRA mask search")
+    p.add_argument("--finetune-epochs", type=int, help="epochs of fine-tuning under the hard mask")
     p.add_argument("--samples", type=int, help="number of test samples to certify")
     p.add_argument("--n", type=int, help="CC-Cert n")
     p.add_argument("--l", type=int, help="CC-Cert l")
-    p.add_argument("--train-subset", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--train-subset", type=int, help="train on a seeded random N training samples")
+    p.add_argument("--seed", type=int, help="seeds training and the sampled transformations")
+    add_preprocess_options(p)
     _job_tags(p)
     p.add_argument("--idempotency-key", help="default: a fresh random key (safe retries)")
     p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
@@ -90,25 +97,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_lifecycle(subparsers)
 
     p = subparsers.add_parser("job", help="show one job (optionally --wait for it)")
-    p.add_argument("job_id")
-    p.add_argument("--wait", action="store_true")
-    p.add_argument("--poll", type=float, default=1.0)
+    _job_id(p)
+    p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls with --wait")
     _connection(p)
     p.set_defaults(func=cmd_job)
 
     p = subparsers.add_parser("certificate", help="fetch a job's certificate JSON")
-    p.add_argument("job_id")
+    _job_id(p)
     p.add_argument("--variant", help="one variant of a sweep, e.g. car-0.50")
     p.add_argument("--out", type=Path, help="write to this file instead of stdout")
     _connection(p)
     p.set_defaults(func=cmd_certificate)
 
     p = subparsers.add_parser("cancel", help="request cancellation of a job")
-    p.add_argument("job_id")
+    _job_id(p)
     _connection(p)
     p.set_defaults(func=cmd_cancel)
 
     _register_download(subparsers)
+    _register_report(subparsers)
+
+
+def _register_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="print a signed link that opens a job's HTML report in a browser (no API key needed)",
+        description="Ask the service for a signed, expiring link to the job's HTML report and print "
+        "it; anyone holding the link can open the report until it expires, without an API key.",
+    )
+    _job_id(p)
+    p.add_argument("--ttl", type=int, help="seconds the link stays valid (server default 7 days)")
+    p.add_argument("--open", action="store_true", help="also open the link in the default browser")
+    _connection(p)
+    p.set_defaults(func=cmd_report)
 
 
 def _register_download(subparsers: argparse._SubParsersAction) -> None:
@@ -119,14 +141,14 @@ def _register_download(subparsers: argparse._SubParsersAction) -> None:
         "checked. model --format pt2|onnx: a deployable program (torch.export / ONNX) with the "
         "preprocessing and the certificate's sha256 in its metadata, exported on the first request.",
     )
-    p.add_argument("job_id")
-    p.add_argument("what", choices=("model", "mask", "evidence"))
+    _job_id(p)
+    p.add_argument("what", choices=("model", "mask", "evidence"), help="which file")
     p.add_argument("--variant", help="one variant of a sweep, e.g. car-0.50")
     p.add_argument(
         "--format",
         choices=("safetensors", "pt2", "onnx"),
         default="safetensors",
-        help="model only: safetensors (weights, default), pt2 (torch.export program) or onnx",
+        help="model only: safetensors (weights), pt2 (torch.export program) or onnx",
     )
     p.add_argument("--out", type=Path, default=Path("."), help="file or folder (default .)")
     _connection(p)
@@ -136,7 +158,7 @@ def _register_download(subparsers: argparse._SubParsersAction) -> None:
 def _register_lifecycle(subparsers: argparse._SubParsersAction) -> None:
     """`jobs` (list, --label filter), `logs`, `delete`."""
     p = subparsers.add_parser("jobs", help="list jobs of a running service")
-    p.add_argument("--status", choices=STATUSES)
+    p.add_argument("--status", choices=STATUSES, help="only jobs in this state")
     p.add_argument(
         "--label",
         action="append",
@@ -150,7 +172,7 @@ def _register_lifecycle(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_jobs)
 
     p = subparsers.add_parser("logs", help="print a job's own log lines (GET /jobs/{id}/logs)")
-    p.add_argument("job_id")
+    _job_id(p)
     p.add_argument("--json", action="store_true", help="the JSON document instead of text lines")
     _connection(p)
     p.set_defaults(func=cmd_logs)
@@ -159,7 +181,7 @@ def _register_lifecycle(subparsers: argparse._SubParsersAction) -> None:
         "delete",
         help="delete a finished job and the files it produced (a queued or running job: cancel it first)",
     )
-    p.add_argument("job_id")
+    _job_id(p)
     _connection(p)
     p.set_defaults(func=cmd_delete)
 
@@ -271,6 +293,7 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
         spec["sweep_prune_ratios"] = _csv(args.prune_ratios, float)
     if args.train_subset is not None:
         spec["train_subset"] = args.train_subset
+    _preprocess_flags(args, section)
     if args.seed is not None:
         spec["seed"] = args.seed
     if getattr(args, "name", None):
@@ -280,6 +303,16 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "webhook", None):
         spec["webhook"] = {"url": args.webhook}
     return spec
+
+
+def _preprocess_flags(args: argparse.Namespace, section) -> None:
+    """--resize/--crop/--mean/--std into the spec's `preprocess` block (given flags only)."""
+    for flag in ("resize", "crop"):
+        if getattr(args, flag, None) is not None:
+            section("preprocess")[flag] = getattr(args, flag)
+    for flag in ("mean", "std"):
+        if getattr(args, flag, None) is not None:
+            section("preprocess")[flag] = _csv(getattr(args, flag), float)
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -451,6 +484,21 @@ def cmd_download(args: argparse.Namespace) -> int:
             fetch = {"mask": client.download_mask, "evidence": client.download_evidence}[args.what]
             path = fetch(args.job_id, args.out, variant=args.variant)
         print(f"wrote {path} (sha256 verified)", file=sys.stderr)
+        return 0
+
+    return _run(args, body)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    def body(client: CarcertClient) -> int:
+        link = client.report_link(args.job_id, ttl=args.ttl)
+        print(link["url"])
+        print(f"valid until {link['expires_at']}", file=sys.stderr)
+        if args.open:
+            import webbrowser
+
+            if not webbrowser.open(link["url"]):
+                print("no browser found; open the link above yourself", file=sys.stderr)
         return 0
 
     return _run(args, body)

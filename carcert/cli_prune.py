@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"one of {', '.join(METHODS)}; comma-separated for a sweep")
     p.add_argument("--prune-ratio", default="0.5",
                    help="in (0, 1); comma-separated for a sweep (default 0.5)")
-    p.add_argument("--scope", choices=("layer", "global"), default="layer")
+    p.add_argument("--scope", choices=("layer", "global"), default="layer", help="binarization scope")
     p.add_argument("--weights",
                    help="trained weights (safetensors / weights_only checkpoint; with --model: of the "
                         "program's state dict): no pretraining")
@@ -101,13 +101,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=100, help="certification: deltas per repeat (default 100)")
     p.add_argument("--l", type=int, default=10, help="certification: repeats (default 10)")
     p.add_argument("--samples", type=int, default=100, help="test samples certified (default 100)")
-    p.add_argument("--alpha", type=float, default=0.9)
-    p.add_argument("--epsilon", type=float, default=1e-3)
+    p.add_argument("--alpha", type=float, default=0.9, help="CC-Cert confidence parameter alpha")
+    p.add_argument("--epsilon", type=float, default=1e-3,
+                   help="largest bound (a probability) for which a sample counts as certified")
     p.add_argument("--t-steps", type=int, default=500, help="points of the t grid")
-    p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative")
+    p.add_argument("--bound-order", choices=("conservative", "reference"), default="conservative",
+                   help="min over t of max over repeats (conservative) or the reference code's order")
     add_bound_options(p)
     add_preprocess_options(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds training and the sampled transformations")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--keep-work", action="store_true", help=f"keep DIR/{WORK} (checkpoints) after success")

@@ -79,6 +79,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port for the API (handed to uvicorn), so a busy port fails
+    before anything starts; OSError (e.g. EADDRINUSE) otherwise."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is not busy
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def worker_command(
     pool: str = "solo", concurrency: int = 1, loglevel: str = "info", queue: str | None = None
 ) -> list[str]:
@@ -161,6 +177,15 @@ def embedded_worker_env(index: int, workers: int, env: dict[str, str]) -> dict[s
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
+    try:  # before anything starts or is printed: a busy port is a clear error, not a late traceback
+        sock = listen_socket(args.host, args.port)
+    except OSError as exc:
+        print(
+            f"carcert up: error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+            "is another service using it? Choose another with --port",
+            file=sys.stderr,
+        )
+        return 1
     var = Path(args.var).resolve()
     var.mkdir(parents=True, exist_ok=True)
     _apply_env(embedded_env(var))
@@ -212,7 +237,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
@@ -497,35 +522,42 @@ def _demo_report(http: Any, job: dict[str, Any], var: Path, seconds: float) -> i
 
 def register(sub: Any) -> None:
     p = sub.add_parser("up", help="embedded all-in-one: API + Celery worker on SQLite (no servers needed)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--var", default="var", help="data folder (database, broker, artifacts, key)")
+    p.add_argument("--host", default="127.0.0.1", help="address the API listens on")
+    p.add_argument("--port", type=int, default=8000, help="port the API listens on")
+    p.add_argument(
+        "--data-dir",
+        "--var",
+        dest="var",
+        default="var",
+        metavar="DIR",
+        help="data folder: database, broker, artifacts, API key",
+    )
     p.add_argument("--verbose", action="store_true", help="show the API and worker logs on the console")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (a sweep's variants run in parallel; torch threads are split)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("serve", help="the REST API against the configured database and broker")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--host", default="0.0.0.0", help="address the API listens on")
+    p.add_argument("--port", type=int, default=8000, help="port the API listens on")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
-    p.add_argument("--loglevel", default="info")
+    p.add_argument("--loglevel", default="info", help="uvicorn log level (debug, info, warning, ...)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="a Celery worker against the configured database and broker")
-    p.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
+    p.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"), help="Celery pool")
     p.add_argument("--concurrency", type=int, default=1, help="processes (one GPU each when present)")
     p.add_argument("--index", type=int, default=None, help="GPU index offset of this worker")
     p.add_argument("--migrate", action="store_true", help="upgrade the database schema first")
-    p.add_argument("--loglevel", default="info")
+    p.add_argument("--loglevel", default="info", help="Celery log level (debug, info, warning, ...)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("keys", help="API keys")
     ksub = p.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
     k = ksub.add_parser("create", help="create an API key for a tenant (prints it once)")
-    k.add_argument("--tenant", required=True)
-    k.add_argument("--name", default="")
+    k.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    k.add_argument("--name", default="", help="a note to recognise the key by in `keys list`")
     k.add_argument(
         "--if-none",
         action="store_true",
@@ -537,7 +569,7 @@ def register(sub: Any) -> None:
     k.add_argument("--all", action="store_true", help="also the revoked keys")
     k.set_defaults(func=cmd_keys_list)
     k = ksub.add_parser("revoke", help="revoke an API key by its id (from `carcert keys list`)")
-    k.add_argument("key_id")
+    k.add_argument("key_id", help="the key's id (not the key itself)")
     k.add_argument("--tenant", default=None, help="only if the key belongs to this tenant")
     k.set_defaults(func=cmd_keys_revoke)
 
@@ -546,7 +578,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("demo", help="run a small real job through the embedded service")
-    p.add_argument("--var", default="var")
+    p.add_argument("--var", default="var", help="data folder of the embedded service")
     p.add_argument("--port", type=int, default=0, help="default: a free port")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
     p.add_argument("--quick", action="store_true", help="an even smaller job (a few seconds)")

@@ -236,6 +236,12 @@ class CarcertClient:
         """GET /jobs/{id}/logs: {"job_id", "lines": [{"seq", "created_at", "level", "message"}]}."""
         return self._json("GET", f"/jobs/{job_id}/logs")
 
+    def report_link(self, job_id: str, ttl: int | None = None) -> dict:
+        """POST /jobs/{id}/report/link -> {"url", "expires", "expires_at"}: a signed link that opens
+        the job's HTML report without an API key until it expires (ttl seconds, server default 7 days)."""
+        params = {"ttl": ttl} if ttl is not None else None
+        return self._json("POST", f"/jobs/{job_id}/report/link", params=params)
+
     def cancel(self, job_id: str) -> dict:
         """POST /jobs/{id}/cancel (idempotent on the server, so retried)."""
         return self._json("POST", f"/jobs/{job_id}/cancel", retry=True)

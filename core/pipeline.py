@@ -12,6 +12,8 @@ writes, for each variant of `spec.variants()` (a variant = one method x prune ra
     metrics.json        {"method","prune_ratio","accuracy","sparsity","layers":[...],"seconds",...}
     certificate.json    the DESIGN.md certificate
     evidence.npz        every Z value, for `carcert verify`
+    examples.npz        the report's example images: a few certified test images x and T(x, delta)
+                        as small uint8 thumbnails (core.report.save_examples)
 and returns the summary {"variants": [...]}, one core.results.VariantResult (as a dict) per variant.
 kind=certify jobs write a single folder `certify/`.
 
@@ -146,7 +148,21 @@ def _certify_and_write(
         job_id=job_id,
     )
     write_certificate(cert, result, folder)
+    _write_examples(data, transform, cert["samples"], folder)
     return result
+
+
+def _write_examples(data: DatasetSplit, transform: Any, samples: list[dict], folder: Path) -> None:
+    """folder/examples.npz: the report's example images (core.report.save_examples) for the
+    certificate's first certified samples, so a report of uploaded data has them too."""
+    from core import report
+
+    chosen = report.example_samples(samples)
+    if not chosen:
+        return
+    index = torch.tensor([int(s["index"]) for s in chosen], dtype=torch.int64)
+    examples = report.make_examples(data.test_x[index], transform, report.EXAMPLE_DELTAS, index, chosen)
+    report.save_examples(folder / "examples.npz", examples)
 
 
 def _load_data(spec: JobSpec, allowed_roots: Any, objects: ObjectStore | None) -> DatasetSplit:

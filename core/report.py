@@ -6,11 +6,15 @@ Input `results` is a list of dicts, one per variant (a method x prune ratio of a
     {"name", "method", "prune_ratio", "accuracy", "pca", "certificate" (DESIGN.md JSON or None),
      "metrics" (the variant's metrics.json or None)}
 and `examples` (optional) the images x (N, C, H, W) in [0, 1] with their transformed versions
-T(x, delta) for a few deltas (ExampleImages).
+T(x, delta) for a few deltas and, when known, each image's certificate sample (label, prediction,
+certified) (ExampleImages).
 
 Figures (FIGURES, keyed by name):
     accuracy_pca  accuracy and PCA (Eq. 10: certified / samples) vs prune ratio, one line per method;
                   when no method has two prune ratios (e.g. a single job), bars per variant instead
+    pareto        PCA vs sparsity across the variants of a sweep, one line per method, the unpruned
+                  model (vanilla / prune ratio 0) as a reference line; only with two variants or
+                  more (a single job has no trade-off to show)
     pca_epsilon   certified accuracy vs epsilon (log axis) from the per-sample bounds: the share of
                   samples that are correct with eps_hat <= epsilon, one line per variant, the job's
                   epsilon marked (its value there is the certificate's PCA)
@@ -19,7 +23,8 @@ Figures (FIGURES, keyed by name):
                   certification threshold epsilon as a vertical line, one panel per variant
     margins       per-sample margin d = (p1 - p2) / 2 vs max_i Z_i, with the line Z = d (label
                   invariance holds below it, Appendix A.2), one panel per variant
-    examples      x and T(x, delta) for each delta
+    examples      x and T(x, delta) for each delta; with the samples known, each row names the
+                  label, the prediction and whether the sample is certified (check / cross)
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from core.bounds import DEFAULT_BETA, clopper_pearson_upper  # noqa: E402
 
-FIGURES = ("accuracy_pca", "pca_epsilon", "sparsity", "epsilon", "margins", "examples")
+FIGURES = ("accuracy_pca", "pareto", "pca_epsilon", "sparsity", "epsilon", "margins", "examples")
 TITLES = {
     "accuracy_pca": "Accuracy and PCA vs prune ratio",
+    "pareto": "PCA vs sparsity (Pareto)",
     "pca_epsilon": "Certified accuracy vs epsilon",
     "sparsity": "Per-layer sparsity",
     "epsilon": "Per-sample bounds eps_hat",
@@ -58,11 +64,13 @@ MAX_PANEL_COLS = 3
 
 @dataclass(frozen=True)
 class ExampleImages:
-    """x: (N, C, H, W) in [0, 1]; transformed[k] = T(x, deltas[k]) with the same shape."""
+    """x: (N, C, H, W) in [0, 1]; transformed[k] = T(x, deltas[k]) with the same shape; samples
+    (optional): row i's certificate sample ({"index", "label", "pred", "certified", ...})."""
 
     x: np.ndarray
     deltas: Sequence[float]
     transformed: Sequence[np.ndarray]
+    samples: Sequence[Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.deltas) != len(self.transformed):
@@ -72,6 +80,8 @@ class ExampleImages:
                 raise ValueError(f"transformed shape {np.shape(t)} != x shape {np.shape(self.x)}")
         if np.ndim(self.x) != 4:
             raise ValueError("x must be (N, C, H, W)")
+        if self.samples is not None and len(self.samples) != np.shape(self.x)[0]:
+            raise ValueError("one certificate sample per example image")
 
 
 Examples = ExampleImages | tuple | None
@@ -95,16 +105,76 @@ def as_examples(examples: Examples) -> ExampleImages | None:
     )
 
 
-def make_examples(x: Any, transform: Any, deltas: Sequence[float], index: Any = None) -> ExampleImages:
+def make_examples(
+    x: Any,
+    transform: Any,
+    deltas: Sequence[float],
+    index: Any = None,
+    samples: Sequence[Mapping[str, Any]] | None = None,
+) -> ExampleImages:
     """ExampleImages from a tensor x (N, C, H, W) in [0, 1] and a core.transforms
     SemanticTransform: transformed[k] = T(x, deltas[k], index) (index: dataset indices, needed by
-    precomputed variants)."""
+    precomputed variants); samples: the images' certificate samples, shown beside them."""
     import torch
 
     x = torch.as_tensor(x, dtype=torch.float32)
     with torch.no_grad():
         out = [transform(x, torch.full((x.shape[0],), float(d)), index).cpu().numpy() for d in deltas]
-    return ExampleImages(x=x.cpu().numpy(), deltas=[float(d) for d in deltas], transformed=out)
+    return ExampleImages(
+        x=x.cpu().numpy(),
+        deltas=[float(d) for d in deltas],
+        transformed=out,
+        samples=None if samples is None else [dict(s) for s in samples],
+    )
+
+
+EXAMPLE_DELTAS = (0.25, 0.5, 0.75, 1.0)
+EXAMPLE_COUNT = 4
+THUMBNAIL_SIDE = 96  # examples.npz keeps images at most this many pixels a side (uint8)
+
+
+def example_samples(samples: Sequence[Mapping[str, Any]], count: int = EXAMPLE_COUNT) -> list[dict]:
+    """The certificate samples a report shows as examples: certified ones first, then the rest."""
+    ordered = [s for s in samples if s.get("certified")] + [s for s in samples if not s.get("certified")]
+    return [dict(s) for s in ordered[:count]]
+
+
+def _thumbnail(images: np.ndarray, side: int) -> np.ndarray:
+    """(N, C, H, W) in [0, 1] -> uint8, scaled down (antialiased) so that max(H, W) <= side."""
+    import torch
+
+    t = torch.as_tensor(images, dtype=torch.float32)
+    h, w = t.shape[-2:]
+    if max(h, w) > side:
+        size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+        t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True)
+    return np.round(t.clamp(0.0, 1.0).numpy() * 255.0).astype(np.uint8)
+
+
+def save_examples(path: Any, examples: ExampleImages, side: int = THUMBNAIL_SIDE) -> None:
+    """examples.npz beside a certificate: x and T(x, delta) as uint8 thumbnails (max side `side`),
+    the deltas and the test indices of examples.samples (the certificate holds the rest)."""
+    if examples.samples is None:
+        raise ValueError("save_examples needs the examples' certificate samples")
+    np.savez_compressed(
+        path,
+        x=_thumbnail(examples.x, side),
+        transformed=np.stack([_thumbnail(t, side) for t in examples.transformed]),
+        deltas=np.asarray(examples.deltas, dtype=np.float64),
+        indices=np.asarray([int(s["index"]) for s in examples.samples], dtype=np.int64),
+    )
+
+
+def load_examples(path: Any, samples: Sequence[Mapping[str, Any]]) -> ExampleImages:
+    """ExampleImages from save_examples' file; each image's sample found by index in `samples` (the
+    certificate's). Never unpickles (allow_pickle=False)."""
+    by_index = {int(s["index"]): dict(s) for s in samples}
+    with np.load(path, allow_pickle=False) as data:
+        x = data["x"].astype(np.float32) / 255.0
+        transformed = [t.astype(np.float32) / 255.0 for t in data["transformed"]]
+        deltas = [float(d) for d in data["deltas"]]
+        chosen = [by_index[int(i)] for i in data["indices"]]
+    return ExampleImages(x=x, deltas=deltas, transformed=transformed, samples=chosen)
 
 
 # ----------------------------------------------------------------------------- data extraction
@@ -175,6 +245,50 @@ def figure_accuracy_pca(results: Sequence[Mapping[str, Any]]) -> Figure:
         ax.grid(alpha=0.3)
         if results:
             ax.legend(fontsize="small")
+    return fig
+
+
+def unpruned_reference(results: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The unpruned model of a sweep: the first variant of method vanilla or prune ratio 0."""
+    return next(
+        (r for r in results if str(r["method"]) == "vanilla" or float(r["prune_ratio"]) == 0.0), None
+    )
+
+
+def figure_pareto(results: Sequence[Mapping[str, Any]]) -> Figure:
+    """One panel: x = sparsity (fraction of zero weights: the certificate's, else metrics', else
+    the prune ratio), y = PCA. Each method's pruned variants as a line sorted by sparsity (label =
+    method); the unpruned reference (unpruned_reference) as a horizontal dashed line at its PCA
+    (label 'unpruned (<name>): PCA <v>') and a star at its sparsity. Without one, a note says so."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    ref = unpruned_reference(results)
+    rows = {row["name"]: row for row in summary_rows(results)}
+
+    def point(r: Mapping[str, Any]) -> tuple[float, float]:
+        sparsity = rows[str(r["name"])]["sparsity"]
+        x = float(r["prune_ratio"]) if sparsity is None else float(sparsity)
+        return x, _float_or_nan(r.get("pca"))
+
+    for method in _methods(results):
+        pts = sorted(point(r) for r in results if str(r["method"]) == method and r is not ref)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+    if ref is not None:
+        x, y = point(ref)
+        label = f"unpruned ({ref['name']}): PCA {y:.3f}"
+        ax.axhline(y, color="black", linestyle="--", linewidth=1, label=label)
+        ax.plot([x], [y], marker="*", markersize=12, color="black", linestyle="none")
+    else:
+        ax.text(0.02, 0.04, "no unpruned variant in this job (add method vanilla for a reference)",
+                transform=ax.transAxes, fontsize="small")  # fmt: skip
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sparsity (fraction of zero weights)")
+    ax.set_ylabel("PCA")
+    ax.set_title("PCA vs sparsity: upper right is better")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower left")
     return fig
 
 
@@ -341,10 +455,20 @@ def _to_image(chw: np.ndarray) -> tuple[np.ndarray, dict]:
     return arr.mean(axis=0), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}  # other channel counts: mean
 
 
+CHECK, CROSS = "\u2713", "\u2717"
+
+
+def example_caption(sample: Mapping[str, Any]) -> str:
+    """'label 3, pred 3' and a check 'certified' or a cross 'not certified' on a second line."""
+    mark = f"{CHECK} certified" if sample.get("certified") else f"{CROSS} not certified"
+    return f"label {sample.get('label')}, pred {sample.get('pred')}\n{mark}"
+
+
 def figure_examples(examples: ExampleImages, max_rows: int = 4) -> Figure:
     """Grid: row i = sample i (at most max_rows); column 0 = x (title 'x'), column k + 1 =
     T(x, deltas[k]) (title 'delta=<value>'). 1-channel images in gray with vmin 0 / vmax 1,
-    3-channel as RGB (H, W, 3)."""
+    3-channel as RGB (H, W, 3). With examples.samples, column 0's y label is example_caption
+    (green when certified, red otherwise)."""
     n = min(max_rows, int(np.shape(examples.x)[0]))
     cols = 1 + len(examples.deltas)
     fig = Figure(figsize=(1.6 * cols, 1.7 * max(n, 1)), layout="constrained")
@@ -360,13 +484,19 @@ def figure_examples(examples: ExampleImages, max_rows: int = 4) -> Figure:
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize="small")
+        if examples.samples is not None:
+            sample = examples.samples[i]
+            color = "tab:green" if sample.get("certified") else "tab:red"
+            axes[i][0].set_ylabel(example_caption(sample), fontsize="x-small", color=color)
     return fig
 
 
 def build_figures(results: Sequence[Mapping[str, Any]], examples: Examples = None) -> dict[str, Figure]:
-    """Every figure of the report, keyed by FIGURES name ('examples' only when examples given)."""
+    """Every figure of the report, keyed by FIGURES name ('pareto' only with two results or more,
+    'examples' only when examples given)."""
     figs = {
         "accuracy_pca": figure_accuracy_pca(results),
+        **({"pareto": figure_pareto(results)} if len(results) >= 2 else {}),
         "pca_epsilon": figure_pca_epsilon(results),
         "sparsity": figure_sparsity(results),
         "epsilon": figure_epsilon(results),
@@ -395,9 +525,12 @@ def render_figure_png(
     examples: Examples = None,
     dpi: int = 100,
 ) -> bytes:
-    """PNG of one named figure. Unknown name (or 'examples' without examples) -> ValueError."""
+    """PNG of one named figure. Unknown name (or 'examples' without examples, 'pareto' with fewer
+    than two results) -> ValueError."""
     if name not in FIGURES:
         raise ValueError(f"unknown figure {name!r}; valid: {', '.join(FIGURES)}")
+    if name == "pareto" and len(results) < 2:
+        raise ValueError("no Pareto plot: the job has a single variant (a sweep has several)")
     if name == "examples":
         examples = as_examples(examples)
         if examples is None:
@@ -405,6 +538,7 @@ def render_figure_png(
         return figure_png(figure_examples(examples), dpi)
     builders = {
         "accuracy_pca": figure_accuracy_pca,
+        "pareto": figure_pareto,
         "pca_epsilon": figure_pca_epsilon,
         "sparsity": figure_sparsity,
         "epsilon": figure_epsilon,
@@ -468,8 +602,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def render_pdf(results: Sequence[Mapping[str, Any]], examples: Examples = None) -> bytes:
-    """PDF: page 1 = summary table, then one page per figure of build_figures (5 pages, 6 with
-    examples)."""
+    """PDF: page 1 = summary table, then one page per figure of build_figures (5 pages, one more
+    with a Pareto plot, one more with examples)."""
     buf = io.BytesIO()
     with PdfPages(buf) as pdf:
         pdf.savefig(_summary_figure(results))
@@ -531,8 +665,9 @@ def render_report(
     title: str = "carcert report",
     standalone: bool = True,
 ) -> str:
-    """HTML report with inline base64 PNG figures. Sections (element ids): summary, parameters,
-    accuracy_pca, sparsity, epsilon, margins, examples (a note when there are no examples).
+    """HTML report with inline base64 PNG figures. Sections (element ids): header, summary,
+    parameters, then one per FIGURES name (a note instead of a figure for pareto with a single
+    result and for examples without images; the examples' samples also as a table).
     standalone=False returns only the <div class="carcert-report"> (for embedding in a page)."""
     figs = build_figures(results, examples)
     parts = [f'<div class="carcert-report"><h1>{html.escape(title)}</h1>', _header_section(results)]
@@ -548,7 +683,9 @@ def render_report(
         if name in figs:
             parts.append(_img_tag(figs[name], TITLES[name]))
         else:
-            parts.append("<p>No example images are available for this job.</p>")
+            parts.append(f"<p>{MISSING[name]}</p>")
+        if name == "examples" and figs.get(name) is not None:
+            parts.append(_examples_table(as_examples(examples)))
         parts.append("</section>")
     parts.append("</div>")
     body = "\n".join(parts)
@@ -558,6 +695,31 @@ def render_report(
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>"
     )
+
+
+MISSING = {
+    "pareto": "A single variant: no Pareto plot. Submit a sweep (several methods or prune ratios, "
+    "with vanilla as the unpruned reference) to compare PCA against sparsity.",
+    "examples": "No example images are available for this job.",
+}
+
+
+def _examples_table(examples: ExampleImages | None) -> str:
+    """The example rows as a table: test index, label, prediction, certified (check / cross)."""
+    if examples is None or examples.samples is None:
+        return ""
+    rows = []
+    for s in examples.samples:
+        ok = bool(s.get("certified"))
+        mark = f"{CHECK} certified" if ok else f"{CROSS} not certified"
+        cells = (s.get("index"), s.get("label"), s.get("pred"), mark)
+        rows.append(
+            f'<tr class="example" data-certified="{str(ok).lower()}">'
+            + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+            + "</tr>"
+        )
+    head = "<tr><th>test index</th><th>label</th><th>prediction</th><th>certified</th></tr>"
+    return f'<table class="examples">{head}{"".join(rows)}</table>'
 
 
 def transform_words(t: Mapping[str, Any] | None) -> str:

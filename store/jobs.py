@@ -115,6 +115,12 @@ def get_job(s: Session, tenant: str, job_id: str) -> Job | None:
     return job if job is not None and job.tenant == tenant else None
 
 
+def job_tenant(s: Session, job_id: str) -> str | None:
+    """The tenant owning the job, or None (no such job); for links signed per tenant."""
+    job = s.get(Job, job_id) if is_id(job_id) else None
+    return None if job is None else job.tenant
+
+
 def encode_cursor(job: Job) -> str:
     raw = f"{job.created_at.isoformat()}|{job.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")

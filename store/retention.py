@@ -22,7 +22,7 @@ def _produced_artifact_ids(s: Session, job_id: str) -> set[str]:
     ids: set[str] = set()
     for r in s.scalars(select(JobResult).where(JobResult.job_id == job_id)):
         ids.update(a for a in (r.model_artifact_id, r.mask_artifact_id, r.evidence_artifact_id) if a)
-        for key in ("program_artifact_id", "pt2_artifact_id", "onnx_artifact_id"):  # exports too
+        for key in ("program_artifact_id", "pt2_artifact_id", "onnx_artifact_id", "examples_artifact_id"):
             produced = (r.metrics or {}).get(key)
             if isinstance(produced, str):
                 ids.add(produced)

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0.0, le=120.0)
     # the API's address as clients reach it: webhook events carry absolute links when set
     public_url: str | None = None
+    # HMAC key of the signed, expiring report links (api/report_links.py); None: a random key per
+    # API process (links stop working when it restarts; set it when several API processes serve)
+    report_link_secret: str | None = None
     # finished jobs older than this many days are deleted by the workers' sweep (None: kept)
     retention_days: float | None = Field(default=None, gt=0)
     # job log lines kept per job (GET /jobs/{id}/logs); later lines are counted, not kept

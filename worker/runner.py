@@ -58,6 +58,12 @@ DATABASE_ERRORS = (OperationalError, InterfaceError)  # connection-level: retry,
 log = logging.getLogger("carcert.worker")
 
 ARTIFACT_FILES = (("model.safetensors", "model"), ("mask.safetensors", "mask"), ("evidence.npz", "evidence"))
+# files recorded as metrics[key] = artifact id: the pruned program of a model.program job, and the
+# report's example images (core.report.save_examples)
+LINKED_FILES = (
+    ("model.pt2", "model", "program_artifact_id"),
+    ("examples.npz", "report", "examples_artifact_id"),
+)
 
 
 def new_worker_id() -> str:
@@ -317,12 +323,13 @@ def persist_outputs(
                         )
                         stored_keys.append(art.storage_key)
                         ids[kind] = art.id
-                if (folder / "model.pt2").is_file():  # a model.program job: the pruned program
-                    art = store_artifact(
-                        s, tenant, "model", f"{job_id}-{name}-model.pt2", folder / "model.pt2", store=store
-                    )
-                    stored_keys.append(art.storage_key)
-                    metrics["program_artifact_id"] = art.id
+                for filename, kind, key in LINKED_FILES:
+                    path = folder / filename
+                    if path.is_file():
+                        label = f"{job_id}-{name}-{filename}"
+                        art = store_artifact(s, tenant, kind, label, path, store=store)
+                        stored_keys.append(art.storage_key)
+                        metrics[key] = art.id
                 add_result(
                     s,
                     job_id,

@@ -1,6 +1,6 @@
 """Browser dashboard: GET /ui (job list: status, stage, progress; refreshes every few seconds) and
 GET /ui/jobs/{id} (job status, each variant of a sweep spread over workers with its own progress,
-certificate summary, downloads, the embedded report).
+certificate summary, downloads, a signed report link that opens without a key, the embedded report).
 
 Plain HTML + a small inline script, no build step. The pages themselves hold no data: the script
 calls the JSON API with `Authorization: Bearer <key>`, the key pasted once into the page (or given
@@ -176,10 +176,20 @@ async function showResults(job) {
   }
   box.append(table, el('p', {},
     dl('certificate JSON', '/jobs/' + JOB_ID + '/certificate', JOB_ID + '-certificate.json'), ' ',
-    dl('report PDF', '/jobs/' + JOB_ID + '/report.pdf', JOB_ID + '-report.pdf')));
+    dl('report PDF', '/jobs/' + JOB_ID + '/report.pdf', JOB_ID + '-report.pdf')),
+    el('p', {}, 'Report link: ', el('span', {id: 'share-box'}, '...')));
+  await shareLink();
   const html = {headers: {'Accept': 'text/html'}};
   const rep = await (await api('/jobs/' + JOB_ID + '/report?embed=1', html)).text();
   document.getElementById('report').innerHTML = rep;  // server-rendered, every value escaped
+}
+async function shareLink() {
+  try {
+    const link = await (await api('/jobs/' + JOB_ID + '/report/link', {method: 'POST'})).json();
+    const a = el('a', {id: 'share-link', href: link.url, target: '_blank', rel: 'noreferrer'}, 'open');
+    document.getElementById('share-box').replaceChildren(a, ' (opens without an API key; valid until ',
+      link.expires_at.replace('T', ' ').slice(0, 19) + ' UTC)');
+  } catch (e) { say(e.message); }
 }
 async function refresh() {
   try {

@@ -37,13 +37,13 @@ TINY_SPEC: dict[str, Any] = {
 
 @contextlib.contextmanager
 def serve(
-    tmp: Path, tenants: tuple[str, ...] = ("alice", "bob"), startup_s: float = 60.0
+    tmp: Path, tenants: tuple[str, ...] = ("alice", "bob"), startup_s: float = 60.0, **extra_env: str
 ) -> Iterator[Server]:
     """Fresh database + uvicorn (api_harness.run_server: the API app, which includes the report and
     dashboard routers) on a free port; API keys per tenant in server.keys. The broker is a private
-    SQLite file, so no other test's worker sees our jobs."""
+    SQLite file, so no other test's worker sees our jobs. `extra_env`: further CARCERT_* settings."""
     with fresh_database() as db_url:
-        env = server_env(db_url, tmp, CARCERT_BROKER_URL=f"sqla+sqlite:///{tmp / 'broker.db'}")
+        env = server_env(db_url, tmp, CARCERT_BROKER_URL=f"sqla+sqlite:///{tmp / 'broker.db'}", **extra_env)
         keys = {t: create_key(db_url, t) for t in tenants}
         with run_server(env, tmp / "uvicorn.log", startup_s, keys) as server:
             yield server

@@ -34,12 +34,18 @@ def env(tmp_path_factory):
         )
         queued = queued.json()["id"]
         assert alice.get(f"/jobs/{done}").json()["status"] == "succeeded"
+        # a sweep: the unpruned reference (vanilla) and LMP at two ratios, for the Pareto plot
+        sweep_spec = dict(spec, sweep_methods=["vanilla", "lmp"], sweep_prune_ratios=[0.5, 0.7], name="sweep")
+        sweep = alice.post("/jobs", json=sweep_spec).json()["id"]
+        run_job_to_end(server, sweep, tmp / "runner-sweep.log")
+        assert alice.get(f"/jobs/{sweep}").json()["status"] == "succeeded"
         yield {
             "server": server,
             "alice": alice,
             "bob": server.client("bob"),
             "done": done,
             "queued": queued,
+            "sweep": sweep,
             "tmp": tmp,
         }
         alice.close()
@@ -54,10 +60,11 @@ def test_html_report_has_every_section(env):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
     assert page.startswith("<!doctype html>") and env["done"] in page
-    sections = ("header", "summary", "parameters", "accuracy_pca", "pca_epsilon", "sparsity", "epsilon")
-    for section in (*sections, "margins", "examples"):
+    sections = ("header", "summary", "parameters", "accuracy_pca", "pareto", "pca_epsilon", "sparsity")
+    for section in (*sections, "epsilon", "margins", "examples"):
         assert f'<section id="{section}">' in page
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 6  # digits: examples available
+    assert "A single variant: no Pareto plot" in page
     assert "<th>architecture</th><td>small_cnn</td>" in page and "<th>dataset</th><td>digits</td>" in page
     assert "<th>transform</th><td>brightness at strength 1, with delta drawn uniformly" in page
     assert "{&#x27;kind&#x27;" not in page  # the transform reads as words, not a dict
@@ -77,6 +84,10 @@ def test_png_and_pdf(env):
         r = c.get(f"/jobs/{job}/report.png", params={"figure": figure})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         assert r.content.startswith(b"\x89PNG\r\n\x1a\n")
+    r = c.get(f"/jobs/{job}/report.png", params={"figure": "pareto"})  # one variant: no trade-off
+    assert r.status_code == 404 and "single variant" in r.json()["detail"]
+    r = c.get(f"/jobs/{env['sweep']}/report.png", params={"figure": "pareto"})
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG\r\n\x1a\n")
     r = c.get(f"/jobs/{job}/report.png", params={"figure": "nope"})
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json")
     pdf = c.get(f"/jobs/{job}/report.pdf")
@@ -197,6 +208,13 @@ def test_job_page_in_headless_chromium(env, tmp_path):
     assert f'id="job" class="card" data-id="{env["done"]}" data-status="succeeded"' in html
     assert '<tr class="cert"><td>lmp-0.50</td>' in html  # certificate summary row
     assert '<section id="margins">' in html and 'src="data:image/png;base64,' in html  # embedded report
+    # the signed report link the page offers opens the report without a key
+    link = re.search(r'<a id="share-link" href="([^"]+)"', html)
+    assert link is not None, html[-3000:]
+    url = link.group(1).replace("&amp;", "&")
+    assert f"/shared/jobs/{env['done']}/report?expires=" in url
+    r = httpx.get(url, timeout=60)
+    assert r.status_code == 200 and '<section id="pca_epsilon">' in r.text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package: chromium)")
@@ -223,3 +241,43 @@ def test_report_in_headless_chromium(env, tmp_path):
 def test_dashboard_without_key_asks_for_it(env, tmp_path):
     html = _chromium(tmp_path / "profile", f"{env['server'].url}/ui", "--dump-dom").stdout
     assert "Paste your API key" in html and env["done"] not in html
+
+
+def _example_rows(dom: str) -> list[tuple[str, list[str]]]:
+    rows = re.findall(r'<tr class="example" data-certified="(\w+)">(.*?)</tr>', dom)
+    return [(flag, re.findall(r"<td>(.*?)</td>", cells)) for flag, cells in rows]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package: chromium)")
+def test_sweep_report_in_headless_chromium_has_pareto_and_labelled_examples(env, tmp_path):
+    """The sweep's report through its signed link, as a browser shows it (no API key): every picture
+    decodes, including the Pareto plot, and the example rows name the test samples' labels,
+    predictions and certified marks of the certificate (certified samples first)."""
+    alice, job = env["alice"], env["sweep"]
+    link = alice.post(f"/jobs/{job}/report/link").json()["url"]
+    page = httpx.get(link, timeout=120).text
+    check = (
+        "<script>window.onload = () => { const ok = [...document.images].every(i => i.naturalWidth > 0);"
+        " document.body.setAttribute('data-images', document.images.length + (ok ? ' ok' : ' broken')); };"
+        "</script></body>"
+    )
+    (tmp_path / "report.html").write_text(page.replace("</body>", check))
+    url = (tmp_path / "report.html").as_uri()
+    shot = tmp_path / "report-sweep.png"
+    run = _chromium(tmp_path / "profile", url, f"--screenshot={shot}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    _screenshot_checks(shot)
+    dom = _chromium(tmp_path / "profile2", url, "--dump-dom").stdout
+    assert 'data-images="7 ok"' in dom  # the 5 figures of every report, pareto and examples
+    assert re.search(r'<section id="pareto"><h2>PCA vs sparsity \(Pareto\)</h2>\s*<img alt="PCA vs', dom)
+    certs = alice.get(f"/jobs/{job}/certificate").json()["certificates"]
+    assert sorted(c["name"] for c in certs) == ["lmp-0.50", "lmp-0.70", "vanilla-0.00"]
+    samples = certs[0]["certificate"]["samples"]  # the examples come from the first certificate
+    ordered = [x for x in samples if x["certified"]] + [x for x in samples if not x["certified"]]
+    expected = [
+        ("true" if x["certified"] else "false",
+         [str(x["index"]), str(x["label"]), str(x["pred"]),
+          "\u2713 certified" if x["certified"] else "\u2717 not certified"])
+        for x in ordered[:4]
+    ]  # fmt: skip
+    assert _example_rows(dom) == expected

@@ -230,7 +230,7 @@ def test_pdf_page_count(results, examples, with_examples):
     data = report.render_pdf(results, examples if with_examples else None)
     assert data.startswith(b"%PDF")
     assert data.rstrip().endswith(b"%%EOF")
-    assert _pdf_pages(data) == 1 + 5 + int(with_examples)
+    assert _pdf_pages(data) == 1 + 6 + int(with_examples)  # summary, 5 figures + the sweep's Pareto
 
 
 def test_results_without_certificates_still_render():
@@ -395,3 +395,97 @@ def test_header_names_arch_dataset_transform_and_duration(results):
         r.pop("job_seconds")
         r["metrics"]["seconds"] = 2.0
     assert "<th>duration</th><td>12.0 s</td>" in report.render_report(results)  # 6 variants x 2 s
+
+
+def test_pareto_is_pca_against_each_variants_sparsity_with_the_unpruned_reference(results):
+    (ax,) = report.figure_pareto(results).axes
+    lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    vanilla = next(r for r in results if r["method"] == "vanilla")
+    ref_label = f"unpruned (vanilla-0.00): PCA {vanilla['pca']:.3f}"
+    assert set(lines) == {"car", "lmp", ref_label}
+    for method in ("car", "lmp"):
+        # sparsity = the certificate's model.sparsity (mean of the layers' here), not the prune ratio
+        pts = sorted(
+            (float(np.mean([lay["sparsity"] for lay in r["certificate"]["model"]["layers"]])), r["pca"])
+            for r in results
+            if r["method"] == method
+        )
+        np.testing.assert_allclose(lines[method].get_xdata(), [x for x, _ in pts])
+        np.testing.assert_array_equal(lines[method].get_ydata(), [y for _, y in pts])
+    ref = lines[ref_label]
+    assert list(ref.get_ydata()) == [vanilla["pca"]] * 2 and list(ref.get_xdata()) == [0, 1]  # axhline
+    star = [line for line in ax.lines if line.get_marker() == "*"]
+    assert len(star) == 1 and list(star[0].get_ydata()) == [vanilla["pca"]]
+
+
+def test_pareto_without_an_unpruned_variant_says_so(results):
+    pruned = [r for r in results if r["method"] != "vanilla"]
+    (ax,) = report.figure_pareto(pruned).axes
+    assert any("no unpruned variant" in t.get_text() for t in ax.texts)
+    assert not any(line.get_label().startswith("unpruned") for line in ax.lines)
+
+
+def test_a_single_variant_has_no_pareto_plot_but_a_sentence(results):
+    one = [results[0]]
+    assert "pareto" not in report.build_figures(one)
+    page = report.render_report(one)
+    assert '<section id="pareto">' in page and "A single variant: no Pareto plot" in page
+    with pytest.raises(ValueError, match="single variant"):
+        report.render_figure_png(one, "pareto")
+    assert report.render_figure_png(results, "pareto").startswith(b"\x89PNG")
+
+
+def test_examples_name_label_prediction_and_certified_mark(examples):
+    samples = [
+        {"index": 7, "label": 3, "pred": 3, "certified": True},
+        {"index": 2, "label": 5, "pred": 5, "certified": False},
+        {"index": 9, "label": 1, "pred": 4, "certified": False},
+    ]
+    with_samples = report.ExampleImages(examples.x, examples.deltas, examples.transformed, samples)
+    axes = report.figure_examples(with_samples).axes
+    cols = 1 + len(examples.deltas)
+    first_column = [axes[i * cols] for i in range(3)]
+    assert [ax.get_ylabel() for ax in first_column] == [
+        "label 3, pred 3\n\u2713 certified",
+        "label 5, pred 5\n\u2717 not certified",
+        "label 1, pred 4\n\u2717 not certified",
+    ]
+    assert [ax.yaxis.label.get_color() for ax in first_column] == ["tab:green", "tab:red", "tab:red"]
+    page = report.render_report([], with_samples)
+    rows = re.findall(r'<tr class="example" data-certified="(\w+)">(.*?)</tr>', page)
+    assert [flag for flag, _ in rows] == ["true", "false", "false"]
+    assert [re.findall(r"<td>(.*?)</td>", cells)[:3] for _, cells in rows] == [
+        ["7", "3", "3"], ["2", "5", "5"], ["9", "1", "4"]
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="one certificate sample per example"):
+        report.ExampleImages(examples.x, examples.deltas, examples.transformed, samples[:2])
+
+
+def test_saved_examples_round_trip_as_uint8_thumbnails(tmp_path, examples):
+    certificate_samples = [{"index": i, "label": i % 7, "pred": i % 5, "certified": i > 5} for i in range(9)]
+    samples = [certificate_samples[i] for i in (3, 5, 8)]
+    ex = report.ExampleImages(examples.x, examples.deltas, examples.transformed, samples)
+    report.save_examples(tmp_path / "examples.npz", ex)
+    back = report.load_examples(tmp_path / "examples.npz", certificate_samples)
+    np.testing.assert_array_equal(back.x, np.round(examples.x * 255).astype(np.uint8) / np.float32(255))
+    for got, want in zip(back.transformed, examples.transformed, strict=True):
+        np.testing.assert_allclose(got, want, atol=0.5 / 255 + 1e-7)  # 8x8: kept at full size
+    assert list(back.deltas) == list(examples.deltas)
+    assert back.samples == [certificate_samples[i] for i in (3, 5, 8)]  # found by test index
+
+
+def test_saved_examples_are_scaled_down_to_thumbnails(tmp_path):
+    """A 3 x 300 x 200 image is kept at 96 x 64 (the longer side THUMBNAIL_SIDE), its mean colour
+    unchanged by the antialiased scaling; nothing is unpickled when loading."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(size=(1, 3, 300, 200)).astype(np.float32)
+    ex = report.ExampleImages(x, [1.0], [1.0 - x], [{"index": 0, "label": 1, "pred": 1, "certified": True}])
+    report.save_examples(tmp_path / "e.npz", ex)
+    back = report.load_examples(tmp_path / "e.npz", ex.samples)
+    assert back.x.shape == (1, 3, 96, 64) and back.transformed[0].shape == (1, 3, 96, 64)
+    np.testing.assert_allclose(back.x.mean(axis=(2, 3)), x.mean(axis=(2, 3)), atol=0.01)
+    np.testing.assert_allclose(back.transformed[0].mean(axis=(2, 3)), 1 - x.mean(axis=(2, 3)), atol=0.01)
+    pickled = np.array([object()], dtype=object)
+    np.savez(tmp_path / "bad.npz", x=pickled, transformed=x, deltas=[1.0], indices=[0])
+    with pytest.raises(ValueError, match="pickle"):
+        report.load_examples(tmp_path / "bad.npz", ex.samples)
