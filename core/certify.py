@@ -342,6 +342,14 @@ def _sample_early(run: _Run, seed: int, done: int, pred: np.ndarray, labels: np.
         run.after_group(g1)
 
 
+def _checked_range(sample_range: tuple[int, int] | None, S: int) -> tuple[int, int]:  # noqa: N803
+    """The rows a..b of a shard (default the whole run 0..S), checked to lie within 0..S."""
+    a, b = (0, S) if sample_range is None else (int(sample_range[0]), int(sample_range[1]))
+    if not 0 <= a < b <= S:
+        raise InvalidInput(f"sample range {a}..{b} is not within the {S} samples to certify")
+    return a, b
+
+
 def _clean_rows(fwd: Forward, x: Tensor, a: int, b: int, S: int, bs: int, dev: torch.device  # noqa: N803
                 ) -> Tensor:
     """Clean probabilities of rows a..b, computed in the whole run's batches over rows 0..S (the
@@ -389,9 +397,7 @@ def certify_model(
         raise InvalidInput("no test samples to certify")
     n, l, bs = int(spec.n), int(spec.l), forward_batch(spec.batch_size, x.shape[1:])  # noqa: E741
     params = _params(spec, seed, S)
-    a, b = (0, S) if sample_range is None else (int(sample_range[0]), int(sample_range[1]))
-    if not 0 <= a < b <= S:
-        raise InvalidInput(f"sample range {a}..{b} is not within the {S} samples to certify")
+    a, b = _checked_range(sample_range, S)
     dev = torch.device(device) if device else _model_device(model)
     model.eval().to(dev)
     fwd = prepare_forward(model, tuple(x.shape[1:]), bs, device=dev, precision=params["precision"],
