@@ -95,6 +95,26 @@ class Slots:
         return None
 
 
+class ForwardingContext:
+    """A StageContext over another one: cancel checks and checkpoints go to `ctx` as they are;
+    subclasses map progress (the default forwards it unchanged)."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    def progress(self, stage: str, fraction: float, message: str = "") -> None:
+        self.ctx.progress(stage, fraction, message)
+
+    def should_cancel(self) -> bool:
+        return self.ctx.should_cancel()
+
+    def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
+        self.ctx.save_checkpoint(key, state)
+
+    def load_checkpoint(self, key: str) -> dict[str, Any] | None:
+        return self.ctx.load_checkpoint(key)
+
+
 class ScopedContext:
     """A StageContext view for one variant: checkpoint keys prefixed "<owner>/", progress of its
     stages mapped onto the job's overall fraction (unknown stage names keep the current one)."""

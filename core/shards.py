@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.certify import CertificationResult, summarize
+from core.context import ForwardingContext
 from core.datasets import forward_batch
 from core.errors import InvalidInput
 
@@ -130,23 +131,15 @@ def certify_ranges(spec: Any, x: Any) -> list[tuple[int, int]]:
     return shard_ranges(samples, shard_count(spec, samples), shard_alignment(spec, tuple(x.shape[1:])))
 
 
-class _ShardProgress:
+class _ShardProgress(ForwardingContext):
     """A context whose "certify" progress of rows a..b is reported as a fraction of all S rows."""
 
     def __init__(self, ctx: Any, a: int, b: int, total: int) -> None:
-        self.ctx, self.a, self.b, self.total = ctx, a, b, total
+        super().__init__(ctx)
+        self.a, self.b, self.total = a, b, total
 
     def progress(self, stage: str, fraction: float, message: str = "") -> None:
         self.ctx.progress(stage, (self.a + fraction * (self.b - self.a)) / self.total, message)
-
-    def should_cancel(self) -> bool:
-        return self.ctx.should_cancel()
-
-    def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
-        self.ctx.save_checkpoint(key, state)
-
-    def load_checkpoint(self, key: str) -> dict[str, Any] | None:
-        return self.ctx.load_checkpoint(key)
 
 
 def certify_in_shards(model: Any, x: Any, y: Any, transform: Any, spec: Any, *, seed: int, device: Any,

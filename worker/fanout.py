@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from core.context import ForwardingContext
 from core.pipeline import certify_unit_names, run_job, variant_names
 from core.spec import JobSpec
 from store.db import session_scope
@@ -27,24 +28,16 @@ from worker.queue import dispatch_unit
 log = logging.getLogger("carcert.worker")
 
 
-class _Scaled:
+class _Scaled(ForwardingContext):
     """The parent's context with progress scaled to the shared part's share of the job."""
 
     def __init__(self, ctx: Any, share: float) -> None:
-        self.ctx, self.share = ctx, share
+        super().__init__(ctx)
+        self.share = share
 
     def progress(self, stage: str, fraction: float, message: str = "") -> None:
         if stage != "done":  # the job is not done when its shared part is
             self.ctx.progress(stage, fraction * self.share, message)
-
-    def should_cancel(self) -> bool:
-        return self.ctx.should_cancel()
-
-    def save_checkpoint(self, key: str, state: dict[str, Any]) -> None:
-        self.ctx.save_checkpoint(key, state)
-
-    def load_checkpoint(self, key: str) -> dict[str, Any] | None:
-        return self.ctx.load_checkpoint(key)
 
 
 def unit_names(spec: JobSpec) -> list[str]:
