@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -24,15 +26,20 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
     Async on purpose: creating a Session does no I/O, so it costs no worker-thread hop (a sync
     generator dependency costs two); closing one that holds a connection (rollback + return to
-    the pool) runs in the thread pool."""
+    the pool) runs in the thread pool. The close runs after the response has started: a connection
+    that died meanwhile (database outage; its 503 is already sent) is logged and dropped by the
+    pool, not raised into the server."""
     session = request.app.state.sessionmaker()
     try:
         yield session
     finally:
-        if session.in_transaction():
-            await run_in_threadpool(session.close)
-        else:
-            session.close()
+        try:
+            if session.in_transaction():
+                await run_in_threadpool(session.close)
+            else:
+                session.close()
+        except DBAPIError as exc:
+            logging.getLogger("carcert.api").warning("closing a database session failed: %s", exc)
 
 
 def get_artifact_store(request: Request) -> ArtifactStore:

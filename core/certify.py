@@ -351,11 +351,13 @@ def _checked_range(sample_range: tuple[int, int] | None, S: int) -> tuple[int, i
 
 
 def _clean_rows(fwd: Forward, x: Tensor, a: int, b: int, S: int, bs: int, dev: torch.device  # noqa: N803
-                ) -> Tensor:
-    """Clean probabilities of rows a..b, computed in the whole run's batches over rows 0..S (the
-    batches covering a..b), so each row's result does not depend on where a shard starts."""
+                ) -> tuple[Tensor, Tensor]:
+    """(rows a..b of x on dev, their clean probabilities), computed in the whole run's batches over
+    rows 0..S (the batches covering a..b), so each row's result does not depend on where a shard
+    starts. The rows are read once (a streamed source decodes each certified image once)."""
     c0, c1 = a // bs * bs, min(S, -(-b // bs) * bs)
-    return clean_probabilities(fwd, x[c0:c1].to(dev, torch.float32), bs)[a - c0:b - c0]
+    xc = x[c0:c1].to(dev, torch.float32)
+    return xc[a - c0:b - c0], clean_probabilities(fwd, xc, bs)[a - c0:b - c0]
 
 
 def certify_model(
@@ -403,8 +405,7 @@ def certify_model(
     fwd = prepare_forward(model, tuple(x.shape[1:]), bs, device=dev, precision=params["precision"],
                           work=S * (1 + n * l))
     bs = fwd.batch  # the calibrated batch on large runs (core.calibrate); results do not depend on it
-    p_dev = _clean_rows(fwd, x, a, b, S, bs, dev)
-    xs = x[a:b].to(dev, torch.float32)
+    xs, p_dev = _clean_rows(fwd, x, a, b, S, bs, dev)
     ys = y[a:b].detach().cpu().to(torch.int64)
     S = b - a  # noqa: N806 - from here on, the rows of this run
     if p_dev.shape[1] < 2:

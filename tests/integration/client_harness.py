@@ -50,12 +50,14 @@ def serve(
 
 
 def start_runner(server: Server, job_id: str, log_path: Path) -> subprocess.Popen:
-    """The real worker code for one job (worker.runner.execute_job) in a subprocess."""
+    """The real worker code for one job (worker.runner.execute_job) in a subprocess. No Celery
+    worker listens, so a sweep runs whole in this process (CARCERT_FAN_OUT=0) instead of being
+    spread as unit tasks nobody would take."""
     code = (
         "import sys, torch; torch.set_num_threads(1); from worker.runner import execute_job; "
         "print(execute_job(sys.argv[1]))"
     )
-    env = dict(server.env, OMP_NUM_THREADS="1")
+    env = dict(server.env, OMP_NUM_THREADS="1", CARCERT_FAN_OUT="0")
     with open(log_path, "ab") as logf:
         return subprocess.Popen(
             [sys.executable, "-c", code, job_id],

@@ -299,6 +299,6 @@ def test_results_lost_to_an_outage_at_the_end_are_saved_by_the_next_attempt(
         n_arts = s.execute(
             text("SELECT count(*) FROM artifacts WHERE filename LIKE :p"), {"p": f"{job_id}-%"}
         ).scalar_one()
-    assert n_arts == 3  # model, mask, evidence: none left over from the failed attempt
+    assert n_arts == 4  # model, mask, evidence, examples: none left over from the failed attempt
     # the worker removes the work folder just after committing the final status (then logs)
     wait_for(lambda: not (service_dirs["work"] / job_id).exists(), 30, what="the work folder removed")

@@ -112,7 +112,7 @@ def test_weights_job_and_outputs_travel_through_the_bucket(s3_endpoint, redis_ur
                         o["Key"].removeprefix(PREFIX)
                         for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]
                     } - {weights_key}
-                    assert len(outputs) == 3  # model, mask, evidence
+                    assert len(outputs) == 4  # model, mask, evidence, the report's examples.npz
                     served = {}
                     for what in ("model", "mask"):
                         r = alice.get(f"/jobs/{job_id}/{what}")
