@@ -194,13 +194,40 @@ def request_cancel(s: Session, tenant: str, job_id: str) -> Job | None:
     return job
 
 
+def lease_until(now: datetime) -> datetime:
+    """The expiry of a lease taken or renewed at `now` (settings.lease_seconds later)."""
+    return now + timedelta(seconds=get_settings().lease_seconds)
+
+
+def renew_held(
+    s: Session, model: Any, row_id: str, worker_id: str, stage: str | None, progress: float | None,
+    now: datetime,
+) -> None:
+    """Renew the lease of the running row `row_id` of `model` (Job or JobUnit: the same lease
+    columns) held by `worker_id`, recording stage (first 100 characters) and progress (clamped to
+    [0, 1]) when given. Raises LeaseLost when that worker no longer holds it."""
+    values: dict[str, Any] = {"lease_expires_at": lease_until(now), "updated_at": now}
+    if stage is not None:
+        values["stage"] = stage[:100]
+    if progress is not None:
+        values["progress"] = float(min(max(progress, 0.0), 1.0))
+    res = s.execute(
+        update(model)
+        .where(model.id == row_id, model.lease_owner == worker_id, model.status == "running")
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        raise LeaseLost(row_id)
+
+
 def claim_job(s: Session, job_id: str, worker_id: str) -> Job | None:
     """Atomically take a job: queued (and not cancel-requested), or running with an expired lease.
     One conditional UPDATE, so of two concurrent claims exactly one wins. Sets status running,
     lease_owner, lease_expires_at = now + lease_seconds, attempts += 1. Commits (so the lease is
     visible to every other worker at once). None when the job is not claimable."""
     now = utcnow()
-    lease = now + timedelta(seconds=get_settings().lease_seconds)
+    lease = lease_until(now)
     res = s.execute(
         update(Job)
         .where(
@@ -303,23 +330,7 @@ def update_progress(
 ) -> bool:
     """Record stage/progress (when given) and renew the lease of `worker_id`. Returns
     cancel_requested. Raises LeaseLost when this worker no longer owns the running job."""
-    now = utcnow()
-    values: dict[str, Any] = {
-        "lease_expires_at": now + timedelta(seconds=get_settings().lease_seconds),
-        "updated_at": now,
-    }
-    if stage is not None:
-        values["stage"] = stage[:100]
-    if progress is not None:
-        values["progress"] = float(min(max(progress, 0.0), 1.0))
-    res = s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.status == "running")
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        raise LeaseLost(job_id)
+    renew_held(s, Job, job_id, worker_id, stage, progress, utcnow())
     return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 

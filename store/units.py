@@ -25,16 +25,12 @@ from sqlalchemy.orm import Session
 
 from core.spec import JobSpec
 from core.work import shared_fraction
-from store.jobs import LeaseLost, finish_job
+from store.jobs import LeaseLost, finish_job, lease_until, renew_held
 from store.models import FINAL_STATUSES, Job, JobUnit, utcnow
 from store.settings import get_settings
 
 FANOUT_OWNER = "units"  # the jobs.lease_owner of a job whose units run it
 MERGE_UNIT = "certify"  # a split certification's last unit: claimable once its shards succeeded
-
-
-def _lease_until(now: datetime) -> datetime:
-    return now + timedelta(seconds=get_settings().lease_seconds)
 
 
 def fan_out(s: Session, job_id: str, worker_id: str, names: list[str]) -> list[str]:
@@ -92,7 +88,7 @@ def claim_unit(s: Session, unit_id: str, worker_id: str) -> JobUnit | None:
             live_job,
             or_(JobUnit.name != MERGE_UNIT, ~pending_shards),
         )
-        .values(status="running", lease_owner=worker_id, lease_expires_at=_lease_until(now),
+        .values(status="running", lease_owner=worker_id, lease_expires_at=lease_until(now),
                 attempts=JobUnit.attempts + 1, updated_at=now, started_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -117,19 +113,7 @@ def unit_progress(
     the mean of its units'. Returns whether the unit must stop (job cancel-requested or finished).
     Raises LeaseLost when `worker_id` no longer holds the running unit."""
     now = utcnow()
-    values: dict[str, Any] = {"lease_expires_at": _lease_until(now), "updated_at": now}
-    if stage is not None:
-        values["stage"] = stage[:100]
-    if progress is not None:
-        values["progress"] = float(min(max(progress, 0.0), 1.0))
-    res = s.execute(
-        update(JobUnit)
-        .where(JobUnit.id == unit_id, JobUnit.lease_owner == worker_id, JobUnit.status == "running")
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        raise LeaseLost(unit_id)
+    renew_held(s, JobUnit, unit_id, worker_id, stage, progress, now)
     job_id = s.scalar(select(JobUnit.job_id).where(JobUnit.id == unit_id))
     if progress is not None:
         _job_progress(s, job_id, now)
