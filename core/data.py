@@ -130,6 +130,16 @@ def _check_root(path: Path, allowed_roots: Sequence[Path] | None) -> Path:
     return resolved
 
 
+def _folder_splits(files: dict[str, list[tuple[str, int]]], presplit: bool, seed: int,
+                   source: Callable[[list[tuple[str, int]]], Any]) -> tuple[Any, Any]:
+    """(train, test) of an imagefolder's (file, label) lists, each made by source(items): its own
+    train/ and test/ parts, or a seeded split (`_seeded_split`) of the one "all" part."""
+    if presplit:
+        return source(files["train"]), source(files["test"])
+    tr, te = _seeded_split(len(files["all"]), seed)
+    return tuple(source([files["all"][i] for i in part]) for part in (tr, te))  # type: ignore[return-value]
+
+
 def _seeded_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, test indices), both sorted; test = round(TEST_FRACTION * n) random indices."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -345,11 +355,7 @@ def _imagefolder(root: Path, seed: int, geometry: Geometry | None):
         return (FileImages(root, [f for f, _ in items], size, grey, geometry),
                 torch.tensor([y for _, y in items], dtype=torch.int64))
 
-    if presplit:
-        (trx, try_), (tex, tey) = source(files["train"]), source(files["test"])
-    else:
-        tr, te = _seeded_split(len(files["all"]), seed)
-        (trx, try_), (tex, tey) = (source([files["all"][i] for i in part]) for part in (tr, te))
+    (trx, try_), (tex, tey) = _folder_splits(files, presplit, seed, source)
     return trx, try_, tex, tey, len(classes), {}, classes
 
 
@@ -417,11 +423,7 @@ def _imagefolder_objects(url: str, store: ObjectStore, seed: int, geometry: Geom
         return (ObjectImages(store, loc, names, [listing[f] for f in names], size, grey, geometry),
                 torch.tensor([y for _, y in items], dtype=torch.int64))
 
-    if presplit:
-        (trx, try_), (tex, tey) = source(files["train"]), source(files["test"])
-    else:
-        tr, te = _seeded_split(len(files["all"]), seed)
-        (trx, try_), (tex, tey) = (source([files["all"][i] for i in part]) for part in (tr, te))
+    (trx, try_), (tex, tey) = _folder_splits(files, presplit, seed, source)
     return (trx, try_, tex, tey, len(classes), {}, classes), (None if presplit else seed)
 
 
