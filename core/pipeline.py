@@ -43,6 +43,7 @@ Details:
 from __future__ import annotations
 
 import copy
+import json
 import random
 import time
 from pathlib import Path
@@ -86,7 +87,8 @@ from core.transforms import build_transform, transform_description
 #   evaluate (full test split) -> model.safetensors + mask.safetensors -> metrics.json ->
 #   certify the first `samples` test samples -> certificate.json + evidence.npz.
 # Checkpoint keys of a variant are prefixed "<variant>/"; its finished training is checkpointed
-# under "<variant>/result"; a variant whose folder has certificate.json is not recomputed.
+# under "<variant>/result"; a variant whose folder has certificate.json and the final metrics.json
+# (with "pca", written last) is not recomputed.
 # torch / numpy RNGs are reseeded from spec.seed before every step, so a variant's result does not
 # depend on which other variants ran before it in this process (resume = uninterrupted run).
 
@@ -262,6 +264,17 @@ def run_job(
     return summary
 
 
+def _finished(folder: Path) -> bool:
+    """Whether a variant (or a certify job) in `folder` is complete: certificate.json and the final
+    metrics.json, the one with "pca", written last (a run killed between the certificate and that
+    write is not finished, and certifies again on resume)."""
+    try:
+        return (folder / "certificate.json").is_file() and "pca" in json.loads(
+            (folder / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def _summary_entry(folder: Path) -> dict:
     """The summary's entry of a finished variant: its core.results.VariantResult as a dict."""
     return VariantResult.read(folder).model_dump()
@@ -272,7 +285,7 @@ def _run_certify(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageCon
     folder = out_dir / "certify"
     folder.mkdir(parents=True, exist_ok=True)
     shard = _shard_of(only)
-    if shard is None and (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
+    if shard is None and _finished(folder):
         return {"variants": [_summary_entry(folder)]}
     t0 = time.perf_counter()
     model, shape_info = _build(spec, data, allowed_roots)
@@ -383,7 +396,7 @@ class _PrunePlan:
             unknown = sorted(set(only) - {n for n, _ in self.variants})
             raise InvalidInput(f"no variant(s) {unknown} in this job")
         self.user_weights = spec.model.weights is not None or spec.model.program is not None
-        todo = [(n, v) for n, v in self.variants if not (out_dir / n / "certificate.json").is_file()]
+        todo = [(n, v) for n, v in self.variants if not _finished(out_dir / n)]
         self.pretrain_epochs = spec.pruning.pretrain_epochs
         self.shared = not self.user_weights and self.pretrain_epochs > 0
         self.need_shared = self.shared and (only == [] or any(  # a finished "result" needs none
@@ -507,7 +520,7 @@ def _run_prune(spec: JobSpec, data: DatasetSplit, out_dir: Path, ctx: StageConte
 
     for name, v in plan.variants:
         folder = out_dir / name
-        if (folder / "certificate.json").is_file() and (folder / "metrics.json").is_file():
+        if _finished(folder):
             continue
         check_cancel(ctx, name)
         folder.mkdir(parents=True, exist_ok=True)

@@ -230,6 +230,23 @@ def test_resume_reuses_finished_work(first, tmp_path: Path) -> None:
     assert _body(job / "lmp-0.50" / "certificate.json") == _body(out / "lmp-0.50" / "certificate.json")
 
 
+def test_resume_after_a_kill_between_certificate_and_final_metrics(first, tmp_path: Path) -> None:
+    """A run killed after certificate.json but before metrics.json got its "pca" (the metrics written
+    before certifying): the resumed run is not fooled by the two files and completes the metrics."""
+    out, _, _ = first
+    shutil.copytree(out, tmp_path / "job")
+    job = tmp_path / "job"
+    metrics = json.loads((job / "lmp-0.50" / "metrics.json").read_text())
+    for key in ("pca", "accuracy_cert_subset", "failure_probability", "certify_seconds", "seconds"):
+        metrics.pop(key)
+    (job / "lmp-0.50" / "metrics.json").write_text(json.dumps(metrics))
+    summary, _ = _run(job)
+    entry = next(v for v in summary["variants"] if v["name"] == "lmp-0.50")
+    expected = json.loads((out / "lmp-0.50" / "metrics.json").read_text())["pca"]
+    assert entry["pca"] == expected is not None
+    assert _body(job / "lmp-0.50" / "certificate.json") == _body(out / "lmp-0.50" / "certificate.json")
+
+
 def test_certify_job_matches_prune_certificate(first, tmp_path: Path) -> None:
     out, _, _ = first
     src = out / "lmp-0.50"
