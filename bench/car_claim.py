@@ -58,6 +58,32 @@ def paired_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return m, m - Z95 * se, m + Z95 * se
 
 
+class _RowCache:
+    """The rows scored so far, one JSON file each under <out>/rows/ (with the pruned mask), so a run
+    stopped part-way continues where it stopped when started again with the same arguments."""
+
+    def __init__(self, out: Path) -> None:
+        self.dir = out / "rows"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str, ratio: float, suffix: str) -> Path:
+        return self.dir / f"{name.replace(' ', '_')}-{ratio:g}{suffix}"
+
+    def get(self, name: str, ratio: float) -> dict | None:
+        path = self._path(name, ratio, ".json")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def mask(self, name: str, ratio: float) -> dict | None:
+        path = self._path(name, ratio, ".pt")
+        return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+    def put(self, row: dict, mask: dict | None) -> dict:
+        if mask is not None:
+            torch.save(mask, self._path(row["name"], row["ratio"], ".pt"))
+        self._path(row["name"], row["ratio"], ".json").write_text(json.dumps(row))
+        return row
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="small_cnn")
@@ -147,21 +173,25 @@ def main(argv: list[str] | None = None) -> int:
         print(name, ratio, f"acc {acc:.3f} pca {row['pca']:.3f}", flush=True)
         return row
 
-    rows = [score("vanilla", 0.0, base, None, None, 0.0)]
+    done = _RowCache(a.out)
+    rows = [done.get("vanilla", 0.0) or done.put(score("vanilla", 0.0, base, None, None, 0.0), None)]
     methods = [("lmp", "lmp", car), ("car", "car", car)]
     if not a.no_control:
         methods.append(("car control", "car", car.model_copy(update={"control": "random_sign"})))
     for ratio in a.ratios:
         lmp_mask = None
         for name, method, c in methods:
-            model = copy.deepcopy(base)
-            spec = base_spec.model_copy(
-                update={"method": method, "prune_ratio": ratio, "pretrain_epochs": 0, "car": c}
-            )
-            t0 = time.perf_counter()
-            mask = run_method(method, model, data, t_train, spec, seed=a.seed)
-            lmp_mask = mask if method == "lmp" else lmp_mask
-            rows.append(score(name, ratio, model, mask, lmp_mask, time.perf_counter() - t0))
+            if (row := done.get(name, ratio)) is None:
+                model = copy.deepcopy(base)
+                spec = base_spec.model_copy(
+                    update={"method": method, "prune_ratio": ratio, "pretrain_epochs": 0, "car": c}
+                )
+                t0 = time.perf_counter()
+                mask = run_method(method, model, data, t_train, spec, seed=a.seed)
+                row = done.put(score(name, ratio, model, mask, lmp_mask if method != "lmp" else mask,
+                                     time.perf_counter() - t0), mask)
+            lmp_mask = done.mask("lmp", ratio) if method == "lmp" else lmp_mask
+            rows.append(row)
     command = "python -m bench.car_claim " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = render(a, rows, command, time.perf_counter() - started, car)
     (a.out / "claim.json").write_text(json.dumps({"command": command, "rows": rows}))
