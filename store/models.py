@@ -227,6 +227,9 @@ class JobUnit(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # the Celery queue of the worker that fanned the job out: every (re-)dispatch of the unit goes
+    # there, whichever worker's stale sweep sends it (None: the sender's own queue)
+    queue: Mapped[str | None] = mapped_column(String(200), nullable=True)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -9,7 +9,10 @@ claimed, leased, renewed and finished like a job (claim_unit, unit_progress, fin
 transaction that records the last unit's success also finishes the job (complete_job_if_done, with
 the job row locked so two units finishing together cannot both miss it, nor both do it). A failed
 unit fails the job; a cancel request stops every unit (unit_progress / check_unit report it) and
-settle_cancel finishes the job as cancelled. stale_units() returns the units to dispatch again: queued
+settle_cancel finishes the job as cancelled. Each unit keeps the queue it was fanned out on (that of
+the worker running the job), so it is re-sent there whichever worker's sweep finds it stale (a unit
+of a GPU queue never lands on a CPU worker, and its bytes never depend on which worker swept it).
+stale_units() returns the units to dispatch again: queued
 and untouched for settings.queued_stale_seconds (a lost message) or running with an expired lease (a
 dead worker: only its unit is redone, from its checkpoints); a unit that already used
 settings.max_attempts fails the job.
@@ -33,10 +36,11 @@ FANOUT_OWNER = "units"  # the jobs.lease_owner of a job whose units run it
 MERGE_UNIT = "certify"  # a split certification's last unit: claimable once its shards succeeded
 
 
-def fan_out(s: Session, job_id: str, worker_id: str, names: list[str]) -> list[str]:
-    """Create the job's queued units `names` (in that order; kept if a previous attempt created them)
-    and hand the job's lease from `worker_id` to them. Returns the ids of the units not yet
-    succeeded, to dispatch. Raises LeaseLost when `worker_id` no longer holds the running job."""
+def fan_out(s: Session, job_id: str, worker_id: str, names: list[str], queue: str | None = None
+            ) -> list[tuple[str, str | None]]:
+    """Create the job's queued units `names` on `queue` (in that order; kept if a previous attempt
+    created them) and hand the job's lease from `worker_id` to them. Returns (id, queue) of the units
+    not yet succeeded, to dispatch. Raises LeaseLost when `worker_id` no longer holds the running job."""
     now = utcnow()
     spec = s.scalar(select(Job.spec).where(Job.id == job_id)) or {}
     res = s.execute(
@@ -52,9 +56,14 @@ def fan_out(s: Session, job_id: str, worker_id: str, names: list[str]) -> list[s
     for pos, name in enumerate(names):
         if name not in existing:
             s.add(JobUnit(job_id=job_id, name=name, position=pos, status="queued", progress=0.0, attempts=0,
-                          created_at=now, updated_at=now))
+                          queue=queue, created_at=now, updated_at=now))
     s.flush()
-    return [u.id for u in units_of(s, job_id) if u.status != "succeeded"]
+    return [(u.id, u.queue) for u in units_of(s, job_id) if u.status != "succeeded"]
+
+
+def unit_queue(s: Session, unit_id: str) -> str | None:
+    """The queue unit `unit_id` is dispatched to (None: the sender's settings.queue)."""
+    return s.scalar(select(JobUnit.queue).where(JobUnit.id == unit_id))
 
 
 def units_of(s: Session, job_id: str) -> list[JobUnit]:
@@ -235,10 +244,10 @@ def stop_job(s: Session, job_id: str, status: str, error: dict[str, Any] | None 
     return True
 
 
-def stale_units(s: Session, now: datetime | None = None) -> list[str]:
-    """Ids of units to dispatch again (module docstring). Settles on the way: a fanned-out job with a
-    cancel request becomes cancelled; a unit past settings.max_attempts fails its job. Touches the
-    returned units' updated_at so the next sweep waits again."""
+def stale_units(s: Session, now: datetime | None = None) -> list[tuple[str, str | None]]:
+    """(id, queue) of the units to dispatch again (module docstring). Settles on the way: a
+    fanned-out job with a cancel request becomes cancelled; a unit past settings.max_attempts fails
+    its job. Touches the returned units' updated_at so the next sweep waits again."""
     cfg = get_settings()
     now = now or utcnow()
     for job_id in s.scalars(
@@ -270,11 +279,11 @@ def stale_units(s: Session, now: datetime | None = None) -> list[str]:
             stop_job(s, unit.job_id, "failed", {"title": "Worker lost", "detail": detail})
             continue
         unit.updated_at = now
-        out.append(unit.id)
+        out.append((unit.id, unit.queue))
     s.flush()
     return out
 
 
 __all__ = ["check_unit", "claim_unit", "complete_job_if_done", "fan_out", "FANOUT_OWNER", "finish_unit",
            "job_fraction", "MERGE_UNIT", "release_unit", "renew_unit", "stale_units", "stop_job",
-           "unit_progress", "units_of"]
+           "unit_progress", "unit_queue", "units_of"]

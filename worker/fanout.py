@@ -69,11 +69,11 @@ def start_units(job_id: str, worker_id: str, resolved: JobSpec, job_dir: Path, c
         return "lost"
     try:
         with session_scope() as s:
-            ids = fan_out(s, job_id, worker_id, unit_names(resolved))
+            ids = fan_out(s, job_id, worker_id, unit_names(resolved), queue=ctx.settings.queue)
     except LeaseLost:
         return "lost"
-    for unit_id in ids:
-        dispatch_unit(unit_id)
+    for unit_id, queue in ids:
+        dispatch_unit(unit_id, queue)
     log.info("job %s: shared part done, %d unit(s) dispatched", job_id, len(ids))
     return "fanned-out"
 

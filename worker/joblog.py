@@ -1,9 +1,10 @@
-"""Records a job's own log lines while a worker runs it: every `carcert.*` log record emitted by
-the thread that runs the job, or naming the job's id from another thread (the lease heartbeat, a
-webhook delivery), is kept and written to job_logs (store.joblogs) by flush(), at most
-settings.job_log_max_lines per job (later lines are counted and summed up in one last line).
-The `carcert` logger is set to INFO when it would drop INFO records (a process whose logging is not
-configured), so those lines also reach the process's own handlers."""
+"""Records a job's own log lines while a worker runs it (the whole job, or one of its units):
+every `carcert.*` log record emitted by the thread that runs it, or naming the job's id from another
+thread (the lease heartbeat, a webhook delivery), is kept, prefixed by `prefix` (a unit's variant
+name, so the lines of units running side by side stay apart), and appended to job_logs
+(store.joblogs) by flush(), at most settings.job_log_max_lines per job (later lines are counted and
+summed up in one last line). The `carcert` logger is set to INFO when it would drop INFO records (a
+process whose logging is not configured), so those lines also reach the process's own handlers."""
 
 from __future__ import annotations
 
@@ -13,20 +14,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from store.db import session_scope
-from store.joblogs import append_lines, next_seq
+from store.joblogs import append_lines
 
 LOGGER = "carcert"
 
 
 class JobLogRecorder(logging.Handler):
-    def __init__(self, job_id: str, max_lines: int) -> None:
+    def __init__(self, job_id: str, max_lines: int, prefix: str = "") -> None:
         super().__init__(logging.INFO)
-        self.job_id, self.max_lines = job_id, max_lines
+        self.job_id, self.max_lines, self.prefix = job_id, max_lines, prefix
         self.thread = threading.get_ident()
         self._pending: list[tuple[datetime, str, str]] = []
         self._lock = threading.Lock()
-        self._seq = 1
-        self._kept = 0
+        self.full = False  # the job's log reached max_lines: later lines are only counted
         self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -36,13 +36,12 @@ class JobLogRecorder(logging.Handler):
             return
         if record.thread != self.thread and self.job_id not in message:
             return
-        line = (datetime.fromtimestamp(record.created, UTC), record.levelname, message)
+        line = (datetime.fromtimestamp(record.created, UTC), record.levelname, self.prefix + message)
         with self._lock:
-            if self._kept >= self.max_lines:
+            if self.full:
                 self.dropped += 1
-                return
-            self._kept += 1
-            self._pending.append(line)
+            else:
+                self._pending.append(line)
 
     def flush(self) -> None:
         """Write the lines gathered since the last flush (a database error is logged elsewhere and
@@ -53,16 +52,16 @@ class JobLogRecorder(logging.Handler):
             return
         try:
             with session_scope() as s:
-                append_lines(s, self.job_id, self._seq, lines)
-            self._seq += len(lines)
+                dropped = append_lines(s, self.job_id, lines, self.max_lines)
         except Exception:  # noqa: BLE001
             with self._lock:
                 self._pending = lines + self._pending
+            return
+        if dropped:
+            with self._lock:
+                self.full, self.dropped = True, self.dropped + dropped
 
     def __enter__(self) -> JobLogRecorder:
-        with session_scope() as s:
-            self._seq = next_seq(s, self.job_id)
-        self._kept = self._seq - 1  # earlier attempts' lines count against the bound
         logger = logging.getLogger(LOGGER)
         if logger.getEffectiveLevel() > logging.INFO:  # the job's INFO lines must reach this handler
             logger.setLevel(logging.INFO)
@@ -71,10 +70,12 @@ class JobLogRecorder(logging.Handler):
 
     def __exit__(self, *exc: Any) -> None:
         logging.getLogger(LOGGER).removeHandler(self)
-        if self.dropped:
-            with self._lock:
-                note = (
-                    f"{self.dropped} more log line(s) not kept (CARCERT_JOB_LOG_MAX_LINES={self.max_lines})"
-                )
-                self._pending.append((datetime.now(UTC), "WARNING", note))
         self.flush()
+        if self.dropped:
+            note = (f"{self.prefix}{self.dropped} more log line(s) not kept "
+                    f"(CARCERT_JOB_LOG_MAX_LINES={self.max_lines})")
+            try:
+                with session_scope() as s:
+                    append_lines(s, self.job_id, [(datetime.now(UTC), "WARNING", note)])
+            except Exception:  # noqa: BLE001 - the note is best effort, like every log line
+                pass

@@ -110,18 +110,20 @@ def dispatch(job_id: str, queue: str | None = None, task: str = TASK_NAME) -> bo
         return False
 
 
-def dispatch_unit(unit_id: str) -> bool:
-    """Send the run message of a job unit (store.units); never raises (the stale sweep resends)."""
-    return dispatch(unit_id, task=UNIT_TASK_NAME)
+def dispatch_unit(unit_id: str, queue: str | None = None) -> bool:
+    """Send the run message of a job unit (store.units) to `queue` (the unit's own; None:
+    settings.queue); never raises (the stale sweep resends)."""
+    return dispatch(unit_id, queue=queue, task=UNIT_TASK_NAME)
 
 
 def sweep_stale_units() -> int:
-    """Re-dispatch units never picked up and running units whose lease expired; returns how many."""
+    """Re-dispatch units never picked up and running units whose lease expired, each to its own
+    queue; returns how many."""
     with session_scope() as s:
-        ids = stale_units(s)
-    for unit_id in ids:
-        dispatch_unit(unit_id)
-    return len(ids)
+        units = stale_units(s)
+    for unit_id, queue in units:
+        dispatch_unit(unit_id, queue)
+    return len(units)
 
 
 def sweep_stale_jobs() -> int:

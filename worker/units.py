@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
 from core.pipeline import run_job
 from core.spec import JobSpec
@@ -29,9 +31,11 @@ from store.units import (
     renew_unit,
     stop_job,
     unit_progress,
+    unit_queue,
     units_of,
 )
 from worker.inputs import InputResolver, allowed_roots
+from worker.joblog import JobLogRecorder
 from worker.queue import dispatch_unit
 from worker.runner import (
     DATABASE_ERRORS,
@@ -63,7 +67,8 @@ def execute_unit(unit_id: str, *, worker_id: str | None = None, settings: Settin
     settings = settings or get_settings()
     worker_id = worker_id or new_worker_id()
     if SHUTTING_DOWN.is_set():
-        dispatch_unit(unit_id)
+        with session_scope() as s:
+            dispatch_unit(unit_id, unit_queue(s, unit_id))
         return "released"
     with session_scope() as s:
         unit = claim_unit(s, unit_id, worker_id)
@@ -74,22 +79,31 @@ def execute_unit(unit_id: str, *, worker_id: str | None = None, settings: Settin
         name, job_id, attempt = unit.name, unit.job_id, unit.attempts
         tenant, spec_json = job.tenant, job.spec
     job_dir = Path(settings.work_root).resolve() / job_id
-    log.info("job %s unit %s claimed by %s (attempt %d)", job_id, name, worker_id, attempt)
     ended: list[bool] = []  # set when this unit's transaction finished the job
-    with DbStageContext(job_id, worker_id, job_dir, settings, lease=UnitLease, lease_id=unit_id) as ctx:
-        try:
-            status = _run_unit(unit_id, name, job_id, tenant, spec_json, worker_id, job_dir, ctx, device,
-                               ended)
-        except Exception as exc:
-            status = _unit_failure(exc, unit_id, job_id, worker_id, ctx, settings, ended)
-    if status in ("succeeded", "failed", "cancelled"):
-        log.info("job %s unit %s finished: %s", job_id, name, status)
+    # the unit's lines go to the job's own log (carcert logs), each prefixed by the variant's name
+    with JobLogRecorder(job_id, settings.job_log_max_lines, prefix=f"[{name}] ") as joblog:
+        log.info("job %s unit %s claimed by %s (attempt %d)", job_id, name, worker_id, attempt)
+        with DbStageContext(job_id, worker_id, job_dir, settings, joblog, lease=UnitLease,
+                            lease_id=unit_id) as ctx:
+            try:
+                status = _run_unit(unit_id, name, job_id, tenant, spec_json, worker_id, job_dir, ctx, device,
+                                   ended)
+            except Exception as exc:
+                status = _unit_failure(exc, unit_id, job_id, worker_id, ctx, settings, ended)
+        if status in ("succeeded", "failed", "cancelled"):
+            log.info("job %s unit %s finished: %s", job_id, name, status)
+        if ended:
+            log.info("job %s finished: %s (by unit %s)", job_id, _job_status(job_id), name)
     if ended:  # the job's work folder goes, its webhook is sent (once: only one unit ends the job)
-        log.info("job %s finished by unit %s", job_id, name)
         shutil.rmtree(job_dir, ignore_errors=True)
         if spec_json.get("webhook"):
             deliver_in_background(job_id)
     return status
+
+
+def _job_status(job_id: str) -> str | None:
+    with session_scope() as s:
+        return s.scalar(select(Job.status).where(Job.id == job_id))
 
 
 def _run_unit(unit_id: str, name: str, job_id: str, tenant: str, spec_json: dict[str, Any], worker_id: str,
@@ -129,10 +143,10 @@ def _finish_shard(unit_id: str, job_id: str, worker_id: str) -> str:
             return "lost"
     with session_scope() as s:
         units = units_of(s, job_id)
-        merge = [u.id for u in units if u.name == MERGE_UNIT and u.status == "queued"]
+        merge = [(u.id, u.queue) for u in units if u.name == MERGE_UNIT and u.status == "queued"]
         ready = all(u.status == "succeeded" for u in units if u.name != MERGE_UNIT)
     if merge and ready:
-        dispatch_unit(merge[0])
+        dispatch_unit(*merge[0])
     return "succeeded"
 
 
@@ -144,8 +158,9 @@ def _unit_failure(exc: Exception, unit_id: str, job_id: str, worker_id: str, ctx
     if isinstance(exc, Cancelled) and SHUTTING_DOWN.is_set() and not ctx.cancel_requested:
         with session_scope() as s:
             released = release_unit(s, unit_id, worker_id)
+            queue = unit_queue(s, unit_id)
         if released:
-            dispatch_unit(unit_id)
+            dispatch_unit(unit_id, queue)
         return "released"
     if isinstance(exc, DATABASE_ERRORS):
         log.warning("job %s unit %s: database error, the stale sweep retries it: %s", job_id, unit_id, exc)

@@ -166,11 +166,11 @@ def deliver(job_id: str, settings: Settings | None = None) -> str | None:
 
 def _job_log(job_id: str, level: str, message: str) -> None:
     """One line in the job's own log (the delivery runs after the job's log recorder closed)."""
-    from store.joblogs import append_lines, next_seq
+    from store.joblogs import append_lines
     from store.models import utcnow
 
     with session_scope() as s:
-        append_lines(s, job_id, next_seq(s, job_id), [(utcnow(), level, message)])
+        append_lines(s, job_id, [(utcnow(), level, message)])
 
 
 def _deliver_quietly(job_id: str) -> None:

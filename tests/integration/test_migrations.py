@@ -36,7 +36,7 @@ def _roundtrip(url: str) -> None:
         assert _tables(engine) == set()
         init_db(engine)
         assert _tables(engine) == TABLES == set(Base.metadata.tables)
-        assert _revision(engine) == "0003_units"
+        assert _revision(engine) == "0004_unit_queue"
         with engine.connect() as c:  # the migration creates what the models declare, nothing else
             assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
         init_db(engine)  # idempotent at head

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import uuid
+from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from api.routers.jobs import job_out
 from core.spec import JobSpec
 from store import jobs as repo
 from store.db import session_scope
-from store.models import Job
+from store.joblogs import read_lines
+from store.models import Job, JobUnit, utcnow
 from store.units import units_of
 from tests.integration.service_helpers import TINY_JOB, launch_worker, wait_for
 from worker.queue import dispatch
@@ -118,6 +122,13 @@ def test_sweep_on_two_workers_gives_the_same_certificates(settings_env, referenc
         (n, "succeeded", 1.0, 1) for n in VARIANTS]
     # both workers ran variants (each logs the units it claimed)
     assert all(" unit " in log and "claimed by" in log for log in logs), logs
+    with session_scope() as s:  # carcert logs: the job's own log has every unit's lines, under its name
+        lines = [row.message for row in read_lines(s, job_id, limit=10_000)]
+    for name in VARIANTS:
+        assert any(m.startswith(f"[{name}] job {job_id} unit {name} claimed by") for m in lines), lines
+    end = re.compile(rf"\[(\S+)\] job {job_id} finished: succeeded \(by unit \1\)")
+    ends = [m for m in lines if end.fullmatch(m)]
+    assert len(ends) == 1, lines
 
 
 def test_sweep_survives_a_worker_killed_mid_variant(settings_env, reference, tmp_path) -> None:
@@ -134,7 +145,8 @@ def test_sweep_survives_a_worker_killed_mid_variant(settings_env, reference, tmp
 
         wait_for(victim_mid_variant, 300, interval=0.2, what="the victim inside a variant")
         with session_scope() as s:
-            killed = next(u.name for u in units_of(s, job_id) if tag in (u.lease_owner or ""))
+            killed, stage = next((u.name, u.stage) for u in units_of(s, job_id)
+                                 if tag in (u.lease_owner or ""))
         os.kill(victim.proc.pid, signal.SIGKILL)
         victim.proc.wait(10)
         _wait(job_id, [survivor])
@@ -143,11 +155,44 @@ def test_sweep_survives_a_worker_killed_mid_variant(settings_env, reference, tmp
         for w in workers:
             w.stop()
     for name in VARIANTS:
-        assert after[name] == reference[name], name
+        differ = sorted(k for k in reference[name][0] if after[name][0].get(k) != reference[name][0][k])
+        assert after[name] == reference[name], (name, f"killed {killed} in {stage}", differ)
     with session_scope() as s:
         attempts = {u.name: u.attempts for u in units_of(s, job_id)}
     assert attempts[killed] == 2, attempts  # only the killed variant ran again
-    assert "stale job unit(s)" in survivor.log()  # the survivor's sweep re-sent the dead unit
+    # re-sent by a stale sweep (the survivor's or any other worker's of this database) to the unit's
+    # own queue, where only the survivor listens
+    assert f"unit {killed} claimed by" in survivor.log() and "(attempt 2)" in survivor.log()
+
+
+def test_a_stale_unit_goes_back_to_its_own_queue(settings_env, redis_url) -> None:
+    """Whichever worker's sweep finds a unit whose lease expired, the unit is re-sent to the queue it
+    was fanned out on (else a worker of another queue, another machine class, would run it)."""
+    import redis
+
+    from store.units import claim_unit, fan_out
+    from worker.queue import UNIT_TASK_NAME, sweep_stale_units
+
+    queue = f"scale-own-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        job, _ = repo.create_job(s, "scale-own", JobSpec.model_validate(SWEEP))
+    with session_scope() as s:
+        assert repo.claim_job(s, job.id, "parent")
+        units = fan_out(s, job.id, "parent", VARIANTS, queue=queue)
+    assert [q for _, q in units] == [queue] * len(VARIANTS)
+    dead = units[0][0]
+    with session_scope() as s:
+        assert claim_unit(s, dead, "gone")
+        s.execute(update(JobUnit).where(JobUnit.job_id == job.id).values(
+            lease_expires_at=utcnow() - timedelta(seconds=1), updated_at=utcnow() - timedelta(minutes=1)))
+    broker = redis.Redis.from_url(redis_url)
+    assert sweep_stale_units() >= len(VARIANTS)  # this process's settings.queue is not `queue`
+    sent = [json.loads(m)["headers"] for m in broker.lrange(queue, 0, -1)]
+    assert sorted(h["argsrepr"] for h in sent) == sorted(repr([u]) for u, _ in units)
+    assert {h["task"] for h in sent} == {UNIT_TASK_NAME}
+    broker.delete(queue)
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == job.id).values(status="cancelled", lease_owner=None))
 
 
 def test_cancel_stops_every_unit(settings_env, tmp_path) -> None:
