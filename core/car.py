@@ -276,12 +276,21 @@ def balanced_lambdas(spec: CarSpec, norms: Mapping[str, float]) -> dict[str, flo
     return {k: (lam[k] * g / live[k] if k in live else lam[k]) for k in lam}
 
 
-def init_scores(model: nn.Module, spec: CarSpec, seed: int = 0) -> dict[str, Tensor]:
-    """Algorithm 1 line 2: partial-scaled init with spec.tau, or random (ablation, Table 4)."""
+def init_tau(spec: CarSpec, prune_ratio: float | None) -> float:
+    """The init's tau: spec.tau, capped at the kept fraction 1 - prune_ratio when spec.tau_cap."""
+    if spec.tau_cap and prune_ratio is not None:
+        return min(spec.tau, 1.0 - prune_ratio)
+    return spec.tau
+
+
+def init_scores(model: nn.Module, spec: CarSpec, seed: int = 0, prune_ratio: float | None = None
+                ) -> dict[str, Tensor]:
+    """Algorithm 1 line 2: partial-scaled init with init_tau(spec, prune_ratio), or random
+    (ablation, Table 4)."""
     weights = prunable_weights(model)
     if spec.init == "random":
         return random_init(weights, seed)
-    return partial_scaled_init(weights, spec.tau)
+    return partial_scaled_init(weights, init_tau(spec, prune_ratio))
 
 
 @contextmanager
@@ -504,7 +513,7 @@ def search_mask(
     init. Resumable per epoch through ctx (key `checkpoint_key`). CARCERT_TRAIN_FORM=channels_last
     runs the steps in channels_last (core.trainform)."""
     dev = model_device(model)
-    scores = score_params(init_scores(model, spec, seed), dev)
+    scores = score_params(init_scores(model, spec, seed, prune_ratio), dev)
     opt = mask_optimizer(list(scores.values()), spec.mask_lr, spec.mask_optimizer)
     index = torch.arange(len(x)) if index is None else index
     n_orig = len(x) if n_original is None else int(n_original)

@@ -167,6 +167,12 @@ class CarSpec(_Strict):
         le=1.0,
         description="mask init: the top tau fraction of |weights| per layer start at 1",
     )
+    tau_cap: bool = Field(
+        default=True,
+        description="use min(tau, 1 - prune_ratio): the init's plateau of entries at 1 never holds "
+        "more than the mask keeps (at prune ratio 0.9 and tau 0.3 the search otherwise picks the kept "
+        "10 % among 30 % tied entries by its first steps' noise)",
+    )
     init: Literal["partial_scaled", "random"] = Field(
         default="partial_scaled", description="mask init: magnitude-scaled (partial_scaled) or random"
     )
@@ -244,6 +250,7 @@ class CarSpec(_Strict):
 
 
 PUBLISHED_CAR: dict[str, object] = {
+    "tau_cap": False,
     "lambda_ce": 0.0,
     "ratio_mask": "soft",
     "ratio_rows": "all",

@@ -698,3 +698,22 @@ def test_checkpoint_auto_turns_on_from_64x64_inputs():
     small, large = torch.zeros(2, 3, 28, 28), torch.zeros(2, 3, 64, 64)
     assert not uses_checkpointing(auto, small) and uses_checkpointing(auto, large)
     assert uses_checkpointing(on, small) and not uses_checkpointing(off, large)
+
+
+@pytest.mark.parametrize("ratio, cap, tau_used", [(0.9, True, 0.1), (0.9, False, 0.3), (0.5, True, 0.3),
+                                                  (0.7, True, 0.3)])
+def test_tau_is_capped_at_the_kept_fraction(ratio: float, cap: bool, tau_used: float) -> None:
+    """With tau_cap the init's plateau of entries at 1 holds round(min(tau, 1 - ratio) n) entries per
+    layer, the kept count (so top-k of the init is LMP's mask, no tie left to the search's noise);
+    counted directly on the scores, and the plateau's members are the largest |theta|."""
+    torch.manual_seed(0)
+    net = build_model("small_cnn", 10, 1)
+    spec = CarSpec(tau=0.3, tau_cap=cap)
+    scores = init_scores(net, spec, prune_ratio=ratio)
+    for name, w in prunable_weights(net).items():
+        ones = scores[name].flatten() == 1.0
+        assert int(ones.sum()) == max(1, round(tau_used * w.numel())), name
+        a = w.detach().abs().flatten()
+        assert a[ones].min() >= a[~ones].max(), name
+    assert init_scores(net, CarSpec.published(), prune_ratio=0.9).keys() == scores.keys()
+    assert not CarSpec.published().tau_cap and CarSpec().tau_cap
