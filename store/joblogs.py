@@ -7,9 +7,12 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from store.models import Job, JobLog
+from store.models import JobLog
+
+_RENUMBER_TRIES = 50  # concurrent writers of one job: each retry numbers after the winner's lines
 
 
 def next_seq(s: Session, job_id: str) -> int:
@@ -20,16 +23,23 @@ def next_seq(s: Session, job_id: str) -> int:
 def append_lines(s: Session, job_id: str, lines: list[tuple[datetime, str, str]],
                  max_lines: int | None = None) -> int:
     """Insert (created_at, level, message) lines after the job's last line, keeping the job's log at
-    most `max_lines` lines long (None: no bound); returns how many of `lines` were not kept. The job
-    row is locked first (SELECT ... FOR UPDATE; SQLite serialises writers anyway), so the writers of
-    one job (its units on several workers, a webhook delivery) never give two lines one seq."""
-    s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
-    first = next_seq(s, job_id)
-    keep = len(lines) if max_lines is None else max(0, min(len(lines), max_lines - (first - 1)))
-    for i, (when, level, message) in enumerate(lines[:keep]):
-        s.add(JobLog(job_id=job_id, seq=first + i, created_at=when, level=level[:10], message=message[:2000]))
-    s.flush()
-    return len(lines) - keep
+    most `max_lines` lines long (None: no bound); returns how many of `lines` were not kept. Writers
+    of one job (its units on several workers, a webhook delivery) may take the same next seq: the
+    loser's insert meets the primary key (job_id, seq), is rolled back to a savepoint and numbered
+    again. No lock is taken on the job row, so a writer cut off mid-transaction (a database outage)
+    never blocks the job's progress and lease updates."""
+    for _ in range(_RENUMBER_TRIES):
+        first = next_seq(s, job_id)
+        keep = len(lines) if max_lines is None else max(0, min(len(lines), max_lines - (first - 1)))
+        try:
+            with s.begin_nested():
+                s.add_all(JobLog(job_id=job_id, seq=first + i, created_at=when, level=level[:10],
+                                 message=message[:2000])
+                          for i, (when, level, message) in enumerate(lines[:keep]))
+        except IntegrityError:
+            continue
+        return len(lines) - keep
+    raise RuntimeError(f"job {job_id}: could not number its log lines in {_RENUMBER_TRIES} tries")
 
 
 def read_lines(s: Session, job_id: str, after: int = 0, limit: int = 1000) -> list[JobLog]:
