@@ -188,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 t0 = time.perf_counter()
                 mask = run_method(method, model, data, t_train, spec, seed=a.seed)
-                row = done.put(score(name, ratio, model, mask, lmp_mask if method != "lmp" else mask,
-                                     time.perf_counter() - t0), mask)
-            lmp_mask = done.mask("lmp", ratio) if method == "lmp" else lmp_mask
+                lmp_mask = mask if method == "lmp" else lmp_mask
+                row = done.put(score(name, ratio, model, mask, lmp_mask, time.perf_counter() - t0), mask)
+            elif method == "lmp":  # scored by an earlier run: its mask, for the overlaps
+                lmp_mask = done.mask("lmp", ratio)
             rows.append(row)
     command = "python -m bench.car_claim " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = render(a, rows, command, time.perf_counter() - started, car)

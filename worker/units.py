@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from core.errors import Cancelled, InvalidInput, TrainingDiverged
 from core.pipeline import run_job
 from core.spec import JobSpec
@@ -92,18 +90,13 @@ def execute_unit(unit_id: str, *, worker_id: str | None = None, settings: Settin
                 status = _unit_failure(exc, unit_id, job_id, worker_id, ctx, settings, ended)
         if status in ("succeeded", "failed", "cancelled"):
             log.info("job %s unit %s finished: %s", job_id, name, status)
-        if ended:
-            log.info("job %s finished: %s (by unit %s)", job_id, _job_status(job_id), name)
+        if ended:  # the transaction that ended this unit gave the job the same status
+            log.info("job %s finished: %s (by unit %s)", job_id, status, name)
     if ended:  # the job's work folder goes, its webhook is sent (once: only one unit ends the job)
         shutil.rmtree(job_dir, ignore_errors=True)
         if spec_json.get("webhook"):
             deliver_in_background(job_id)
     return status
-
-
-def _job_status(job_id: str) -> str | None:
-    with session_scope() as s:
-        return s.scalar(select(Job.status).where(Job.id == job_id))
 
 
 def _run_unit(unit_id: str, name: str, job_id: str, tenant: str, spec_json: dict[str, Any], worker_id: str,
