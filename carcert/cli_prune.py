@@ -95,8 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"CAR: rows feeding L_ratio (default {car_default('ratio_rows')})")
     p.add_argument("--ratio-cap", type=float,
                    help=f"CAR: cap on r = Z / (d + eps) in L_ratio (default {car_default('ratio_cap')})")
-    p.add_argument("--search-bn", choices=("frozen", "batch"),
+    p.add_argument("--search-bn", choices=("frozen", "batch", "recalibrate"),
                    help=f"CAR: BatchNorm statistics in the mask search (default {car_default('search_bn')})")
+    p.add_argument("--bn-every", type=int,
+                   help=f"CAR: search steps between BatchNorm re-estimations (--search-bn recalibrate) "
+                        f"(default {car_default('bn_every')})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast in training (CUDA; CPUs with bf16)")
     p.add_argument("--n", type=int, default=100, help="certification: deltas per repeat (default 100)")
     p.add_argument("--l", type=int, default=10, help="certification: repeats (default 10)")
@@ -185,7 +188,7 @@ def build_spec(args: argparse.Namespace):
     if args.amp:
         pruning["amp"] = True
     car_keys = ("tau", "lambda_stab", "lambda_ratio", "lambda_consis", "lambda_l1", "lambda_ce", "mask_lr",
-                "mask_optimizer", "ratio_mask", "ratio_rows", "ratio_cap", "search_bn")
+                "mask_optimizer", "ratio_mask", "ratio_rows", "ratio_cap", "search_bn", "bn_every")
     car = {k: getattr(args, k) for k in car_keys if getattr(args, k) is not None}
     if car:
         pruning["car"] = car

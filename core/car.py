@@ -23,6 +23,8 @@ the paper leaves open by controlled experiments, each against a random-sign cont
 - BatchNorm (CarSpec.search_bn): "frozen" runs the network in eval mode (the pretrained running
   statistics, folded into the preceding conv, `fold_batchnorm`); "batch" lets each masked network
   normalise with its own batch statistics over x and T(x) together (`batch_stat_copy`);
+  "recalibrate" re-estimates the running statistics under the current hard mask C* every
+  CarSpec.bn_every steps and at every epoch start (`recalibrating_network`), folded as "frozen";
 - CarSpec.balance rescales the lambdas so that every term's gradient norm at init is the same;
   CarSpec.control "random_sign" is the control of every experiment (same gradient magnitudes,
   random signs);
@@ -65,6 +67,7 @@ from core.training import (
     model_device,
     pretrain,
     prune_and_finetune,
+    recalibrate_batchnorm,
     run_epochs,
     stream_batches,
 )
@@ -73,6 +76,7 @@ if TYPE_CHECKING:
     from core.data import DatasetSplit
 
 RATIO_EPS = 1e-3
+SEARCH_BN_SAMPLES = 512  # rows per BatchNorm re-estimation of search_bn "recalibrate"
 CHECKPOINT_MIN_PIXELS = 64 * 64  # checkpoint "auto": on from this input size (H * W) up
 
 
@@ -398,6 +402,53 @@ def batch_stat_copy(model: nn.Module) -> nn.Module:
     return net
 
 
+class _HardMasked(nn.Module):
+    """f(x; theta * C) as a module (so core.training.recalibrate_batchnorm can run it): the wrapped
+    model's own BatchNorm layers see the masked network's activations."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor]):
+        super().__init__()
+        self.model, self.masks = model, masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        return masked_forward(self.model, x, self.masks)
+
+
+def recalibrating_network(
+    model: nn.Module, x: Any, *, prune_ratio: float, scope: str, seed: int
+) -> tuple[nn.Module, Callable[[Mapping[str, Tensor]], None]]:
+    """The network a `search_bn="recalibrate"` search runs, and its refresh(scores). `stats` is a
+    frozen copy of `model` whose BatchNorm running statistics refresh re-estimates under the
+    current hard mask C* = topk_mask(scores) (ties by |theta|, as binarization), on the same
+    SEARCH_BN_SAMPLES rows of x every time; the returned network is `stats` with those statistics
+    folded into its (unmasked) weights (`fold_batchnorm`), updated in place. So every mask C the
+    step applies is evaluated as f(x; theta * C) with the statistics of the network the search
+    would deploy now, not of the unpruned one."""
+    stats = copy.deepcopy(model).eval()
+    for p in stats.parameters():
+        p.requires_grad_(False)
+    net, tiebreak = fold_batchnorm(stats), prunable_weights(model)
+
+    def refresh(scores: Mapping[str, Tensor]) -> None:
+        hard = topk_mask({n: s.detach() for n, s in scores.items()}, prune_ratio, scope, tiebreak=tiebreak)
+        with torch.no_grad():
+            recalibrate_batchnorm(_HardMasked(stats, hard), x, max_samples=SEARCH_BN_SAMPLES, seed=seed)
+            stats.eval()
+            if net is not stats:
+                net.load_state_dict(fold_batchnorm(stats).state_dict())
+
+    return net, refresh
+
+
+def search_network(
+    model: nn.Module, x: Any, spec: CarSpec, *, prune_ratio: float, scope: str, seed: int
+) -> tuple[nn.Module, Callable[[Mapping[str, Tensor]], None] | None]:
+    """(network the search runs, refresh(scores) or None) for spec.search_bn (module docstring)."""
+    if spec.search_bn == "recalibrate":
+        return recalibrating_network(model, x, prune_ratio=prune_ratio, scope=scope, seed=seed)
+    return (batch_stat_copy(model) if spec.search_bn == "batch" else fold_batchnorm(model)), None
+
+
 def random_sign_(grads: list[Tensor | None]) -> None:
     """The control of every CAR experiment: g <- |g| * s in place, s = +-1 uniformly (global RNG).
     Same per-entry magnitudes (so the same step sizes under Adam or SGD), no direction."""
@@ -517,7 +568,7 @@ def search_mask(
     opt = mask_optimizer(list(scores.values()), spec.mask_lr, spec.mask_optimizer)
     index = torch.arange(len(x)) if index is None else index
     n_orig = len(x) if n_original is None else int(n_original)
-    done, t_ratio = [0], (transform if spec.lambda_ratio > 0 else None)
+    done, in_epoch, t_ratio = [0], [0], (transform if spec.lambda_ratio > 0 else None)
 
     def batch(idx: Tensor, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         return search_rows(xb, yb, idx, index, n_orig, t_ratio, dev)
@@ -525,6 +576,9 @@ def search_mask(
     def step(item: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         xb, yb, x_t, t_rows = batch(*item)
         xb, x_t = fmt(xb), (None if x_t is None else fmt(x_t))
+        if refresh is not None and in_epoch[0] % spec.bn_every == 0:
+            refresh(scores)  # at every epoch start too, so a resumed search is the same search
+        in_epoch[0] += 1
         loss = car_step(
             net, scores, opt, xb, x_t, spec, prune_ratio=prune_ratio, scope=scope, amp=amp,
             y=yb, t_rows=t_rows, lambdas=lambdas,
@@ -536,9 +590,11 @@ def search_mask(
 
     state, load_state = score_checkpoint(scores, opt)
     with frozen_eval(model):
-        net = batch_stat_copy(model) if spec.search_bn == "batch" else fold_batchnorm(model)
+        net, refresh = search_network(model, x, spec, prune_ratio=prune_ratio, scope=scope, seed=seed)
         lambdas = term_lambdas(spec)
         if spec.balance and len(x) > 0:
+            if refresh is not None:
+                refresh(scores)
             torch.manual_seed(seed)
             xb, yb, x_t, t_rows = batch(*_first_batch(x, y, batch_size, seed))
             parts = car_terms(
@@ -554,7 +610,7 @@ def search_mask(
             run_epochs(
                 len(x), epochs=epochs, batch_size=batch_size, seed=seed, step=step, state=state,
                 load_state=load_state, ctx=ctx, stage=stage, checkpoint_key=checkpoint_key,
-                fetch=stream_batches(x, y, dev),
+                fetch=stream_batches(x, y, dev), on_epoch_end=lambda _: in_epoch.__setitem__(0, 0),
             )  # fmt: skip
     return {n: s.detach() for n, s in scores.items()}
 

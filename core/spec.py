@@ -203,10 +203,16 @@ class CarSpec(_Strict):
         default="hard",
         description="mask under which L_ratio is evaluated: the noisy soft mask C_m or the hard C*",
     )
-    search_bn: Literal["frozen", "batch"] = Field(
+    search_bn: Literal["frozen", "batch", "recalibrate"] = Field(
         default="frozen",
-        description="BatchNorm in the mask search: the pretrained running statistics (frozen) or each "
-        "masked network's own batch statistics over x and T(x) together (batch)",
+        description="BatchNorm in the mask search: the pretrained running statistics (frozen), each "
+        "masked network's own batch statistics over x and T(x) together (batch), or running statistics "
+        "re-estimated under the current hard mask C* every bn_every steps (recalibrate)",
+    )
+    bn_every: int = Field(
+        default=10,
+        ge=1,
+        description="search_bn recalibrate: steps between two re-estimations (and at every epoch start)",
     )
     lambda_ce: float = Field(
         default=1.0,

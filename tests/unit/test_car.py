@@ -352,12 +352,13 @@ def test_search_all_lambdas_zero_is_a_no_op():
     assert all(torch.equal(scores[n], init[n]) for n in init)
 
 
-def test_search_resume_equals_uninterrupted_and_cancel(tmp_path):
+@pytest.mark.parametrize("search_bn", ["frozen", "recalibrate"])
+def test_search_resume_equals_uninterrupted_and_cancel(tmp_path, search_bn):
     d = digits_small()
     x, y = d.train_x[:192], d.train_y[:192]
     net = build_model("small_cnn", 10, 1)
     kw = dict(prune_ratio=0.5, scope="layer", batch_size=64, seed=4)
-    spec = CarSpec.published()
+    spec = CarSpec.published(search_bn=search_bn, bn_every=2)  # 3 steps per epoch: refresh at 0 and 2
     straight = search_mask(net, x, y, brightness, spec, epochs=3, ctx=LocalContext(tmp_path / "a"), **kw)
     ctx = LocalContext(tmp_path / "b")
     search_mask(net, x, y, brightness, spec, epochs=2, ctx=ctx, **kw)
@@ -717,3 +718,76 @@ def test_tau_is_capped_at_the_kept_fraction(ratio: float, cap: bool, tau_used: f
         assert a[ones].min() >= a[~ones].max(), name
     assert init_scores(net, CarSpec.published(), prune_ratio=0.9).keys() == scores.keys()
     assert not CarSpec.published().tau_cap and CarSpec().tau_cap
+
+
+# ------------------------------------------------------------------ search_bn "recalibrate"
+def _random_running_stats(model: nn.Module) -> None:
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.1, 0.1)
+
+
+def test_recalibrating_network_is_the_hard_masked_net_with_its_own_batch_statistics():
+    """After refresh(scores) the search network computes, for every mask C, f(x; theta * C) with the
+    BatchNorm statistics of the hard-masked network theta * topk(scores) (ties by |theta|): checked
+    against a copy pruned in place whose statistics are the mean / unbiased variance of one batch."""
+    from core.car import recalibrating_network
+
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1)
+    _random_running_stats(model)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.rand(200, 1, 8, 8)  # < SEARCH_BN_SAMPLES rows, < one forward batch: one batch of all 200
+    scores = {n: torch.rand_like(w) for n, w in prunable_weights(model).items()}
+    hard = topk_mask(scores, 0.8, tiebreak=prunable_weights(model))
+
+    ref = copy.deepcopy(model)
+    apply_masks_(ref, hard)
+    for mod in ref.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None
+    ref.train()
+    with torch.no_grad():
+        ref(x)
+    ref.eval()
+    unpruned_new_stats = copy.deepcopy(model).eval()
+    unpruned_new_stats.load_state_dict({**model.state_dict(), **{
+        k: v for k, v in ref.state_dict().items() if "running" in k or "num_batches" in k}})
+
+    net, refresh = recalibrating_network(model, x, prune_ratio=0.8, scope="layer", seed=0)
+    probe = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        stale = masked_forward(net, probe, hard)
+        refresh(scores)
+        got = masked_forward(net, probe, hard)
+        soft = masked_forward(net, probe, scores)
+        torch.testing.assert_close(got, ref(probe), rtol=1e-4, atol=1e-5)
+        want_soft = masked_forward(unpruned_new_stats, probe, scores)
+        torch.testing.assert_close(soft, want_soft, rtol=1e-4, atol=1e-5)
+    assert (stale - got).abs().max() > 1e-2  # the statistics did change
+    for k, v in model.state_dict().items():  # the model itself is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_recalibrate_search_refreshes_every_bn_every_steps_and_at_each_epoch_start(monkeypatch):
+    import core.car as car
+
+    d = digits_small()
+    x, y = d.train_x[:192], d.train_y[:192]  # batch 64: 3 steps per epoch
+    calls = []
+    real = car.recalibrate_batchnorm
+    monkeypatch.setattr(car, "recalibrate_batchnorm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = build_model("small_cnn", 10, 1)
+    for every, per_epoch in ((2, 2), (1, 3), (5, 1)):
+        calls.clear()
+        spec = CarSpec(search_bn="recalibrate", bn_every=every)
+        search_mask(net, x, y, brightness, spec, prune_ratio=0.7, epochs=2, batch_size=64, seed=0)
+        assert len(calls) == 2 * per_epoch, every
+    calls.clear()
+    search_mask(net, x, y, brightness, CarSpec(), prune_ratio=0.7, epochs=1, batch_size=64, seed=0)
+    assert calls == []  # frozen: never

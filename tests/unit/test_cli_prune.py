@@ -196,14 +196,15 @@ def test_build_spec_maps_options() -> None:
                             "--finetune-epochs", "5", "--lambda-ratio", "0", "--tau", "0.2", "--n", "7",
                             "--seed", "4", "--scope", "global", "--mask-lr", "0.002",
                             "--mask-optimizer", "sgd", "--ratio-mask", "soft", "--search-bn", "batch",
-                            "--lambda-ce", "0", "--ratio-rows", "all", "--ratio-cap", "3", "--amp"))
+                            "--lambda-ce", "0", "--ratio-rows", "all", "--ratio-cap", "3", "--amp",
+                            "--bn-every", "7"))
     assert spec.pruning.method == "car" and spec.pruning.prune_ratio == 0.7 and spec.pruning.scope == "global"
     p = spec.pruning
     assert (p.pretrain_epochs, p.search_epochs, p.finetune_epochs) == (3, 3, 5)
     assert spec.pruning.car.lambda_ratio == 0.0 and spec.pruning.car.tau == 0.2
     c = spec.pruning.car
     assert (c.mask_lr, c.mask_optimizer, c.ratio_mask, c.search_bn) == (0.002, "sgd", "soft", "batch")
-    assert (c.lambda_ce, c.ratio_rows, c.ratio_cap) == (0.0, "all", 3.0)
+    assert (c.lambda_ce, c.ratio_rows, c.ratio_cap, c.bn_every) == (0.0, "all", 3.0, 7)
     d = build_spec(_args("--dataset", "digits")).pruning.car  # the product defaults (core.spec.CarSpec)
     defaults = (d.lambda_ce, d.ratio_mask, d.ratio_rows, d.ratio_cap, d.mask_lr)
     assert defaults == (1.0, "hard", "correct", 10.0, 0.001)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.car import fold_batchnorm
+from core.car import fold_batchnorm, recalibrating_network
 from core.errors import ProgramError, WeightsError
 from core.masking import apply_masks_, masked_forward, prunable_weights, topk_mask
 from core.program import check_classifier, export_program, load_program_model, read_program
@@ -105,6 +105,25 @@ def test_batchnorm_re_estimation_and_folding(tmp_path: Path) -> None:
     assert torch.allclose(
         masked_forward(folded, x[:20], masks), masked_forward(prog.eval(), x[:20], masks), atol=1e-4
     )
+
+
+def test_recalibrating_search_network_of_a_program_matches_the_original(tmp_path: Path) -> None:
+    """CAR's search_bn "recalibrate" on a program: the same statistics and function as on the
+    original module (fold, hard-masked re-estimation, refresh in place)."""
+    net = _trained_stats(TwoHeadGroupNet(dropout=0.0))
+    prog = load_program_model(export(copy.deepcopy(net), tmp_path / "n.pt2", "eval"))
+    x = torch.rand(300, 1, 8, 8)
+    scores = {k: torch.rand_like(w) for k, w in prunable_weights(net).items()}
+    hard = topk_mask(scores, 0.6)
+    outs = []
+    for model in (net, prog):
+        search_net, refresh = recalibrating_network(model, x, prune_ratio=0.6, scope="layer", seed=1)
+        with torch.no_grad():
+            before = masked_forward(search_net, x[:20], hard)
+            refresh(scores)
+            outs.append(masked_forward(search_net, x[:20], hard))
+        assert (outs[-1] - before).abs().max() > 1e-3
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 
 def test_export_and_weights(tmp_path: Path) -> None:
