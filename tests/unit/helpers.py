@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -17,3 +18,15 @@ def one_thread():
 def brightness(x, delta, index=None):
     """A semantic transform T(x, delta) = x (1 - delta / 2) (the signature core.transforms uses)."""
     return x * (1 - 0.5 * delta.view(-1, 1, 1, 1))
+
+
+def random_bn_stats(model: nn.Module, spread: float = 0.2) -> nn.Module:
+    """Non-trivial BatchNorm running statistics and affine parameters (not the init values)."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-spread, spread)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-spread / 2, spread / 2)
+    return model

@@ -35,7 +35,7 @@ from core.masking import apply_masks_, masked_forward, partial_scaled_init, prun
 from core.models import build_model
 from core.spec import CarSpec, PruningSpec
 from core.training import evaluate, train_epochs
-from tests.unit.helpers import brightness, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from tests.unit.helpers import brightness, one_thread, random_bn_stats  # noqa: F401 (one_thread: autouse fixture)
 
 TERMS = ("stab", "ratio", "consis", "l1")
 
@@ -408,14 +408,7 @@ def test_search_nan_raises_training_diverged_and_writes_nothing(tmp_path):
 
 def test_fold_batchnorm_is_the_same_masked_function():
     torch.manual_seed(0)
-    model = build_model("resnet18", 10, 1)
-    with torch.no_grad():  # non-trivial running statistics and affine parameters
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.1, 0.1)
+    model = random_bn_stats(build_model("resnet18", 10, 1))
     x = torch.rand(3, 1, 8, 8)
     scores = partial_scaled_init(prunable_weights(model), 0.3)
     from core.car import fold_batchnorm, frozen_eval
@@ -721,16 +714,6 @@ def test_tau_is_capped_at_the_kept_fraction(ratio: float, cap: bool, tau_used: f
 
 
 # ------------------------------------------------------------------ search_bn "recalibrate"
-def _random_running_stats(model: nn.Module) -> None:
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.1, 0.1)
-
-
 def test_recalibrating_network_is_the_hard_masked_net_with_its_own_batch_statistics():
     """After refresh(scores) the search network computes, for every mask C, f(x; theta * C) with the
     BatchNorm statistics of the hard-masked network theta * topk(scores) (ties by |theta|): checked
@@ -738,8 +721,7 @@ def test_recalibrating_network_is_the_hard_masked_net_with_its_own_batch_statist
     from core.car import recalibrating_network
 
     torch.manual_seed(0)
-    model = build_model("small_cnn", 10, 1)
-    _random_running_stats(model)
+    model = random_bn_stats(build_model("small_cnn", 10, 1))
     before = copy.deepcopy(model.state_dict())
     x = torch.rand(200, 1, 8, 8)  # < SEARCH_BN_SAMPLES rows, < one forward batch: one batch of all 200
     scores = {n: torch.rand_like(w) for n, w in prunable_weights(model).items()}

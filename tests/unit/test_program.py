@@ -21,6 +21,7 @@ from core.masking import apply_masks_, masked_forward, prunable_weights, topk_ma
 from core.program import check_classifier, export_program, load_program_model, read_program
 from core.training import recalibrate_batchnorm
 from tests.programs import TwoHeadGroupNet, export, torchvision_new_head
+from tests.unit.helpers import random_bn_stats
 
 
 def _conv_linear_weights(net: nn.Module) -> list[str]:
@@ -30,14 +31,7 @@ def _conv_linear_weights(net: nn.Module) -> list[str]:
 
 def _trained_stats(net: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine parameters (not the init values)."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-    return net
+    return random_bn_stats(net, spread=0.5)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
