@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"CAR: rows feeding L_ratio (default {car_default('ratio_rows')})")
     p.add_argument("--ratio-cap", type=float,
                    help=f"CAR: cap on r = Z / (d + eps) in L_ratio (default {car_default('ratio_cap')})")
-    p.add_argument("--search-bn", choices=("frozen", "batch", "recalibrate"),
+    p.add_argument("--search-bn", choices=("auto", "frozen", "batch", "recalibrate"),
                    help=f"CAR: BatchNorm statistics in the mask search (default {car_default('search_bn')})")
     p.add_argument("--bn-every", type=int,
                    help=f"CAR: search steps between BatchNorm re-estimations (--search-bn recalibrate) "

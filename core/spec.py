@@ -203,11 +203,12 @@ class CarSpec(_Strict):
         default="hard",
         description="mask under which L_ratio is evaluated: the noisy soft mask C_m or the hard C*",
     )
-    search_bn: Literal["frozen", "batch", "recalibrate"] = Field(
-        default="frozen",
+    search_bn: Literal["auto", "frozen", "batch", "recalibrate"] = Field(
+        default="auto",
         description="BatchNorm in the mask search: the pretrained running statistics (frozen), each "
-        "masked network's own batch statistics over x and T(x) together (batch), or running statistics "
-        "re-estimated under the current hard mask C* every bn_every steps (recalibrate)",
+        "masked network's own batch statistics over x and T(x) together (batch), running statistics "
+        "re-estimated under the current hard mask C* every bn_every steps (recalibrate), or auto: "
+        "recalibrate from prune ratio 0.8 up, frozen below (what won each side, bench/RESULTS.md)",
     )
     bn_every: int = Field(
         default=10,

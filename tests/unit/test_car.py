@@ -770,6 +770,12 @@ def test_recalibrate_search_refreshes_every_bn_every_steps_and_at_each_epoch_sta
         spec = CarSpec(search_bn="recalibrate", bn_every=every)
         search_mask(net, x, y, brightness, spec, prune_ratio=0.7, epochs=2, batch_size=64, seed=0)
         assert len(calls) == 2 * per_epoch, every
-    calls.clear()
-    search_mask(net, x, y, brightness, CarSpec(), prune_ratio=0.7, epochs=1, batch_size=64, seed=0)
-    assert calls == []  # frozen: never
+    for spec, ratio, n_calls in (
+        (CarSpec(), 0.7, 0),  # auto below 0.8: frozen, never
+        (CarSpec(search_bn="frozen"), 0.9, 0),
+        (CarSpec(), 0.9, 1),  # auto from 0.8 up: recalibrate (bn_every 10 > 3 steps: at the epoch start)
+        (CarSpec(search_bn="recalibrate"), 0.5, 1),
+    ):
+        calls.clear()
+        search_mask(net, x, y, brightness, spec, prune_ratio=ratio, epochs=1, batch_size=64, seed=0)
+        assert len(calls) == n_calls, (spec.search_bn, ratio)
