@@ -97,9 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"CAR: cap on r = Z / (d + eps) in L_ratio (default {car_default('ratio_cap')})")
     p.add_argument("--search-bn", choices=("auto", "frozen", "batch", "recalibrate"),
                    help=f"CAR: BatchNorm statistics in the mask search (default {car_default('search_bn')})")
-    p.add_argument("--bn-every", type=int,
-                   help=f"CAR: search steps between BatchNorm re-estimations (--search-bn recalibrate) "
-                        f"(default {car_default('bn_every')})")
+    p.add_argument("--bn-every", type=int, help=f"CAR: BN re-estimation period ({car_default('bn_every')})")
     p.add_argument("--amp", action="store_true", help="bf16 autocast in training (CUDA; CPUs with bf16)")
     p.add_argument("--n", type=int, default=100, help="certification: deltas per repeat (default 100)")
     p.add_argument("--l", type=int, default=10, help="certification: repeats (default 10)")
