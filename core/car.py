@@ -26,7 +26,8 @@ the paper leaves open by controlled experiments, each against a random-sign cont
   "recalibrate" re-estimates the running statistics under the current hard mask C* every
   CarSpec.bn_every steps and at every epoch start (`recalibrating_network`), folded as "frozen";
   "auto" (default) is "recalibrate" from prune ratio 0.8 up and "frozen" below: on resnet18 / digits
-  recalibration won at pr 0.9 (+9.3 PCA points over LMP, frozen -13.3) and lost at pr 0.7;
+  recalibration won at pr 0.9 (+9.3 PCA points over LMP, frozen -24.7 on the same model) and lost
+  at pr 0.7 (-5.3, frozen +0.3);
 - CarSpec.balance rescales the lambdas so that every term's gradient norm at init is the same;
   CarSpec.control "random_sign" is the control of every experiment (same gradient magnitudes,
   random signs);
