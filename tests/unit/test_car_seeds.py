@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from bench.car_seeds import aggregate, main, t_interval
+from bench.car_seeds import aggregate, main, render, t_interval
 
 
 def _row(name: str, ratio: float, certified: list[int], acc: float = 0.9) -> dict:
@@ -84,3 +84,19 @@ def test_a_tiny_run_shares_each_seeds_pretraining_with_its_variant(tmp_path) -> 
         ("car frozen", 0.5),
     }
     assert "| car frozen | 0.5 |" in (out / "seeds.md").read_text()
+
+
+def test_render_compares_variants_with_the_default_seed_by_seed() -> None:
+    rng = np.random.default_rng(1)
+    per_seed, gaps = {}, []
+    for seed in range(5):
+        lmp, car, frozen = (rng.integers(0, 2, 40).astype(bool).tolist() for _ in range(3))
+        per_seed[seed] = [_row("lmp", 0.9, lmp), _row("car", 0.9, car), _row("car frozen", 0.9, frozen)]
+        gaps.append(np.mean(np.array(frozen, float) - np.array(car, float)))
+    ci = stats.ttest_1samp(gaps, 0.0).confidence_interval(0.95)
+    want = f"{100 * np.mean(gaps):+.1f} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}] |"
+    table = render(aggregate(per_seed), list(range(5)), "cmd", "setting")
+    (frozen_line,) = [line for line in table.splitlines() if line.startswith("| car frozen |")]
+    assert frozen_line.endswith(want)
+    (car_line,) = [line for line in table.splitlines() if line.startswith("| car |")]
+    assert car_line.endswith("| - |")
