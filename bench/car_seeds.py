@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         "seed's model, at ratios r1, r2, ... (default: --ratios)",
     )
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--machine", default="not stated", help="the machine, for the RESULTS.md section")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to write the section into")
     ap.add_argument("--section", default=None, help="heading of the RESULTS.md section (### ...)")
     return ap.parse_known_args(argv)
@@ -125,12 +126,16 @@ def _ci(diffs: list[float]) -> str:
     return f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
-def render(entries: list[dict], seeds: list[int], command: str, setting: str) -> str:
+def render(
+    entries: list[dict], seeds: list[int], command: str, setting: str, machine: str = "not stated"
+) -> str:
     """The table: for CAR's control and variants ('car <name>') also the per-seed PCA difference to
     CAR with the defaults ('car'), whose per-seed differences to LMP they share the LMP term with."""
     default = {e["ratio"]: e for e in entries if e["name"] == "car"}
     lines = [
         f"Command: `{command}`",
+        "",
+        f"Machine: {machine}.",
         "",
         f"Setting: {setting}; seeds {', '.join(map(str, seeds))} (each seed: its own pretraining, search "
         "and certification draws).",
@@ -159,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = {s: run_seed(a, rest, s) for s in a.seeds}
     entries = aggregate(per_seed)
     command = "python -m bench.car_seeds " + shlex.join(argv if argv is not None else sys.argv[1:])
-    setting = " ".join(rest) or "bench.car_claim defaults (small_cnn, digits, rotation 1.5)"
-    body = render(entries, a.seeds, command, setting)
+    setting = (
+        " ".join(rest)
+        or "bench.car_claim defaults (small_cnn, digits, rotation 1.5, epochs 15 / 8 / 4, 300 samples)"
+    )
+    body = render(entries, a.seeds, command, setting, a.machine)
     (a.out / "seeds.json").write_text(json.dumps({"command": command, "entries": entries}))
     (a.out / "seeds.md").write_text(body)
     print(body)
