@@ -195,12 +195,24 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     command = "python -m bench.car_claim " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = render(a, rows, command, time.perf_counter() - started, car)
-    (a.out / "claim.json").write_text(json.dumps({"command": command, "rows": rows}))
-    (a.out / "claim.md").write_text(body)
-    print(body)
-    if a.results is not None:
-        update_section(a.results, a.section or f"CAR claim: {a.arch}, {a.dataset}", body)
+    publish(
+        a.out / "claim",
+        {"command": command, "rows": rows},
+        body,
+        a.results,
+        a.section or f"CAR claim: {a.arch}, {a.dataset}",
+    )
     return 0
+
+
+def publish(stem: Path, payload: dict, body: str, results: Path | None, heading: str) -> None:
+    """<stem>.json (the numbers), <stem>.md (the table), printed, and the `### heading` section of
+    `results` when given."""
+    stem.with_suffix(".json").write_text(json.dumps(payload))
+    stem.with_suffix(".md").write_text(body)
+    print(body)
+    if results is not None:
+        update_section(results, heading, body)
 
 
 def render(a: argparse.Namespace, rows: list[dict], command: str, seconds: float, car: CarSpec) -> str:

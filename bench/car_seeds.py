@@ -29,7 +29,7 @@ import numpy as np
 from scipy import stats
 
 from bench import car_claim
-from bench.car_claim import update_section
+from bench.car_claim import publish
 
 DEFAULT = "default"
 
@@ -169,11 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         or "bench.car_claim defaults (small_cnn, digits, rotation 1.5, epochs 15 / 8 / 4, 300 samples)"
     )
     body = render(entries, a.seeds, command, setting, a.machine)
-    (a.out / "seeds.json").write_text(json.dumps({"command": command, "entries": entries}))
-    (a.out / "seeds.md").write_text(body)
-    print(body)
-    if a.results is not None:
-        update_section(a.results, a.section or f"CAR over seeds: {setting}", body)
+    payload = {"command": command, "entries": entries}
+    publish(a.out / "seeds", payload, body, a.results, a.section or f"CAR over seeds: {setting}")
     return 0
 
 
