@@ -457,9 +457,10 @@ def search_network(
     model: nn.Module, x: Any, spec: CarSpec, *, prune_ratio: float, scope: str, seed: int
 ) -> tuple[nn.Module, Callable[[Mapping[str, Tensor]], None] | None]:
     """(network the search runs, refresh(scores) or None) for spec.search_bn (module docstring)."""
-    if resolved_search_bn(spec, prune_ratio) == "recalibrate":
+    mode = resolved_search_bn(spec, prune_ratio)
+    if mode == "recalibrate":
         return recalibrating_network(model, x, prune_ratio=prune_ratio, scope=scope, seed=seed)
-    return (batch_stat_copy(model) if spec.search_bn == "batch" else fold_batchnorm(model)), None
+    return (batch_stat_copy(model) if mode == "batch" else fold_batchnorm(model)), None
 
 
 def random_sign_(grads: list[Tensor | None]) -> None:
