@@ -35,7 +35,7 @@ DEFAULT = "default"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.7])
     ap.add_argument(
@@ -49,7 +49,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--machine", default="not stated", help="the machine, for the RESULTS.md section")
     ap.add_argument("--results", type=Path, default=None, help="RESULTS.md to write the section into")
     ap.add_argument("--section", default=None, help="heading of the RESULTS.md section (### ...)")
-    return ap.parse_known_args(argv)
+    a, rest = ap.parse_known_args(argv)
+    if any(arg == "--seed" or arg.startswith("--seed=") for arg in rest):
+        ap.error("--seed would give every run the same seed: list the seeds with --seeds")
+    return a, rest
 
 
 def _share_pretraining(src: Path, dst: Path) -> None:

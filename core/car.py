@@ -61,7 +61,7 @@ from core.masking import (
     topk_mask,
 )
 from core.preprocess import copy_normalize
-from core.spec import CarSpec, PruningSpec
+from core.spec import SEARCH_BN_RECALIBRATE_FROM, CarSpec, PruningSpec
 from core.trainform import channels_last_steps
 from core.training import (
     augment_with_transform,
@@ -80,7 +80,6 @@ if TYPE_CHECKING:
     from core.data import DatasetSplit
 
 RATIO_EPS = 1e-3
-RECALIBRATE_FROM = 0.8  # search_bn "auto": recalibrate from this prune ratio up, frozen below
 SEARCH_BN_SAMPLES = 512  # rows per BatchNorm re-estimation of search_bn "recalibrate"
 CHECKPOINT_MIN_PIXELS = 64 * 64  # checkpoint "auto": on from this input size (H * W) up
 
@@ -446,11 +445,11 @@ def recalibrating_network(
 
 
 def resolved_search_bn(spec: CarSpec, prune_ratio: float) -> str:
-    """spec.search_bn with "auto" resolved: "recalibrate" when prune_ratio >= RECALIBRATE_FROM (the
-    pretrained statistics fit the pruned network worst there), else "frozen"."""
+    """spec.search_bn with "auto" resolved: "recalibrate" when prune_ratio >= SEARCH_BN_RECALIBRATE_FROM
+    (the pretrained statistics fit the pruned network worst there), else "frozen"."""
     if spec.search_bn != "auto":
         return spec.search_bn
-    return "recalibrate" if prune_ratio >= RECALIBRATE_FROM else "frozen"
+    return "recalibrate" if prune_ratio >= SEARCH_BN_RECALIBRATE_FROM else "frozen"
 
 
 def search_network(

@@ -39,6 +39,7 @@ PathRef = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_p
 
 # Job labels {key: value}: keys like Kubernetes label names (letters, digits, '.', '_', '-', '/';
 # no ':' since `GET /jobs?label=k:v` splits there), values any printable text.
+SEARCH_BN_RECALIBRATE_FROM = 0.8  # CarSpec.search_bn "auto": recalibrate from this prune ratio up
 MAX_LABELS = 20
 LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 MAX_LABEL_VALUE = 200
@@ -208,7 +209,8 @@ class CarSpec(_Strict):
         description="BatchNorm in the mask search: the pretrained running statistics (frozen), each "
         "masked network's own batch statistics over x and T(x) together (batch), running statistics "
         "re-estimated under the current hard mask C* every bn_every steps (recalibrate), or auto: "
-        "recalibrate from prune ratio 0.8 up, frozen below (what won each side, bench/RESULTS.md)",
+        f"recalibrate from prune ratio {SEARCH_BN_RECALIBRATE_FROM:g} up, frozen below (what won each side, "
+        "bench/RESULTS.md)",
     )
     bn_every: int = Field(
         default=10,

@@ -779,3 +779,15 @@ def test_recalibrate_search_refreshes_every_bn_every_steps_and_at_each_epoch_sta
         calls.clear()
         search_mask(net, x, y, brightness, spec, prune_ratio=ratio, epochs=1, batch_size=64, seed=0)
         assert len(calls) == n_calls, (spec.search_bn, ratio)
+
+
+def test_search_bn_auto_switches_at_the_documented_ratio():
+    """auto is frozen just below SEARCH_BN_RECALIBRATE_FROM and recalibrate from it up, and the field's
+    description (the CLI's and the API's help) states that same ratio."""
+    from core.car import resolved_search_bn
+    from core.spec import SEARCH_BN_RECALIBRATE_FROM as at
+
+    assert resolved_search_bn(CarSpec(), at - 1e-9) == "frozen"
+    assert resolved_search_bn(CarSpec(), at) == "recalibrate"
+    assert resolved_search_bn(CarSpec(search_bn="frozen"), 0.99) == "frozen"
+    assert f"prune ratio {at:g} up" in CarSpec.model_fields["search_bn"].description

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from bench import car_seeds
 from bench.car_seeds import aggregate, main, render, t_interval
 
 
@@ -100,3 +101,14 @@ def test_render_compares_variants_with_the_default_seed_by_seed() -> None:
     assert frozen_line.endswith(want)
     (car_line,) = [line for line in table.splitlines() if line.startswith("| car |")]
     assert car_line.endswith("| - |")
+
+
+def test_a_single_seed_among_the_car_claim_arguments_is_refused(capsys) -> None:
+    """--seed would be passed to every run (or, abbreviated, read as --seeds): a clear error instead."""
+    for argv in (["--seed", "3"], ["--seed=3"]):
+        with pytest.raises(SystemExit) as exc:
+            car_seeds.parse_args([*argv, "--out", "x"])
+        assert exc.value.code == 2
+        assert "--seeds" in capsys.readouterr().err
+    a, rest = car_seeds.parse_args(["--seeds", "1", "2", "--out", "x", "--arch", "resnet18"])
+    assert a.seeds == [1, 2] and rest == ["--arch", "resnet18"]
