@@ -113,6 +113,7 @@ def aggregate(per_seed: dict[int, list[dict]]) -> list[dict]:
             "seeds": len(rows),
             "accuracy": float(np.mean([r["accuracy"] for r in rows])),
             "pca": float(np.mean([r["pca"] for r in rows])),
+            "pcas": [float(r["pca"]) for r in rows],
             "diffs": None,
         }
         if name not in ("lmp", "vanilla") and all((ratio, "lmp") in keyed[s] for s in keyed):
@@ -159,7 +160,23 @@ def render(
             f"| {e['name']} | {e['ratio']:.1f} | {100 * e['accuracy']:.1f} | **{100 * e['pca']:.1f}** | "
             f"{diff} | {above} | {vs_car} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + room_lines(entries)) + "\n"
+
+
+def room_lines(entries: list[dict]) -> list[str]:
+    """Per ratio, CAR's per-seed PCA gain over LMP beside the room LMP left in that seed (vanilla PCA -
+    LMP PCA, the loss from pruning that there is to win back), in percentage points."""
+    by = {(e["ratio"], e["name"]): e for e in entries}
+    vanilla = by.get((0.0, "vanilla"))
+    out = []
+    for (ratio, name), e in by.items():
+        lmp = by.get((ratio, "lmp"))
+        if name != "car" or e["diffs"] is None or vanilla is None or lmp is None:
+            continue
+        pairs = zip(e["diffs"], vanilla["pcas"], lmp["pcas"], strict=True)
+        cells = ", ".join(f"{100 * d:+.1f} ({100 * (v - m):.1f})" for d, v, m in pairs)
+        out.append(f"- pr {ratio:.1f}, CAR - LMP per seed (room vanilla - LMP): {cells}")
+    return ["", *out] if out else []
 
 
 def main(argv: list[str] | None = None) -> int:

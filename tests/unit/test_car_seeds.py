@@ -112,3 +112,14 @@ def test_a_single_seed_among_the_car_claim_arguments_is_refused(capsys) -> None:
         assert "--seeds" in capsys.readouterr().err
     a, rest = car_seeds.parse_args(["--seeds", "1", "2", "--out", "x", "--arch", "resnet18"])
     assert a.seeds == [1, 2] and rest == ["--arch", "resnet18"]
+
+
+def test_render_lists_each_seeds_gain_beside_the_room_lmp_left() -> None:
+    """room = vanilla PCA - LMP PCA of the same seed; the gain is CAR - LMP on the same samples."""
+    certified = {0: ([1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]), 1: ([1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0])}
+    per_seed = {
+        s: [_row("vanilla", 0.0, v), _row("lmp", 0.7, m), _row("car", 0.7, c)]
+        for s, (v, m, c) in certified.items()
+    }
+    table = render(aggregate(per_seed), [0, 1], "cmd", "setting")
+    assert "- pr 0.7, CAR - LMP per seed (room vanilla - LMP): +25.0 (75.0), -25.0 (0.0)" in table
