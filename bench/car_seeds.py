@@ -107,13 +107,14 @@ def aggregate(per_seed: dict[int, list[dict]]) -> list[dict]:
     out = []
     for ratio, name in sorted(common, key=lambda k: (k[0], k[1] != "lmp", k[1])):
         rows = [keyed[s][(ratio, name)] for s in sorted(keyed)]
+        pcas = [float(r["pca"]) for r in rows]
         entry = {
             "ratio": ratio,
             "name": name,
             "seeds": len(rows),
             "accuracy": float(np.mean([r["accuracy"] for r in rows])),
-            "pca": float(np.mean([r["pca"] for r in rows])),
-            "pcas": [float(r["pca"]) for r in rows],
+            "pca": float(np.mean(pcas)),
+            "pcas": pcas,
             "diffs": None,
         }
         if name not in ("lmp", "vanilla") and all((ratio, "lmp") in keyed[s] for s in keyed):

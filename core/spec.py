@@ -37,9 +37,10 @@ def _path_ref(value: str) -> str:
 # Every field of the spec that names a file or dataset: validated once, here.
 PathRef = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_path_ref)]
 
+SEARCH_BN_RECALIBRATE_FROM = 0.8  # CarSpec.search_bn "auto": recalibrate from this prune ratio up
+
 # Job labels {key: value}: keys like Kubernetes label names (letters, digits, '.', '_', '-', '/';
 # no ':' since `GET /jobs?label=k:v` splits there), values any printable text.
-SEARCH_BN_RECALIBRATE_FROM = 0.8  # CarSpec.search_bn "auto": recalibrate from this prune ratio up
 MAX_LABELS = 20
 LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 MAX_LABEL_VALUE = 200
